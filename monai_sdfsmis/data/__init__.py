@@ -1,0 +1,3 @@
+"""data of monai_sdfsmis."""
+
+from __future__ import annotations

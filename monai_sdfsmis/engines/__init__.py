@@ -1,0 +1,3 @@
+"""engines of monai_sdfsmis."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""inferers of monai_sdfsmis."""
+
+from __future__ import annotations

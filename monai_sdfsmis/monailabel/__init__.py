@@ -1,0 +1,3 @@
+"""monailabel of monai_sdfsmis."""
+
+from __future__ import annotations

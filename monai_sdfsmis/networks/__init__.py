@@ -1,0 +1,3 @@
+"""networks of monai_sdfsmis."""
+
+from __future__ import annotations

@@ -1,0 +1,3 @@
+"""transforms of monai_sdfsmis."""
+
+from __future__ import annotations
