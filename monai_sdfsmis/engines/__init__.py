@@ -1,3 +1,25 @@
-"""engines of monai_sdfsmis."""
+"""engines of monai_sdfsmis: episode training, the few-shot protocol evaluator, its metrics and tables."""
 
 from __future__ import annotations
+
+from .atomic import atomic_write
+from .checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint
+from .evaluator import (
+    PROTOCOL_EXTRA_KEYS,
+    ProtocolDataset,
+    ProtocolEvaluator,
+    ProtocolResultsSaver,
+    evaluate_protocol,
+    protocol_items,
+)
+from .metrics import (
+    SpacedHausdorffDistance,
+    SpacedHausdorffDistanceMetric,
+    SpacedSurfaceDistance,
+    SpacedSurfaceDistanceMetric,
+    spacing_of,
+    volume_metrics,
+)
+from .overlays import OverlaySaver, overlay_png, overlay_slices, save_overlay
+from .tables import ORGAN_COLUMNS, ROW_FIELDS, format_table, rows_to_csv, summarize, write_json, write_rows_csv
+from .trainer import EPISODE_KEYS, EpisodeTrainer, EpisodeTrainingStep

@@ -1,3 +1,5 @@
 """inferers of monai_sdfsmis."""
 
 from __future__ import annotations
+
+from .sliding_support import SlidingSupportInferer, largest_run

@@ -1,3 +1,50 @@
-"""networks of monai_sdfsmis."""
+"""Networks of monai_sdfsmis: SD-FSMIS, its new layers, the support-copy baseline and pretrained loading."""
 
 from __future__ import annotations
+
+from .one_step import one_step_scheduler, predict_original_sample
+from .pretrained import (
+    DINOV2_SMALL_CONFIG_DIR,
+    SD15_CONFIG_DIR,
+    SD15_EMPTY_PROMPT_IDS,
+    PretrainedComponents,
+    build_dinov2_small,
+    build_sd15_unet,
+    build_sd15_vae,
+    empty_prompt_embedding,
+    find_missing_weights,
+    load_image_encoder,
+    load_pretrained_components,
+    load_sd_components,
+)
+from .query_enhancement import QueryEnhancement
+from .sdfsmis import SDFSMIS, SupportContext
+from .sqi import KVConcatAttnProcessor, SupportQueryAttention, SupportQueryAttnProcessor, install_sii
+from .support_copy import SupportMaskCopy
+from .vtct import VisualToTextualConditionTranslator
+
+__all__ = [
+    "SDFSMIS",
+    "SupportContext",
+    "QueryEnhancement",
+    "VisualToTextualConditionTranslator",
+    "SupportQueryAttention",
+    "SupportQueryAttnProcessor",
+    "KVConcatAttnProcessor",
+    "install_sii",
+    "one_step_scheduler",
+    "predict_original_sample",
+    "SupportMaskCopy",
+    "PretrainedComponents",
+    "load_pretrained_components",
+    "load_sd_components",
+    "load_image_encoder",
+    "find_missing_weights",
+    "empty_prompt_embedding",
+    "build_sd15_unet",
+    "build_sd15_vae",
+    "build_dinov2_small",
+    "SD15_CONFIG_DIR",
+    "DINOV2_SMALL_CONFIG_DIR",
+    "SD15_EMPTY_PROMPT_IDS",
+]

@@ -1,3 +1,48 @@
-"""transforms of monai_sdfsmis."""
+"""Dictionary transforms of monai_sdfsmis: loading, intensity scaling/resizing and RPT augmentation."""
 
 from __future__ import annotations
+
+from .augmentation import (
+    RandGammad,
+    RandGammaD,
+    RandGammaDict,
+    RandRPTAffined,
+    RandRPTAffineD,
+    RandRPTAffineDict,
+    RandRPTElasticd,
+    RandRPTElasticD,
+    RandRPTElasticDict,
+    RPTAugmentd,
+    RPTAugmentD,
+    RPTAugmentDict,
+    gamma_transform,
+    rpt_affine_matrix,
+    rpt_elastic_displacement,
+)
+from .intensity import (
+    PRESETS,
+    ReplicateChanneld,
+    ReplicateChannelD,
+    ReplicateChannelDict,
+    ResizeSlicesd,
+    ResizeSlicesD,
+    ResizeSlicesDict,
+    ScaleToUnitRange,
+    ScaleToUnitRanged,
+    ScaleToUnitRangeD,
+    ScaleToUnitRangeDict,
+)
+from .io import (
+    NIFTI_SUFFIXES,
+    NRRD_SUFFIXES,
+    CheckLabelIdsd,
+    CheckLabelIdsD,
+    CheckLabelIdsDict,
+    LoadVolumed,
+    LoadVolumeD,
+    LoadVolumeDict,
+    check_label_ids,
+    check_same_grid,
+    load_volume,
+    select_reader,
+)

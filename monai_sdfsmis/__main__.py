@@ -1,0 +1,98 @@
+"""Command line: ``python -m monai_sdfsmis <command> ...`` (also installed as ``sdfsmis``).
+
+Each command is a small ``_add_<name>(subparsers)`` that declares its arguments and a ``_run_<name>(args)`` that does
+the work; add new commands to ``_COMMANDS``. User errors (``ValueError``, ``FileNotFoundError``) are printed as one line
+and give exit code 1, without a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+_IMAGE_INDEX = re.compile(r"^image_(\d+)\.nii(\.gz)?$")
+
+
+def _image_sort_key(path: Path) -> tuple[float, str]:
+    match = _IMAGE_INDEX.match(path.name)
+    return (int(match.group(1)) if match else float("inf"), path.name)
+
+
+def _add_supervoxels(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "supervoxels",
+        help="compute 3-D Felzenszwalb supervoxel pseudo-labels (ADNet/RPT) for a dataset folder",
+        description="Write superpix-MIDDLE_{N}.nii.gz for every image_{N}.nii.gz (or the files given by --images).",
+    )
+    parser.add_argument("--dataset_dir", type=Path, help="folder holding image_*.nii.gz")
+    parser.add_argument("--images", type=Path, nargs="+", help="explicit image files instead of the dataset glob")
+    parser.add_argument("--out_dir", type=Path, help="output folder (default: DATASET_DIR/supervoxels_{MIN_SIZE})")
+    parser.add_argument("--min_size", type=int, default=5000, help="minimum supervoxel size in voxels (default 5000)")
+    parser.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run_supervoxels)
+
+
+def _run_supervoxels(args: argparse.Namespace) -> int:
+    if args.dataset_dir is None and not args.images:
+        raise ValueError("give --dataset_dir (uses image_*.nii.gz there) or --images FILE [FILE ...].")
+    if args.dataset_dir is not None and not args.dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
+    if args.images:
+        images = list(args.images)
+    else:
+        images = sorted(args.dataset_dir.glob("image_*.nii.gz"), key=_image_sort_key)
+        if not images:
+            raise FileNotFoundError(f"no image_*.nii.gz files in {args.dataset_dir}")
+    if args.out_dir is not None:
+        out_dir = args.out_dir
+    elif args.dataset_dir is not None:
+        out_dir = args.dataset_dir / f"supervoxels_{args.min_size}"
+    else:
+        raise ValueError("--out_dir is required when --images is used without --dataset_dir.")
+
+    # imported here so that `--help` and other commands do not pay for numba
+    from monai_sdfsmis.data.supervoxels import write_supervoxels
+
+    existing = set() if args.overwrite or not out_dir.is_dir() else set(out_dir.iterdir())
+    written = write_supervoxels(
+        images, out_dir, min_size=args.min_size, progress=not args.no_progress, overwrite=args.overwrite
+    )
+    skipped = sum(p in existing for p in written)
+    print(f"supervoxels: {len(written) - skipped} written, {skipped} already present, in {out_dir}")
+    return 0
+
+
+_COMMANDS = (_add_supervoxels,)
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m monai_sdfsmis", description="SD-FSMIS tools for MONAI.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; returns the exit code.
+
+    Argument errors exit through ``argparse`` (code 2); data errors print ``error: ...`` to stderr and return 1.
+    """
+    args = _build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

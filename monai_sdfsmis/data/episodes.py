@@ -1,0 +1,379 @@
+"""Self-supervised training episodes drawn from supervoxel pseudo-labels (METHOD.md section 3, DECISIONS.md #10).
+
+An episode is two **adjacent slices of the same volume** and the binary mask of **one 3-D supervoxel**
+in each: one slice is the support (image + mask), the other the query (image + mask to predict).
+No ground truth is used, except in Setting 2, where the label maps only decide which slices are
+left out (:func:`slices_to_exclude`).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EpisodeDataset",
+    "slices_to_exclude",
+    "slice_label_counts",
+    "supervoxel_slice_counts",
+    "ALPNET_LABEL_GROUPS",
+]
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.utils import convert_to_numpy
+from torch.utils.data import Dataset
+
+from monai_sdfsmis.data.volumes import VolumeStore
+
+#: ALPNet's Setting-2 label groups, one training run per group (METHOD.md 3.1): kidneys, then liver + spleen.
+ALPNET_LABEL_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "chaos": ((2, 3), (1, 4)),
+    "sabs": ((2, 3), (1, 6)),
+}
+
+_EXCLUSION_MODES = ("or", "and", "groups")
+# Rejection sampling draws (supervoxel, pair) uniformly like RPT; past this many misses the draw falls back to a
+# uniform choice among the valid pairs, so that a volume with very few valid pairs cannot stall a worker.
+_MAX_TRIES = 10_000
+
+
+def slices_to_exclude(label_volume: np.ndarray, labels: Sequence[int], mode: str = "or") -> np.ndarray:
+    """Slices (last axis) that Setting 2 removes from the training candidates.
+
+    Parameters
+    ----------
+    label_volume
+        Ground-truth label map ``[H, W, D]`` (or ``[1, H, W, D]``).
+    labels
+        Label ids of the test organs (e.g. ``(1, 2, 3, 4)`` for CHAOS, ``(1, 2, 3, 6)`` for SABS).
+    mode
+        ``"or"``: a slice is excluded if it contains **any** of ``labels`` (the paper's wording,
+        ALPNet; our default, DECISIONS.md #10). ``"and"``: excluded only if it contains **all** of
+        them (what RPT/ADNet/DIFD/FAMNet code does, METHOD.md 3.1). ALPNet's per-group runs are
+        ``"or"`` over one group (see :class:`EpisodeDataset` ``exclusion="groups"``).
+
+    Returns
+    -------
+    np.ndarray
+        bool ``[D]``, True where the slice is excluded.
+    """
+    arr = np.asarray(label_volume)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"label_volume must be [H, W, D] or [1, H, W, D], got shape {tuple(arr.shape)}.")
+    if len(labels) == 0:
+        raise ValueError("labels to exclude is empty.")
+    if mode not in ("or", "and"):
+        raise ValueError(f"Unknown exclusion mode {mode!r}; expected 'or' or 'and'.")
+    ids, counts = slice_label_counts(arr)
+    return _exclusion_from_counts(ids, counts, labels, mode)
+
+
+def slice_label_counts(label_map: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel count of every non-zero id of an integer map (supervoxels or labels) in every slice.
+
+    Parameters
+    ----------
+    label_map
+        Integer map ``[H, W, D]``, 0 = background.
+
+    Returns
+    -------
+    (ids, counts)
+        ``ids``: int64 ``[K]`` sorted non-zero ids present; ``counts``: int64 ``[K, D]``.
+    """
+    arr = np.asarray(label_map)
+    if arr.ndim != 3:
+        raise ValueError(f"label map must be [H, W, D], got shape {tuple(arr.shape)}.")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"label map must hold integers, got dtype {arr.dtype}.")
+    depth = arr.shape[2]
+    low, high = int(arr.min()), int(arr.max())
+    if low < 0 or high > 65_535:
+        # Few ids spread over a huge range: rank them first so that the counting table stays small.
+        ids, ranks = np.unique(arr, return_inverse=True)
+        arr = ranks.reshape(arr.shape)
+    else:
+        ids = np.arange(high + 1)
+    # One bincount per slice on a contiguous copy of it (slices are strided in [H, W, D]).
+    counts = np.stack([np.bincount(arr[:, :, z].ravel(), minlength=len(ids)) for z in range(depth)], axis=1)
+    keep = (ids != 0) & counts.any(axis=1)
+    return ids[keep].astype(np.int64), counts[keep].astype(np.int64)
+
+
+#: The same function under the name it has when applied to supervoxel maps.
+supervoxel_slice_counts = slice_label_counts
+
+
+def _exclusion_from_counts(ids: np.ndarray, counts: np.ndarray, labels: Sequence[int], mode: str) -> np.ndarray:
+    labels = [int(v) for v in labels]
+    if not labels:
+        raise ValueError("labels to exclude is empty.")
+    if mode not in ("or", "and"):
+        raise ValueError(f"Unknown exclusion mode {mode!r}; expected 'or' or 'and'.")
+    rows = {int(i): r for r, i in enumerate(ids)}
+    present = np.stack([counts[rows[v]] > 0 if v in rows else np.zeros(counts.shape[1], bool) for v in labels])
+    return present.any(axis=0) if mode == "or" else present.all(axis=0)
+
+
+@dataclass
+class _VolumeTable:
+    """Per-volume lookup built once: which (supervoxel, slice pair) an episode may use."""
+
+    volume_id: str
+    sv_ids: np.ndarray  # [K]
+    counts: np.ndarray  # [K, D] pixels of supervoxel k in slice z
+    allowed: np.ndarray  # [D] bool, slices not excluded by Setting 2
+    valid_pairs: np.ndarray  # [K, D-1] bool, pair (z, z+1) usable for supervoxel k
+
+
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive True entries of length >= 2, as inclusive ``(start, end)``."""
+    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    starts, ends = edges[0::2], edges[1::2] - 1
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
+
+
+class EpisodeDataset(Dataset):
+    """Map-style dataset of self-supervised 1-way 1-shot episodes (adjacent slices, one supervoxel).
+
+    For item ``i``: pick a training volume uniformly, a supervoxel id uniformly, the slices that
+    contain it (minus the Setting-2 excluded slices), a random maximal run of >= 2 consecutive such
+    slices and a random adjacent pair ``(z, z+1)`` inside it; reject and redraw the supervoxel if the
+    larger of the two mask areas is below ``min_size`` pixels; swap the two with probability 0.5
+    (METHOD.md section 3). With a ``seed`` the draw depends only on ``(seed, epoch, i)``, so DataLoader
+    workers and a ``DistributedSampler`` give the same episodes on every run.
+
+    Parameters
+    ----------
+    store
+        Volumes with supervoxel maps (and label maps for Setting 2).
+    ids
+        Training volume ids (default: all of ``store``), e.g. ``[r.id for r in fold_split(records, k)[0]]``.
+    length
+        Episodes per epoch (``__len__``), i.e. iterations per epoch.
+    setting
+        1: every slice may be used; 2: slices containing the test organs are excluded using the label maps.
+    exclude_labels
+        Setting 2: label ids of the test organs (CHAOS ``1, 2, 3, 4``; SABS ``1, 2, 3, 6``).
+    exclusion
+        Setting 2: ``"or"`` (default, any listed organ), ``"and"`` (RPT code: all listed organs at
+        once), ``"groups"`` (ALPNet: ``"or"`` over ``label_groups[group]``, one dataset per group).
+    label_groups, group
+        For ``exclusion="groups"``: the groups (e.g. :data:`ALPNET_LABEL_GROUPS` ``["chaos"]``) and the
+        index of the one this dataset excludes (may be omitted when there is one group).
+    min_size
+        Minimum pixel count of the larger of the two masks (RPT: 200).
+    augment
+        Callable applied to each episode dict after slicing, e.g.
+        :class:`~monai_sdfsmis.transforms.augmentation.RPTAugmentd`. It receives 1-channel images
+        ``[1, H, W]`` and masks ``[1, H, W]`` (float32 tensors); images are replicated to 3 channels
+        afterwards. If it has ``set_random_state`` it is re-seeded from the episode's generator.
+    seed
+        Makes episode ``i`` a pure function of ``(seed, epoch, i)``; ``None`` draws fresh randomness.
+
+    Returns (``__getitem__``)
+    -------------------------
+    dict
+        ``support_image``, ``query_image``: float32 ``[3, H, W]`` in ``[-1, 1]``;
+        ``support_label``, ``query_label``: float32 ``[1, H, W]`` in ``{0, 1}``;
+        ``volume_id`` (str), ``supervoxel_id``, ``support_slice``, ``query_slice`` (int).
+    """
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        ids: Sequence[str] | None = None,
+        length: int = 1000,
+        setting: int = 1,
+        exclude_labels: Sequence[int] = (1, 2, 3, 4),
+        exclusion: str = "or",
+        label_groups: Sequence[Sequence[int]] | None = None,
+        group: int | None = None,
+        min_size: int = 200,
+        augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        seed: int | None = None,
+    ) -> None:
+        if int(length) < 1:
+            raise ValueError(f"length (episodes per epoch) must be at least 1, got {length}.")
+        if setting not in (1, 2):
+            raise ValueError(f"setting must be 1 or 2, got {setting!r}.")
+        if exclusion not in _EXCLUSION_MODES:
+            raise ValueError(f"Unknown exclusion {exclusion!r}; expected one of {_EXCLUSION_MODES}.")
+        if min_size < 0:
+            raise ValueError(f"min_size must be non-negative, got {min_size}.")
+        if seed is not None and int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+        self.store = store
+        self.ids = [str(i) for i in (store.ids if ids is None else ids)]
+        if not self.ids:
+            raise ValueError("EpisodeDataset needs at least one training volume id.")
+        for vid in self.ids:
+            store.record(vid)  # unknown ids fail here, naming the id
+        self.length = int(length)
+        self.setting = setting
+        self.exclusion = exclusion
+        self.min_size = int(min_size)
+        self.augment = augment
+        self.seed = None if seed is None else int(seed)
+        self.epoch = 0
+        self.excluded_labels: tuple[int, ...] = ()
+        mode = exclusion
+        if setting == 2:
+            if exclusion == "groups":
+                if not label_groups:
+                    raise ValueError("exclusion='groups' needs label_groups, e.g. ALPNET_LABEL_GROUPS['chaos'].")
+                if group is None:
+                    if len(label_groups) != 1:
+                        raise ValueError(
+                            f"exclusion='groups' with {len(label_groups)} label groups needs `group` (0..{len(label_groups) - 1}); "
+                            "use EpisodeDataset.for_groups to build one dataset per group."
+                        )
+                    group = 0
+                if not 0 <= group < len(label_groups):
+                    raise ValueError(f"group {group} is outside the {len(label_groups)} label groups.")
+                self.excluded_labels = tuple(int(v) for v in label_groups[group])
+                mode = "or"
+            else:
+                self.excluded_labels = tuple(int(v) for v in exclude_labels)
+            if not self.excluded_labels:
+                raise ValueError("Setting 2 needs at least one label to exclude.")
+            missing = [vid for vid in self.ids if not store.has_label(vid)]
+            if missing:
+                raise ValueError(
+                    f"Setting 2 needs ground-truth label maps to exclude slices, but volumes {missing[:5]} "
+                    f"(e.g. '{store.record(missing[0]).image}') have no label file."
+                )
+        missing_sv = [vid for vid in self.ids if not store.has_supervoxels(vid)]
+        if missing_sv:
+            raise ValueError(
+                f"Volumes {missing_sv[:5]} (e.g. '{store.record(missing_sv[0]).image}') have no supervoxel file; "
+                "compute supervoxels first (monai_sdfsmis.data.supervoxels.write_supervoxels)."
+            )
+
+        self._tables: list[_VolumeTable] = []
+        unusable = []
+        for vid in self.ids:
+            table = self._build_table(vid, mode)
+            if table.valid_pairs.any():
+                self._tables.append(table)
+            else:
+                unusable.append(vid)
+        if not self._tables:
+            where = store.record(self.ids[0]).image.parent
+            raise ValueError(
+                f"No training volume of the dataset in '{where}' (ids {self.ids[:10]}) has two adjacent slices sharing a "
+                f"supervoxel of at least {self.min_size} pixels"
+                f"{' outside the excluded slices' if setting == 2 else ''}; lower min_size or check the supervoxels."
+            )
+        if unusable:
+            warnings.warn(
+                f"Skipping volumes {unusable} for episode sampling: no adjacent slice pair shares a supervoxel of "
+                f">= {self.min_size} pixels{' outside the excluded slices' if setting == 2 else ''}.",
+                stacklevel=2,
+            )
+        # Images are read on first use anyway; loading them now lets forked DataLoader workers share them.
+        if store.cache:
+            store.preload([t.volume_id for t in self._tables], kinds=("image",))
+
+    @classmethod
+    def for_groups(
+        cls, store: VolumeStore, ids: Sequence[str] | None, label_groups: Sequence[Sequence[int]], **kwargs: Any
+    ) -> list[EpisodeDataset]:
+        """ALPNet-style Setting 2: one dataset per label group (e.g. kidneys, then liver + spleen)."""
+        return [
+            cls(store, ids, setting=2, exclusion="groups", label_groups=label_groups, group=g, **kwargs)
+            for g in range(len(label_groups))
+        ]
+
+    def _build_table(self, vid: str, mode: str) -> _VolumeTable:
+        # Counting is the costly part; the store memoises it so that further datasets (folds, groups) reuse it.
+        sv_ids, counts = self.store.memo(
+            "supervoxel_slice_counts", vid, lambda: slice_label_counts(self.store.supervoxels(vid))
+        )
+        depth = counts.shape[1]
+        if self.setting == 2:
+            label_ids, label_counts = self.store.memo(
+                "label_slice_counts", vid, lambda: slice_label_counts(self.store.label(vid))
+            )
+            allowed = ~_exclusion_from_counts(label_ids, label_counts, self.excluded_labels, mode)
+        else:
+            allowed = np.ones(depth, dtype=bool)
+        present = (counts > 0) & allowed[None, :]
+        big = np.maximum(counts[:, :-1], counts[:, 1:]) >= self.min_size
+        valid = present[:, :-1] & present[:, 1:] & big
+        return _VolumeTable(vid, sv_ids, counts, allowed, valid)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Change the episodes of a seeded dataset between epochs (like ``DistributedSampler.set_epoch``)."""
+        self.epoch = int(epoch)
+
+    @property
+    def volume_ids(self) -> list[str]:
+        """Ids of the volumes episodes are actually drawn from (volumes without a usable pair are skipped)."""
+        return [t.volume_id for t in self._tables]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _rng(self, index: int) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def _draw(self, rng: np.random.Generator) -> tuple[_VolumeTable, int, int]:
+        """(volume table, supervoxel row k, first slice z of the pair (z, z+1))."""
+        table = self._tables[int(rng.integers(len(self._tables)))]
+        n_sv = len(table.sv_ids)
+        for _ in range(_MAX_TRIES):
+            k = int(rng.integers(n_sv))
+            present = (table.counts[k] > 0) & table.allowed
+            runs = _runs(present)
+            if not runs:
+                continue
+            start, end = runs[int(rng.integers(len(runs)))]
+            z = int(rng.integers(start, end))  # z and z + 1 both inside the run
+            if max(table.counts[k, z], table.counts[k, z + 1]) >= self.min_size:
+                return table, k, z
+        rows, cols = np.nonzero(table.valid_pairs)
+        pick = int(rng.integers(len(rows)))
+        return table, int(rows[pick]), int(cols[pick])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
+        if not 0 <= index < self.length:
+            raise IndexError(f"Episode index {index} is outside 0..{self.length - 1}.")
+        rng = self._rng(index)
+        table, k, z = self._draw(rng)
+        support_z, query_z = (z, z + 1) if rng.random() >= 0.5 else (z + 1, z)
+        sv_id = int(table.sv_ids[k])
+        image = self.store.image(table.volume_id)
+        sv = self.store.supervoxels(table.volume_id)
+        # Slices are cut and converted in NumPy: tiny torch ops are slow in DataLoader workers sharing few cores.
+        episode: dict[str, Any] = {
+            "support_image": torch.from_numpy(image[None, :, :, support_z].copy()),
+            "support_label": torch.from_numpy((sv[None, :, :, support_z] == sv_id).astype(np.float32)),
+            "query_image": torch.from_numpy(image[None, :, :, query_z].copy()),
+            "query_label": torch.from_numpy((sv[None, :, :, query_z] == sv_id).astype(np.float32)),
+        }
+        if self.augment is not None:
+            if hasattr(self.augment, "set_random_state"):
+                self.augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            episode = dict(self.augment(episode))
+            for key in ("support_image", "query_image"):
+                img = np.clip(convert_to_numpy(episode[key], dtype=np.float32), -1.0, 1.0)
+                episode[key] = torch.from_numpy(img)
+            for key in ("support_label", "query_label"):
+                episode[key] = torch.from_numpy((convert_to_numpy(episode[key]) > 0.5).astype(np.float32))
+        for key in ("support_image", "query_image"):
+            if episode[key].shape[0] == 1:
+                episode[key] = torch.from_numpy(np.repeat(episode[key].numpy(), 3, axis=0))
+        episode.update(
+            volume_id=table.volume_id, supervoxel_id=sv_id, support_slice=int(support_z), query_slice=int(query_z)
+        )
+        return episode

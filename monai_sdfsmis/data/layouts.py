@@ -1,0 +1,269 @@
+"""Where the volumes of a dataset live on disk: the ALPNet/RPT folder layout and MONAI datalist JSON files.
+
+Both readers return a list of :class:`VolumeRecord` whose order matters: the few-shot folds
+(:func:`monai_sdfsmis.data.protocol.rpt_folds`) index that list, so the ALPNet folder is sorted
+numerically by the volume number ``N`` of ``image_N.nii.gz`` (``image_2`` before ``image_10``,
+METHOD.md section 1.6), and a datalist keeps the order of its JSON entries.
+"""
+
+from __future__ import annotations
+
+__all__ = ["VolumeRecord", "find_alpnet_volumes", "load_datalist", "NIFTI_SUFFIXES"]
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+
+#: File endings accepted for the ALPNet layout, tried in this order.
+NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
+
+
+@dataclass(frozen=True)
+class VolumeRecord:
+    """One volume of a dataset: its image and, when available, its label map and supervoxel map.
+
+    Attributes
+    ----------
+    id
+        Name of the volume, unique within a dataset (the number ``N`` for the ALPNet layout).
+    image
+        Image file (NIfTI, NRRD, or anything ``monai_sdfsmis.transforms.io.load_volume`` reads).
+    label
+        Ground-truth label map on the same voxel grid as the image, or ``None``.
+    supervoxel
+        Supervoxel map (pseudo-labels, 0 = background) on the same voxel grid as the image, or ``None``.
+    """
+
+    id: str
+    image: Path
+    label: Path | None = None
+    supervoxel: Path | None = None
+
+
+def _strip_nifti_suffix(name: str) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _find_numbered(folder: Path, prefix: str, number: int) -> Path | None:
+    """``folder/<prefix><number><suffix>`` for the first existing NIfTI suffix, else ``None``."""
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{prefix}{number}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _supervoxel_files(sv_dir: Path) -> dict[int, Path]:
+    """Map volume number -> supervoxel file for every ``super*_N.nii[.gz]`` in ``sv_dir``.
+
+    ALPNet/ADNet/RPT name them ``superpix-MIDDLE_N.nii.gz``; their loaders glob ``super*`` and
+    take the number after the last underscore, which is what this does too.
+    """
+    found: dict[int, Path] = {}
+    for path in sorted(sv_dir.iterdir()):
+        stem = _strip_nifti_suffix(path.name)
+        if stem is None or not path.name.startswith("super") or not path.is_file():
+            continue
+        match = re.search(r"_(\d+)$", stem)
+        if match is None:
+            continue
+        number = int(match.group(1))
+        if number in found:
+            raise ValueError(
+                f"Two supervoxel files for volume {number} in '{sv_dir}': '{found[number].name}' and '{path.name}'."
+            )
+        found[number] = path
+    return found
+
+
+def find_alpnet_volumes(
+    dataset_dir: str | PathLike,
+    supervoxel_dir: str | PathLike | None = "supervoxels_5000",
+    require_labels: bool = False,
+    require_supervoxels: bool = False,
+) -> list[VolumeRecord]:
+    """List the volumes of a dataset folder in the ALPNet/ADNet/RPT layout, sorted numerically.
+
+    Layout::
+
+        dataset_dir/
+            image_1.nii.gz   label_1.nii.gz
+            image_2.nii.gz   label_2.nii.gz
+            ...
+            supervoxels_5000/superpix-MIDDLE_1.nii.gz ...
+
+    Parameters
+    ----------
+    dataset_dir
+        Folder holding ``image_N.nii.gz`` (or ``.nii``) files.
+    supervoxel_dir
+        Supervoxel folder, relative to ``dataset_dir`` unless absolute; ``None`` to ignore supervoxels.
+        When the folder exists, every image must have its ``super*_N`` file.
+    require_labels
+        Raise if an image has no ``label_N`` file (otherwise its ``label`` is ``None``).
+    require_supervoxels
+        Raise if the supervoxel folder does not exist (otherwise ``supervoxel`` is ``None`` for all).
+
+    Returns
+    -------
+    list[VolumeRecord]
+        One record per ``image_N``, ``id = str(N)``, sorted by ``N`` as an integer: the order the
+        five-fold split indexes (METHOD.md section 1.6).
+
+    Raises
+    ------
+    FileNotFoundError
+        ``dataset_dir`` or a required label/supervoxel file/folder does not exist.
+    ValueError
+        No ``image_N`` file in the folder, or an ``image_*`` file whose ``*`` is not a number.
+    """
+    root = Path(dataset_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Dataset folder '{root}' does not exist (expected image_N.nii.gz files there).")
+
+    numbers: dict[int, Path] = {}
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith("image_") or not path.is_file():
+            continue
+        stem = _strip_nifti_suffix(path.name)
+        if stem is None:
+            continue
+        tail = stem[len("image_") :]
+        if not tail.isdigit():
+            raise ValueError(
+                f"Image file '{path}' does not follow the ALPNet naming image_N.nii.gz with an integer N; "
+                "rename it or list the volumes in a datalist JSON (load_datalist)."
+            )
+        number = int(tail)
+        if number in numbers:
+            raise ValueError(f"Two image files for volume {number} in '{root}': '{numbers[number].name}' and '{path.name}'.")
+        numbers[number] = path
+    if not numbers:
+        raise ValueError(f"No image_N.nii.gz files found in dataset folder '{root}'.")
+
+    sv_files: dict[int, Path] | None = None
+    sv_root: Path | None = None
+    if supervoxel_dir is not None:
+        sv_root = Path(supervoxel_dir).expanduser()
+        if not sv_root.is_absolute():
+            sv_root = root / sv_root
+        if sv_root.is_dir():
+            sv_files = _supervoxel_files(sv_root)
+        elif require_supervoxels:
+            raise FileNotFoundError(
+                f"Supervoxel folder '{sv_root}' does not exist; compute the supervoxels first "
+                "(monai_sdfsmis.data.supervoxels.write_supervoxels)."
+            )
+
+    records = []
+    for number in sorted(numbers):
+        label = _find_numbered(root, "label_", number)
+        if label is None and require_labels:
+            raise FileNotFoundError(f"Image '{numbers[number]}' has no label file '{root / f'label_{number}.nii.gz'}'.")
+        supervoxel = None
+        if sv_files is not None:
+            supervoxel = sv_files.get(number)
+            if supervoxel is None:
+                raise FileNotFoundError(
+                    f"Supervoxel file '{sv_root / f'superpix-MIDDLE_{number}.nii.gz'}' for image '{numbers[number]}' "
+                    "is missing."
+                )
+        records.append(VolumeRecord(id=str(number), image=numbers[number], label=label, supervoxel=supervoxel))
+    return records
+
+
+def _resolve(value: object, base: Path, json_path: Path, index: int, field: str) -> Path:
+    if not isinstance(value, (str, PathLike)):
+        raise ValueError(f"Datalist '{json_path}' entry {index}: '{field}' must be a file path, got {value!r}.")
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise FileNotFoundError(f"Datalist '{json_path}' entry {index}: {field} file '{path}' does not exist.")
+    return path
+
+
+def load_datalist(
+    json_path: str | PathLike,
+    key: str = "training",
+    base_dir: str | PathLike | None = None,
+    require_labels: bool = False,
+    require_supervoxels: bool = False,
+) -> list[VolumeRecord]:
+    """Read volumes from a MONAI (Decathlon-style) datalist JSON file.
+
+    Format::
+
+        {"training": [{"image": "imgs/a.nii.gz", "label": "labs/a.nii.gz", "supervoxel": "sv/a.nii.gz"}, ...]}
+
+    ``label``, ``supervoxel`` and ``id`` are optional per entry; without ``id`` the image file name
+    (without ``.nii.gz``) is the id. A bare string entry is an image path.
+
+    Parameters
+    ----------
+    json_path
+        The JSON file.
+    key
+        Top-level key holding the list (``"training"``, ``"validation"``, ``"test"``, ...).
+    base_dir
+        Folder relative paths are resolved against; default: the JSON file's folder.
+    require_labels, require_supervoxels
+        Raise if an entry lacks a ``label`` / ``supervoxel``.
+
+    Returns
+    -------
+    list[VolumeRecord]
+        In the order of the JSON list (the order the folds index).
+
+    Raises
+    ------
+    FileNotFoundError
+        The JSON file or a file it names does not exist.
+    ValueError
+        Invalid JSON, missing key, malformed entry, or duplicate ids.
+    """
+    path = Path(json_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Datalist file '{path}' does not exist.")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Datalist file '{path}' is not valid JSON: {err}") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"Datalist file '{path}' must hold a JSON object with a '{key}' list.")
+    if key not in content:
+        raise ValueError(f"Datalist file '{path}' has no key '{key}' (keys: {sorted(content)}).")
+    entries = content[key]
+    if not isinstance(entries, Sequence) or isinstance(entries, str):
+        raise ValueError(f"Datalist file '{path}': '{key}' must be a list of entries.")
+    if not entries:
+        raise ValueError(f"Datalist file '{path}': '{key}' is empty.")
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+
+    records: list[VolumeRecord] = []
+    seen: set[str] = set()
+    for index, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise ValueError(f"Datalist '{path}' entry {index} must be an object with an 'image' path, got {entry!r}.")
+        image = _resolve(entry["image"], base, path, index, "image")
+        label = _resolve(entry["label"], base, path, index, "label") if entry.get("label") is not None else None
+        sv = entry.get("supervoxel")
+        supervoxel = _resolve(sv, base, path, index, "supervoxel") if sv is not None else None
+        if label is None and require_labels:
+            raise ValueError(f"Datalist '{path}' entry {index} ('{image}') has no 'label'.")
+        if supervoxel is None and require_supervoxels:
+            raise ValueError(f"Datalist '{path}' entry {index} ('{image}') has no 'supervoxel'.")
+        volume_id = str(entry.get("id", _strip_nifti_suffix(image.name) or image.stem))
+        if volume_id in seen:
+            raise ValueError(f"Datalist '{path}' entry {index}: duplicate volume id '{volume_id}'; give entries an 'id'.")
+        seen.add(volume_id)
+        records.append(VolumeRecord(id=volume_id, image=image, label=label, supervoxel=supervoxel))
+    return records

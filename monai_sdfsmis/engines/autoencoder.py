@@ -1,0 +1,330 @@
+"""Stage 1 of the no-prior mode: train the autoencoder on MONAI engines, then freeze and calibrate it.
+
+Like MONAI's generative bundles (``train_autoencoder.json`` before ``train_diffusion.json``), the
+autoencoder is trained first with a :class:`monai.engines.SupervisedTrainer` whose
+``iteration_update`` is :class:`AutoencoderTrainingStep`, then frozen, its latent scaling factor
+measured on the data (:func:`freeze_and_calibrate`), and saved as a diffusers folder
+(:func:`~monai_sdfsmis.networks.autoencoder.save_autoencoder`) that stage 2 loads.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AutoencoderTrainingStep",
+    "TrainingBudget",
+    "build_autoencoder_trainer",
+    "freeze_and_calibrate",
+    "save_autoencoder",
+    "load_autoencoder",
+]
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL
+from ignite.engine import Engine, Events
+from monai.engines import SupervisedTrainer
+
+from monai_sdfsmis.networks.autoencoder import (
+    autoencoder_loss,
+    estimate_scaling_factor,
+    load_autoencoder,
+    save_autoencoder,
+)
+
+_SCHEDULES = ("constant", "cosine", "linear")
+
+
+class AutoencoderTrainingStep:
+    """``iteration_update`` of a :class:`~monai.engines.SupervisedTrainer` for the autoencoder.
+
+    One optimiser step on :func:`~monai_sdfsmis.networks.autoencoder.autoencoder_loss` (L1 + KL):
+    bf16 autocast on CUDA (fp32 on CPU), gradient clipping, and a clear error on a non-finite loss.
+    The trainer's ``network`` is the :class:`~diffusers.AutoencoderKL`, its ``optimizer`` the optimiser.
+
+    Parameters
+    ----------
+    kl_weight
+        Weight of the KL term.
+    grad_clip
+        Max gradient norm (``None`` or 0: no clipping).
+    amp
+        Use bf16 autocast when the batch is on a CUDA device.
+    image_key
+        Key of the ``[B, 3, H, W]`` images in the batch dictionaries.
+    sample_posterior
+        Decode a posterior sample (``True``) or the mean.
+
+    Returns (``__call__``)
+    ----------------------
+    dict
+        ``loss``, ``l1``, ``kl`` (detached scalar tensors), stored in ``engine.state.output``.
+    """
+
+    def __init__(
+        self,
+        kl_weight: float = 1e-6,
+        grad_clip: float | None = 1.0,
+        amp: bool = True,
+        image_key: str = "image",
+        sample_posterior: bool = True,
+    ) -> None:
+        if kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
+        if grad_clip is not None and grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 or None, got {grad_clip}.")
+        self.kl_weight = float(kl_weight)
+        self.grad_clip = grad_clip
+        self.amp = amp
+        self.image_key = image_key
+        self.sample_posterior = sample_posterior
+
+    def __call__(self, engine: Engine, batchdata: Mapping[str, Any] | torch.Tensor) -> dict[str, torch.Tensor]:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for the current iteration.")
+        if isinstance(batchdata, Mapping):
+            if self.image_key not in batchdata:
+                raise ValueError(f"Autoencoder batches must hold '{self.image_key}', got keys {sorted(batchdata)}.")
+            images = batchdata[self.image_key]
+        else:
+            images = batchdata
+        device = getattr(engine.state, "device", None) or next(engine.network.parameters()).device
+        images = torch.as_tensor(images).to(device=device, non_blocking=getattr(engine, "non_blocking", False))
+        network, optimizer = engine.network, engine.optimizer
+        network.train()
+        optimizer.zero_grad(set_to_none=True)
+        use_bf16 = self.amp and images.device.type == "cuda"
+        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            loss, parts = autoencoder_loss(network, images, self.kl_weight, sample_posterior=self.sample_posterior)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Autoencoder loss is {loss.item()} at iteration {engine.state.iteration} (l1 {parts['l1'].item()}, "
+                f"kl {parts['kl'].item()}); lower the learning rate or check the input range [-1, 1]."
+            )
+        loss.backward()
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(network.parameters(), self.grad_clip)
+        optimizer.step()
+        return {"loss": loss.detach(), "l1": parts["l1"], "kl": parts["kl"]}
+
+
+class TrainingBudget:
+    """Ignite handler: stop training after an iteration and/or time budget, and schedule the learning rate.
+
+    Progress is ``max(iterations / max_iterations, seconds / max_seconds)``, so the learning-rate
+    schedule (cosine or linear decay after a linear warm-up) reaches its end exactly when the first
+    budget runs out, whichever it is. Attach with ``budget.attach(trainer)``.
+
+    Parameters
+    ----------
+    max_iterations
+        Iteration budget (``None``: unlimited).
+    max_seconds
+        Wall-clock budget counted from the first iteration (``None``: unlimited).
+    schedule
+        ``"constant"``, ``"cosine"`` or ``"linear"`` decay of every parameter group's initial ``lr``.
+    warmup_iterations
+        Linear warm-up from 0.
+    min_lr_ratio
+        Final learning rate as a fraction of the initial one (decaying schedules).
+
+    Attributes
+    ----------
+    iterations, elapsed
+        Iterations run and seconds spent (training loop only) once training stops.
+    """
+
+    def __init__(
+        self,
+        max_iterations: int | None = None,
+        max_seconds: float | None = None,
+        schedule: str = "constant",
+        warmup_iterations: int = 0,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        if max_iterations is None and max_seconds is None:
+            raise ValueError("TrainingBudget needs max_iterations, max_seconds or both.")
+        if max_iterations is not None and int(max_iterations) < 1:
+            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
+        if max_seconds is not None and not max_seconds > 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
+        if schedule not in _SCHEDULES:
+            raise ValueError(f"Unknown schedule {schedule!r}; expected one of {_SCHEDULES}.")
+        if warmup_iterations < 0 or not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"warmup_iterations must be >= 0 and min_lr_ratio in [0, 1], got {warmup_iterations}, {min_lr_ratio}.")
+        self.max_iterations = None if max_iterations is None else int(max_iterations)
+        self.max_seconds = None if max_seconds is None else float(max_seconds)
+        self.schedule = schedule
+        self.warmup_iterations = int(warmup_iterations)
+        self.min_lr_ratio = float(min_lr_ratio)
+        self.iterations = 0
+        self.elapsed = 0.0
+        self._start: float | None = None
+        self._base_lrs: list[float] = []
+        self._optimizer: torch.optim.Optimizer | None = None
+
+    def progress(self) -> float:
+        """Fraction of the budget used, in [0, 1]."""
+        parts = [0.0]
+        if self.max_iterations is not None:
+            parts.append(self.iterations / self.max_iterations)
+        if self.max_seconds is not None and self._start is not None:
+            parts.append((time.perf_counter() - self._start) / self.max_seconds)
+        return min(max(parts), 1.0)
+
+    def lr_factor(self) -> float:
+        """Multiplier of the initial learning rates for the next iteration."""
+        warm = min(1.0, (self.iterations + 1) / self.warmup_iterations) if self.warmup_iterations else 1.0
+        p = self.progress()
+        if self.schedule == "cosine":
+            decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+        elif self.schedule == "linear":
+            decay = 1 - (1 - self.min_lr_ratio) * p
+        else:
+            decay = 1.0
+        return warm * decay
+
+    def attach(self, engine: Engine, optimizer: torch.optim.Optimizer | None = None) -> TrainingBudget:
+        self._optimizer = optimizer or getattr(engine, "optimizer", None)
+        if self._optimizer is None:
+            raise ValueError("TrainingBudget.attach needs an optimizer (engine.optimizer or the optimizer argument).")
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_STARTED, self._set_lr)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
+        engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self._stopped)
+        return self
+
+    def _started(self, engine: Engine) -> None:
+        self._start = time.perf_counter()
+        self.iterations = 0
+        self._base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in self._optimizer.param_groups]
+
+    def _set_lr(self, engine: Engine) -> None:
+        factor = self.lr_factor()
+        for group, base in zip(self._optimizer.param_groups, self._base_lrs):
+            group["lr"] = base * factor
+
+    def _check(self, engine: Engine) -> None:
+        self.iterations += 1
+        if self.progress() >= 1.0:
+            engine.terminate()
+
+    def _stopped(self, engine: Engine) -> None:
+        if self._start is not None:
+            self.elapsed = time.perf_counter() - self._start
+
+
+def build_autoencoder_trainer(
+    vae: AutoencoderKL,
+    train_loader: Iterable,
+    device: str | torch.device = "cpu",
+    lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    max_iterations: int | None = 1000,
+    max_seconds: float | None = None,
+    schedule: str = "cosine",
+    warmup_iterations: int = 50,
+    kl_weight: float = 1e-6,
+    grad_clip: float | None = 1.0,
+    amp: bool = True,
+    train_handlers: Sequence[Any] | None = None,
+    progress: bool = True,
+) -> tuple[SupervisedTrainer, TrainingBudget]:
+    """A :class:`~monai.engines.SupervisedTrainer` for stage 1, with its :class:`TrainingBudget` attached.
+
+    Parameters
+    ----------
+    vae
+        Autoencoder to train (moved to ``device``).
+    train_loader
+        Loader of ``{"image": [B, 3, H, W]}`` batches (e.g. over :class:`~monai_sdfsmis.data.slices.SliceDataset`);
+        a dataset with ``set_epoch`` is advanced at every epoch.
+    device
+        Training device.
+    lr, weight_decay
+        AdamW settings (from scratch: higher than SD-FSMIS's fine-tuning rate 1e-5).
+    max_iterations, max_seconds, schedule, warmup_iterations
+        Budget and learning-rate schedule (:class:`TrainingBudget`).
+    kl_weight, grad_clip, amp
+        :class:`AutoencoderTrainingStep` settings.
+    train_handlers
+        More MONAI/ignite handlers (e.g. ``StatsHandler``, ``CheckpointSaver``).
+    progress
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    (trainer, budget)
+        Run with ``trainer.run()``; ``budget.iterations`` and ``budget.elapsed`` tell what was spent.
+    """
+    if lr <= 0:
+        raise ValueError(f"lr must be positive, got {lr}.")
+    vae.to(device)
+    vae.requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
+    budget = TrainingBudget(max_iterations, max_seconds, schedule, warmup_iterations)
+    try:
+        epoch_length = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        epoch_length = None
+    if epoch_length == 0:
+        raise ValueError("The autoencoder training loader is empty.")
+    if max_iterations is not None and epoch_length:
+        max_epochs = math.ceil(max_iterations / epoch_length)
+    else:
+        max_epochs = 10**6  # the time budget stops training
+    trainer = SupervisedTrainer(
+        device=torch.device(device),
+        max_epochs=max_epochs,
+        train_data_loader=train_loader,
+        network=vae,
+        optimizer=optimizer,
+        loss_function=autoencoder_loss,
+        epoch_length=epoch_length,
+        iteration_update=AutoencoderTrainingStep(kl_weight=kl_weight, grad_clip=grad_clip, amp=amp),
+        train_handlers=list(train_handlers or []),
+        # Outputs are scalars only; decollating the image batch every iteration would be wasted work.
+        decollate=False,
+        amp=False,  # bf16 autocast is done in the step; no GradScaler needed for bf16
+    )
+    budget.attach(trainer)
+    dataset = getattr(train_loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch - 1))
+    if progress:
+        from ignite.handlers import ProgressBar
+
+        ProgressBar(desc="autoencoder", persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    return trainer, budget
+
+
+def freeze_and_calibrate(
+    vae: AutoencoderKL, data: torch.Tensor | Iterable, max_batches: int | None = None, batch_size: int = 16
+) -> AutoencoderKL:
+    """Freeze the trained autoencoder and write the data-derived latent scaling factor into its config.
+
+    Parameters
+    ----------
+    vae
+        The trained autoencoder.
+    data
+        Calibration images: ``[N, 3, H, W]`` in [-1, 1] or a loader of ``{"image": ...}`` batches
+        (the training slices and masks; see
+        :func:`~monai_sdfsmis.networks.autoencoder.estimate_scaling_factor`).
+    max_batches, batch_size
+        How much of ``data`` to use.
+
+    Returns
+    -------
+    AutoencoderKL
+        The same module, eval mode, gradients off, ``config.scaling_factor = 1 / std(latents)``, and
+        ``sdfsmis_calibration`` recording the factor (saved by ``save_autoencoder``).
+    """
+    vae.requires_grad_(False).eval()
+    factor = estimate_scaling_factor(vae, data, max_batches=max_batches, batch_size=batch_size)
+    vae.register_to_config(scaling_factor=factor)
+    vae.sdfsmis_calibration = {"scaling_factor": factor, "latent_std": 1.0 / factor, "source": "data"}
+    return vae

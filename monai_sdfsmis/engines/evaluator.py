@@ -1,0 +1,452 @@
+"""The few-shot evaluation protocol (METHOD.md 7.1) as a MONAI ``SupervisedEvaluator``.
+
+One item per (fold, organ, query volume) case: the query volume (``image``), its organ mask
+(``label``), the fold's support volume and its organ mask. The evaluator hands the support and the
+query mask to :class:`~monai_sdfsmis.inferers.SlidingSupportInferer` through
+``PrepareBatchExtraInput``; Dice, HD95 and ASSD are computed per query volume (HD95/ASSD in mm from
+the items' affines). In protocol mode the prediction and the ground truth are both zero outside the
+query's organ slices, so the Dice over the whole volume is the Dice over the stacked organ slices.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PROTOCOL_EXTRA_KEYS",
+    "protocol_items",
+    "ProtocolDataset",
+    "ProtocolEvaluator",
+    "ProtocolResultsSaver",
+    "evaluate_protocol",
+]
+
+from collections.abc import Callable, Mapping, Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import DataLoader, MetaTensor
+from monai.engines import SupervisedEvaluator
+from monai.engines.utils import PrepareBatchExtraInput
+from monai.handlers import MeanDice, from_engine
+from monai.utils import optional_import
+from torch.utils.data import Dataset
+
+from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
+from monai_sdfsmis.data.protocol import CHAOS_ORGANS, protocol_cases
+from monai_sdfsmis.data.volumes import VolumeStore
+from monai_sdfsmis.engines.atomic import atomic_write
+from monai_sdfsmis.engines.metrics import SpacedHausdorffDistance, SpacedSurfaceDistance
+from monai_sdfsmis.engines.overlays import OverlaySaver, _slug
+from monai_sdfsmis.engines.tables import format_table, summarize, write_json, write_rows_csv
+from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, _network_device
+from monai_sdfsmis.networks.support_copy import SupportMaskCopy
+
+Events, _ = optional_import("ignite.engine", name="Events")
+tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+
+#: Inferer keyword -> batch key, for ``PrepareBatchExtraInput``.
+PROTOCOL_EXTRA_KEYS: dict[str, str] = {
+    "support_image": "support_image",
+    "support_label": "support_label",
+    "query_label": "label",
+}
+#: Metric names the evaluator registers by default (key metric first).
+DEFAULT_METRIC_NAMES: dict[str, str] = {"dice": "val_mean_dice", "hd95": "val_hd95", "assd": "val_assd"}
+_CASE_FIELDS = ("fold", "organ_id", "organ", "support_id", "query_id")
+
+
+def protocol_items(
+    records: Sequence[VolumeRecord],
+    fold_ids: Sequence[int] | None = None,
+    organ_ids: Sequence[int] = (1, 2, 3, 4),
+    support_position: int = 2,
+    folds: Sequence[Sequence[int]] | None = None,
+    organ_names: Mapping[int, str] = CHAOS_ORGANS,
+) -> list[dict[str, Any]]:
+    """The protocol's cases as light dicts (ids only; :class:`ProtocolDataset` loads the volumes).
+
+    Returns
+    -------
+    list[dict]
+        ``{"fold", "organ_id", "organ", "support_id", "query_id"}`` ordered by fold, organ, query
+        (:func:`monai_sdfsmis.data.protocol.protocol_cases`).
+    """
+    cases = protocol_cases(
+        records,
+        folds=folds,
+        fold_ids=fold_ids,
+        organ_ids=organ_ids,
+        organ_names=organ_names,
+        support_position=support_position,
+    )
+    return [
+        {
+            "fold": int(c.fold),
+            "organ_id": int(c.organ_id),
+            "organ": c.organ_name,
+            "support_id": c.support.id,
+            "query_id": c.query.id,
+        }
+        for c in cases
+    ]
+
+
+class ProtocolDataset(Dataset):
+    """Dataset of protocol cases, each loaded on access from a shared :class:`~monai_sdfsmis.data.volumes.VolumeStore`.
+
+    Item keys: ``image`` (query volume) ``[1, H, W, D]`` float32 in ``[-1, 1]``; ``label`` (query organ mask)
+    ``[1, H, W, D]`` float32 in ``{0, 1}``; ``support_image`` / ``support_label`` likewise for the fold's support
+    volume; all four are ``MetaTensor`` whose affine is ``diag(spacing)`` in mm; plus ``fold``, ``organ_id``,
+    ``organ``, ``support_id``, ``query_id``.
+
+    Parameters
+    ----------
+    source
+        Dataset folder in the ALPNet layout, a list of :class:`~monai_sdfsmis.data.layouts.VolumeRecord`
+        (fold order), or a ``VolumeStore`` (its records, and its already-loaded volumes, are used).
+    fold_ids, organ_ids, support_position, folds, organ_names
+        As :func:`protocol_items` (CHAOS organ ids by default; SABS: ``organ_ids=(1, 2, 3, 6)``,
+        ``organ_names=SABS_ORGANS``).
+    intensity, spatial_size
+        ``VolumeStore`` settings when ``source`` is not a store.
+    """
+
+    def __init__(
+        self,
+        source: str | PathLike | Sequence[VolumeRecord] | VolumeStore,
+        fold_ids: Sequence[int] | None = None,
+        organ_ids: Sequence[int] = (1, 2, 3, 4),
+        support_position: int = 2,
+        folds: Sequence[Sequence[int]] | None = None,
+        organ_names: Mapping[int, str] = CHAOS_ORGANS,
+        intensity: str = "minmax",
+        spatial_size: int | None = 256,
+    ) -> None:
+        if isinstance(source, VolumeStore):
+            self.store = source
+        else:
+            records = find_alpnet_volumes(source) if isinstance(source, (str, PathLike)) else list(source)
+            self.store = VolumeStore(records, intensity=intensity, spatial_size=spatial_size)
+        self.items = protocol_items(
+            self.store.records,
+            fold_ids=fold_ids,
+            organ_ids=organ_ids,
+            support_position=support_position,
+            folds=folds,
+            organ_names=organ_names,
+        )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _volume(self, volume_id: str, organ_id: int) -> tuple[MetaTensor, MetaTensor]:
+        spacing = self.store.spacing(volume_id)
+        affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+        record = self.store.record(volume_id)
+        meta = {"filename_or_obj": str(record.image)}
+        image = np.asarray(self.store.image(volume_id), dtype=np.float32)
+        labels = np.asarray(self.store.label(volume_id))
+        mask = labels == organ_id
+        if not mask.any():
+            raise ValueError(f"Label file '{record.label}' has no voxel of organ label {organ_id}; the protocol needs it.")
+        image_t = MetaTensor(torch.tensor(image)[None], affine=affine, meta=dict(meta))
+        label_t = MetaTensor(torch.tensor(mask, dtype=torch.float32)[None], affine=affine.clone(), meta=dict(meta))
+        return image_t, label_t
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        case = self.items[index]
+        image, label = self._volume(case["query_id"], case["organ_id"])
+        support_image, support_label = self._volume(case["support_id"], case["organ_id"])
+        return {
+            "image": image,
+            "label": label,
+            "support_image": support_image,
+            "support_label": support_label,
+            **case,
+        }
+
+
+class ProtocolEvaluator(SupervisedEvaluator):
+    """``SupervisedEvaluator`` preset for the protocol: support-aware batches, per-volume Dice/HD95/ASSD.
+
+    Defaults: ``prepare_batch = PrepareBatchExtraInput(PROTOCOL_EXTRA_KEYS)``, ``inferer =
+    SlidingSupportInferer()`` (protocol mode), key metric ``val_mean_dice`` (MONAI ``MeanDice``, one value
+    per query volume) and, when ``surface_metrics``, ``val_hd95`` / ``val_assd`` in mm. Any argument of
+    ``SupervisedEvaluator`` can be given; explicit ``key_val_metric``/``additional_metrics`` replace the defaults.
+
+    Parameters
+    ----------
+    device
+        Device the batches are moved to (the inferer computes on the network's device).
+    val_data_loader
+        Loader over a :class:`ProtocolDataset` (batch size 1).
+    network
+        A network with the ``SDFSMIS`` inference interface, or ``SupportMaskCopy``.
+    surface_metrics
+        Also compute HD95 and ASSD (about 0.2 s per case on CPU).
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        val_data_loader: Any,
+        network: torch.nn.Module,
+        inferer: SlidingSupportInferer | None = None,
+        surface_metrics: bool = True,
+        key_val_metric: dict | None = None,
+        additional_metrics: dict | None = None,
+        val_handlers: Sequence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        transform = from_engine(["pred", "label"])
+        if key_val_metric is None:
+            key_val_metric = {
+                DEFAULT_METRIC_NAMES["dice"]: MeanDice(include_background=True, output_transform=transform)
+            }
+        if additional_metrics is None and surface_metrics:
+            additional_metrics = {
+                DEFAULT_METRIC_NAMES["hd95"]: SpacedHausdorffDistance(percentile=95, output_transform=transform),
+                DEFAULT_METRIC_NAMES["assd"]: SpacedSurfaceDistance(symmetric=True, output_transform=transform),
+            }
+        kwargs.setdefault("prepare_batch", PrepareBatchExtraInput(extra_keys=dict(PROTOCOL_EXTRA_KEYS)))
+        super().__init__(
+            device=torch.device(device),
+            val_data_loader=val_data_loader,
+            network=network,
+            inferer=SlidingSupportInferer() if inferer is None else inferer,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            **kwargs,
+        )
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.reshape(-1)[0].item()
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        return _scalar(value[0])
+    return value
+
+
+class ProtocolResultsSaver:
+    """Ignite handler turning an evaluator run into per-case rows and the protocol summary.
+
+    Records each case's ``fold``/``organ``/ids from ``engine.state.batch`` and, when the epoch completes,
+    reads the per-case values of the metrics from ``engine.state.metric_details`` (MONAI metric handlers
+    with ``save_details=True``; cases are in iteration order, single process). The result is stored in
+    ``engine.state.protocol = {"rows": [...], "summary": {...}}`` and, when ``output_dir`` is given, written
+    atomically to ``<output_dir>/<prefix>_<method>_cases.csv`` and ``<prefix>_<method>.json``.
+
+    Parameters
+    ----------
+    output_dir
+        Folder for the files; ``None`` writes nothing.
+    method
+        Method name written in each row and in the file names.
+    metric_names
+        Row field -> metric name in the evaluator (defaults: ``val_mean_dice``, ``val_hd95``, ``val_assd``);
+        metrics the evaluator lacks are written as NaN.
+    prefix
+        File name prefix.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | PathLike | None = None,
+        method: str = "SD-FSMIS",
+        metric_names: Mapping[str, str] | None = None,
+        prefix: str = "protocol",
+    ) -> None:
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.method = method
+        self.metric_names = dict(DEFAULT_METRIC_NAMES if metric_names is None else metric_names)
+        self.prefix = prefix
+        self._cases: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []
+        self.summary: dict[str, Any] = {}
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._record)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._complete)
+
+    def _reset(self, engine: Any) -> None:
+        self._cases = []
+
+    def _record(self, engine: Any) -> None:
+        batch = engine.state.batch
+        items = batch if isinstance(batch, list) else [batch]
+        for item in items:
+            self._cases.append({k: _scalar(item[k]) for k in _CASE_FIELDS if k in item})
+
+    def _complete(self, engine: Any) -> None:
+        details = getattr(engine.state, "metric_details", {}) or {}
+        rows = []
+        for i, case in enumerate(self._cases):
+            row: dict[str, Any] = {"method": self.method, **case}
+            for field, name in self.metric_names.items():
+                values = details.get(name)
+                row[field] = float(values[i].reshape(-1)[0]) if values is not None and i < len(values) else float("nan")
+            rows.append(row)
+        self.rows = rows
+        self.summary = summarize(rows) if rows else {}
+        engine.state.protocol = {"rows": rows, "summary": self.summary}
+        if self.output_dir is not None and rows:
+            stem = f"{self.prefix}_{_slug(self.method)}"
+            write_rows_csv(self.output_dir / f"{stem}_cases.csv", rows)
+            write_json(self.output_dir / f"{stem}.json", {"method": self.method, "rows": rows, "summary": self.summary})
+
+
+class _CaseProgress:
+    """tqdm bar over the evaluator's cases."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.bar = total, desc, None
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._step)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._close)
+
+    def _start(self, engine: Any) -> None:
+        self.bar = tqdm(total=self.total, desc=self.desc) if has_tqdm else None
+
+    def _step(self, engine: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def _close(self, engine: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate_protocol(
+    network: torch.nn.Module | None,
+    records: str | PathLike | Sequence[VolumeRecord] | VolumeStore,
+    fold_ids: Sequence[int] | None = None,
+    organ_ids: Sequence[int] = (1, 2, 3, 4),
+    inferer: SlidingSupportInferer | None = None,
+    output_dir: str | PathLike | None = "protocol_results",
+    baseline: bool = True,
+    overlays: int = 2,
+    method: str = "SD-FSMIS",
+    baseline_name: str = "support-mask copy",
+    support_position: int = 2,
+    folds: Sequence[Sequence[int]] | None = None,
+    organ_names: Mapping[int, str] = CHAOS_ORGANS,
+    surface_metrics: bool = True,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    intensity: str = "minmax",
+    extra_handlers: Sequence[Callable] | None = None,
+) -> dict[str, Any]:
+    """Run the protocol for a network (and the support-mask copy baseline) and write the results.
+
+    Parameters
+    ----------
+    network
+        Network with the ``SDFSMIS`` interface, already on its device; ``None`` evaluates only the baseline.
+    records
+        Dataset folder, volume records (fold order), or a ``VolumeStore``.
+    fold_ids, organ_ids, support_position, folds, organ_names
+        Which cases (:func:`protocol_items`).
+    inferer
+        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks).
+    output_dir
+        Where ``protocol_cases.csv`` (one row per method and case), ``protocol_results.json`` (rows + summaries),
+        ``protocol_table.md`` and ``overlays/<method>/*.png`` are written (atomically); ``None`` writes nothing.
+    baseline
+        Also evaluate :class:`~monai_sdfsmis.networks.support_copy.SupportMaskCopy` (first table row).
+    overlays
+        PNG overlays per query volume and method (0 for none).
+    method, baseline_name
+        Row names in the table.
+    surface_metrics
+        Compute HD95 and ASSD (mm) besides Dice.
+    device
+        Device batches are moved to; default the network's device.
+    progress
+        tqdm bar over the cases.
+    intensity
+        ``VolumeStore`` intensity preset when ``records`` is not a store.
+    extra_handlers
+        More ignite handlers attached to each evaluator run (e.g. ``StatsHandler``).
+
+    Returns
+    -------
+    dict
+        ``{"methods": {name: {"rows": [...], "summary": {...}}}, "table": str, "files": {...}}``;
+        Dice values are fractions, distances in mm.
+    """
+    if network is None and not baseline:
+        raise ValueError("Nothing to evaluate: network is None and baseline is False.")
+    dataset = ProtocolDataset(
+        records,
+        fold_ids=fold_ids,
+        organ_ids=organ_ids,
+        support_position=support_position,
+        folds=folds,
+        organ_names=organ_names,
+        intensity=intensity,
+    )
+    if len(dataset) == 0:
+        raise ValueError("The protocol selection (fold_ids, organ_ids) has no case.")
+    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+    inferer = SlidingSupportInferer() if inferer is None else inferer
+    out_dir = None if output_dir is None else Path(output_dir)
+
+    runs: list[tuple[str, torch.nn.Module]] = []
+    if baseline:
+        anchor = _network_device(network) if network is not None else torch.device("cpu")
+        runs.append((baseline_name, SupportMaskCopy().to(anchor)))
+    if network is not None:
+        runs.append((method, network))
+
+    results: dict[str, Any] = {"methods": {}, "files": {}}
+    overlay_files: list[str] = []
+    for name, net in runs:
+        saver = ProtocolResultsSaver(output_dir=None, method=name)
+        handlers: list[Any] = [saver]
+        if out_dir is not None and overlays > 0:
+            overlay = OverlaySaver(out_dir / "overlays", method=name, n_slices=overlays)
+            handlers.append(overlay)
+        if progress:
+            handlers.append(_CaseProgress(len(dataset), desc=f"protocol: {name}"))
+        handlers.extend(extra_handlers or [])
+        evaluator = ProtocolEvaluator(
+            device=device if device is not None else _network_device(net),
+            val_data_loader=loader,
+            network=net,
+            inferer=inferer,
+            surface_metrics=surface_metrics,
+            val_handlers=handlers,
+        )
+        evaluator.run()
+        results["methods"][name] = {"rows": saver.rows, "summary": saver.summary}
+        if out_dir is not None and overlays > 0:
+            overlay_files.extend(str(p) for p in overlay.written)
+
+    summaries = {name: r["summary"] for name, r in results["methods"].items()}
+    table = format_table(summaries, metric="dice", title="Dice (%), mean over folds")
+    if surface_metrics:
+        table += "\n" + format_table(summaries, metric="hd95", title="HD95 (mm)")
+        table += "\n" + format_table(summaries, metric="assd", title="ASSD (mm)")
+    results["table"] = table
+    if out_dir is not None:
+        all_rows = [row for r in results["methods"].values() for row in r["rows"]]
+        results["files"] = {
+            "csv": str(write_rows_csv(out_dir / "protocol_cases.csv", all_rows)),
+            "json": str(
+                write_json(
+                    out_dir / "protocol_results.json",
+                    {"methods": results["methods"], "fold_ids": fold_ids, "organ_ids": list(organ_ids)},
+                )
+            ),
+            "table": str(atomic_write(out_dir / "protocol_table.md", table)),
+            "overlays": overlay_files,
+        }
+    return results
+

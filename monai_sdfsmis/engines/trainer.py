@@ -1,0 +1,188 @@
+"""Episode training with MONAI's ``SupervisedTrainer``.
+
+An episode batch (``support_image``, ``support_label``, ``query_image``, ``query_label``) does not fit
+the trainer's ``inferer(image) -> loss_function(pred, label)`` pattern: the network computes its own
+loss from all four tensors (``network.compute_loss``). :class:`EpisodeTrainingStep` is that iteration
+(bf16 autocast on CUDA, fp32 on CPU, gradient clipping, DECISIONS.md #9), and :class:`EpisodeTrainer`
+is a ``SupervisedTrainer`` that uses it, so that a bundle only names the trainer. The iteration's
+output is ``{"loss": tensor}``: ``StatsHandler``/``TensorBoardStatsHandler`` read it with
+``output_transform=monai.handlers.from_engine(["loss"], first=True)``.
+"""
+
+from __future__ import annotations
+
+__all__ = ["EPISODE_KEYS", "EpisodeTrainingStep", "EpisodeTrainer"]
+
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+
+#: Batch keys handed to ``network.compute_loss``, in argument order.
+EPISODE_KEYS: tuple[str, ...] = ("support_image", "support_label", "query_image", "query_label")
+
+
+def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+def _average_gradients(optimizer: torch.optim.Optimizer) -> None:
+    """Average gradients over processes.
+
+    ``compute_loss`` is not the network's ``forward``, so a ``DistributedDataParallel`` wrapper never
+    prepares its reducer and does not synchronise; the step does it explicitly instead.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            # The same code path runs on every process, so the same parameters have gradients everywhere.
+            if p.grad is None:
+                continue
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+
+class EpisodeTrainingStep:
+    """One training iteration on a batch of episodes: ``loss = network.compute_loss(...)``, backward, clip, step.
+
+    Parameters
+    ----------
+    grad_clip
+        Max norm of all gradients together (``torch.nn.utils.clip_grad_norm_``); ``None`` or 0 to skip.
+    amp
+        bf16 autocast for the forward pass when the engine's device is CUDA (no effect on CPU).
+    keys
+        Batch keys passed to ``compute_loss`` in order; each value ``[B, C, H, W]``.
+    skip_non_finite
+        Skip the optimizer step (with a warning) when the loss is NaN/inf instead of corrupting the weights;
+        the number of skipped steps is kept in ``engine.state.skipped_steps``.
+
+    Returns (from ``__call__``)
+    ---------------------------
+    dict
+        ``{"loss": detached scalar tensor}``, stored by ignite in ``engine.state.output``.
+    """
+
+    def __init__(
+        self,
+        grad_clip: float | None = 1.0,
+        amp: bool = True,
+        keys: Sequence[str] = EPISODE_KEYS,
+        skip_non_finite: bool = True,
+    ) -> None:
+        if grad_clip is not None and grad_clip < 0:
+            raise ValueError(f"grad_clip must be positive (or None to disable), got {grad_clip}.")
+        if len(keys) == 0:
+            raise ValueError("keys must name the batch entries passed to compute_loss.")
+        self.grad_clip = grad_clip
+        self.amp = amp
+        self.keys = tuple(keys)
+        self.skip_non_finite = skip_non_finite
+
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, dict):
+            raise ValueError(f"An episode batch must be a dict with keys {self.keys}, got {type(batch).__name__}.")
+        missing = [k for k in self.keys if k not in batch]
+        if missing:
+            raise ValueError(f"Episode batch lacks {missing}; it has {sorted(batch)}.")
+        device = torch.device(engine.state.device)
+        inputs = [torch.as_tensor(batch[k]).to(device=device, non_blocking=engine.non_blocking) for k in self.keys]
+        network = engine.network
+        model = _unwrap(network)
+        compute_loss = getattr(model, "compute_loss", None)
+        if not callable(compute_loss):
+            raise ValueError(f"network {type(model).__name__} has no compute_loss(); episode training needs one.")
+
+        network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
+        with autocast:
+            loss = compute_loss(*inputs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        loss = loss.float().mean()
+        if not math.isfinite(float(loss.detach())) and self.skip_non_finite:
+            engine.state.skipped_steps = getattr(engine.state, "skipped_steps", 0) + 1
+            warnings.warn(f"Non-finite loss {float(loss):g} at iteration {engine.state.iteration}; step skipped.")
+            engine.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss.detach()}
+        loss.backward()
+        if model is not network:
+            _average_gradients(engine.optimizer)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        if self.grad_clip:
+            params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.grad_clip))
+        engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {"loss": loss.detach()}
+
+
+class EpisodeTrainer(SupervisedTrainer):
+    """``SupervisedTrainer`` whose iteration is :class:`EpisodeTrainingStep`.
+
+    Parameters
+    ----------
+    device
+        Device the episodes are moved to (the network must already be there).
+    max_epochs
+        Epochs to run; with an episode dataset of ``length`` items, ``iterations = max_epochs * length``
+        (or ``max_epochs * epoch_length``).
+    train_data_loader
+        Loader of episode dicts (``EpisodeDataset``), batch ``[B, C, 256, 256]`` per key.
+    network
+        Network with ``compute_loss(support_image, support_label, query_image, query_label)``.
+    optimizer
+        E.g. ``torch.optim.AdamW(network.parameter_groups(...))``.
+    grad_clip, amp
+        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, DECISIONS.md #9).
+    epoch_length, train_handlers, key_train_metric, non_blocking, optim_set_to_none
+        As ``SupervisedTrainer``.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Iterable,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        grad_clip: float | None = 1.0,
+        amp: bool = True,
+        epoch_length: int | None = None,
+        train_handlers: Sequence | None = None,
+        key_train_metric: dict | None = None,
+        non_blocking: bool = False,
+        optim_set_to_none: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=torch.device(device),
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            network=network,
+            optimizer=optimizer,
+            loss_function=_no_loss_function,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            iteration_update=EpisodeTrainingStep(grad_clip=grad_clip, amp=amp),
+            key_train_metric=key_train_metric,
+            train_handlers=train_handlers,
+            amp=False,  # bf16 autocast is handled by the step; no GradScaler needed
+            decollate=False,  # the output is a single loss, nothing to decollate
+            optim_set_to_none=optim_set_to_none,
+            **kwargs,
+        )
+
+
+def _no_loss_function(*args: Any, **kwargs: Any) -> Any:
+    raise RuntimeError("EpisodeTrainer computes the loss with network.compute_loss(); loss_function is unused.")

@@ -1,0 +1,661 @@
+"""SD-FSMIS: Stable Diffusion adapted for one-shot medical image segmentation (METHOD.md sections 5-6).
+
+Composition of a frozen SD VAE, SD's UNet (fine-tuned) with two input convolutions (:class:`DualConvIn`)
+and support-query interaction (:mod:`.sqi`), query enhancement (:mod:`.query_enhancement`), the
+visual-to-textual condition translator (:mod:`.vtct`, frozen DINOv2 + trained MLP) and the one-step
+scheduler (:mod:`.one_step`). The network interface used by inferers and engines (ARCHITECTURE.md)::
+
+    loss = net.compute_loss(support_image, support_label, query_image, query_label)
+    ctx = net.encode_support(support_image[1, 3, H, W], support_label[1, 1, H, W])   # once per support
+    soft = net.segment(query_image[N, 3, H, W], ctx)                               # [N, 1, H, W] in [-1, 1]
+    mask = net.binarize(soft)                                                      # [N, 1, H, W] bool
+"""
+
+from __future__ import annotations
+
+__all__ = ["SDFSMIS", "SupportContext", "DualConvIn", "BINARIZE_MODES", "SUPPORT_CONDITIONS", "TINY_CONFIG_DIR"]
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch import nn
+
+from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
+from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
+from monai_sdfsmis.networks.sqi import SII_MODES, SupportBank, install_sii, match_support_batch, sii_blocks
+from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
+
+BINARIZE_MODES = ("zero", "relative")
+SUPPORT_CONDITIONS = ("same", "empty")
+TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
+_SETTINGS_KEY = "sdfsmis_settings"
+
+
+@dataclass
+class SupportContext:
+    """Everything the query pass needs from a support slice, computed once by :meth:`SDFSMIS.encode_support`.
+
+    Attributes
+    ----------
+    image_latent
+        ``[Bs, 4, h, w]`` scaled VAE latent of the support image.
+    mask_latent
+        ``[Bs, 4, h, w]`` scaled VAE latent of the support mask (3 channels in ``{-1, 1}``).
+    condition
+        ``[Bs, T, D]`` text-like condition of the query pass (VTCT output, or the empty-prompt embedding).
+    prototype
+        ``[Bs, K, 4]`` QE support prototype(s), ``None`` without QE.
+    features
+        Per transformer block (module name -> ``[Bs, L, C]``) normed support hidden states from the
+        support UNet pass, ``None`` without SII.
+    """
+
+    image_latent: torch.Tensor
+    mask_latent: torch.Tensor
+    condition: torch.Tensor
+    prototype: torch.Tensor | None = None
+    features: dict[str, torch.Tensor] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.image_latent.shape[0])
+
+    def to(self, *args: Any, **kwargs: Any) -> SupportContext:
+        """``Tensor.to`` applied to every tensor (e.g. ``ctx.to("cuda")``)."""
+        changes: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                changes[f.name] = value.to(*args, **kwargs)
+            elif isinstance(value, dict):
+                changes[f.name] = {k: v.to(*args, **kwargs) for k, v in value.items()}
+        return replace(self, **changes)
+
+
+class DualConvIn(nn.Module):
+    """Replacement of ``unet.conv_in`` with one input convolution per branch (DECISIONS.md #3).
+
+    The UNet is called once per branch (support pass, query pass); :meth:`routing` selects which
+    convolution the next calls use. Everything after ``conv_in`` is shared.
+
+    Parameters
+    ----------
+    query
+        Convolution of the query branch (8 input channels with QE, SD's 4-channel one without).
+    support
+        Convolution of the support branch (8 input channels); ``None`` when it is shared with the
+        query (``shared_conv_in``) or when there is no support pass (no SII).
+    shared
+        Whether the support branch uses ``query``.
+    """
+
+    BRANCHES = ("query", "support")
+
+    def __init__(self, query: nn.Conv2d, support: nn.Conv2d | None = None, shared: bool = False) -> None:
+        super().__init__()
+        self.query = query
+        self.support = support
+        self.shared = shared
+        self.branch = "query"
+
+    @staticmethod
+    def marigold(conv_in: nn.Conv2d, copies: int = 2) -> nn.Conv2d:
+        """SD's ``conv_in`` widened to ``copies * in_channels`` inputs: kernel repeated along inputs and divided by
+        ``copies`` (Marigold / DiffewS), bias copied, so a repeated input gives SD's activation."""
+        new = nn.Conv2d(
+            conv_in.in_channels * copies,
+            conv_in.out_channels,
+            kernel_size=conv_in.kernel_size,
+            stride=conv_in.stride,
+            padding=conv_in.padding,
+            bias=conv_in.bias is not None,
+        ).to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(conv_in.weight.repeat(1, copies, 1, 1) / copies)
+            if conv_in.bias is not None:
+                new.bias.copy_(conv_in.bias)
+        return new
+
+    @contextmanager
+    def routing(self, branch: str) -> Iterator[None]:
+        """Route the UNet calls inside the block through ``branch`` (``"query"`` or ``"support"``)."""
+        if branch not in self.BRANCHES:
+            raise ValueError(f"branch must be one of {self.BRANCHES}, got {branch!r}.")
+        previous, self.branch = self.branch, branch
+        try:
+            yield
+        finally:
+            self.branch = previous
+
+    def forward(self, sample: torch.Tensor) -> torch.Tensor:
+        conv = self.query if self.branch == "query" or self.shared else self.support
+        if conv is None:
+            raise RuntimeError("this UNet has no support input convolution (SII is off): there is no support pass.")
+        if sample.shape[1] != conv.in_channels:
+            raise ValueError(
+                f"{self.branch} UNet input has {sample.shape[1]} channels, its input convolution expects {conv.in_channels}."
+            )
+        return conv(sample)
+
+
+def _frozen_prefixes(module: SDFSMIS) -> list[str]:
+    prefixes = ["vae."]
+    if module.vtct is not None and module.vtct.image_encoder is not None:
+        prefixes.append("vtct.image_encoder.")
+    return prefixes
+
+
+def _drop_frozen_state(module: SDFSMIS, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: the frozen VAE / image encoder come from their pretrained source, not from us."""
+    drop = tuple(prefix + p for p in _frozen_prefixes(module))
+    for key in [k for k in state_dict if k.startswith(drop)]:
+        del state_dict[key]
+
+
+def _fill_frozen_state(
+    module: SDFSMIS,
+    state_dict: dict,
+    prefix: str,
+    local_metadata: dict,
+    strict: bool,
+    missing_keys: list,
+    unexpected_keys: list,
+    error_msgs: list,
+) -> None:
+    """``load_state_dict`` pre-hook: the frozen modules keep their weights (so strict loading of a trained-parts
+    state dict works). ``state_dict`` here is ``load_state_dict``'s own copy, so the caller's dict is untouched."""
+    frozen = {"vae.": module.vae}
+    if module.vtct is not None and module.vtct.image_encoder is not None:
+        frozen["vtct.image_encoder."] = module.vtct.image_encoder
+    for name, sub in frozen.items():
+        for key, value in sub.state_dict(prefix=prefix + name).items():
+            state_dict.setdefault(key, value)
+
+
+class SDFSMIS(nn.Module):
+    """SD-FSMIS network (1-way 1-shot; a batch holds independent episodes).
+
+    Parameters
+    ----------
+    vae
+        SD's ``AutoencoderKL``; frozen (``requires_grad=False``, always ``eval``).
+    unet
+        SD's ``UNet2DConditionModel`` with its original 4-channel ``conv_in``; modified in place
+        (``conv_in`` -> :class:`DualConvIn`, SII installed).
+    image_encoder
+        Frozen DINOv2 of VTCT (``Dinov2Model``); ``None`` -> VTCT uses a learned condition embedding
+        (no-prior mode). Not used when ``use_vtct=False``.
+    empty_prompt_embedding
+        ``[1, 77, D]`` SD's CLIP text-encoder output for ``""``, stored as a buffer (inference needs no
+        text encoder). Required unless ``use_vtct`` with no image encoder (or ``vtct_mode="replace"``).
+    use_sii, use_qe, use_vtct
+        The three components (ablation switches). ``use_sii=False`` drops the support UNet pass.
+    sii_mode
+        ``"sii"`` (new cross-attention per block) or ``"kv_concat"`` (DiffewS).
+    shared_conv_in
+        One 8-channel input convolution for both branches instead of one each (needs ``use_qe``).
+    qe_threshold, qe_fallback_k, qe_mode
+        :class:`~monai_sdfsmis.networks.query_enhancement.QueryEnhancement` settings.
+    vtct_mode, vtct_tokens
+        :class:`~monai_sdfsmis.networks.vtct.VisualToTextualConditionTranslator` settings.
+    timestep
+        UNet timestep of both passes (999 paper, 1 DiffewS code).
+    vae_sample_in_training
+        Sample the VAE posterior in ``train()`` mode (DiffewS); the posterior mean is used otherwise.
+    binarize_mode, relative_threshold
+        :meth:`binarize`: ``"zero"`` (soft > 0) or ``"relative"`` (DiffewS: ``(soft + 1) / 2`` above
+        ``relative_threshold`` times its per-slice maximum).
+    support_condition
+        Condition of the support UNet pass: ``"same"`` as the query (VTCT output) or ``"empty"`` (the
+        empty prompt, as DiffewS). Without VTCT both are the empty prompt.
+
+    Notes
+    -----
+    * Support and query run as two UNet calls (support first, its per-block features cached in a
+      :class:`~monai_sdfsmis.networks.sqi.SupportBank`), routed to their input convolution by
+      :class:`DualConvIn`; this is what makes one support reusable for any number of queries.
+    * ``state_dict()`` holds only what training changes plus the empty-prompt buffer: the frozen VAE
+      and DINOv2 stay ordinary submodules (so ``.to()``, ``.half()``, ``repr`` and ``apply`` reach them)
+      but a state-dict hook drops their keys and a load pre-hook keeps their current weights, so
+      ``load_state_dict(net.state_dict(), strict=True)`` works and ``model.pt`` is UNet-sized.
+    """
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        image_encoder: nn.Module | None = None,
+        empty_prompt_embedding: torch.Tensor | None = None,
+        *,
+        use_sii: bool = True,
+        use_qe: bool = True,
+        use_vtct: bool = True,
+        sii_mode: str = "sii",
+        shared_conv_in: bool = False,
+        qe_threshold: float = 0.7,
+        qe_fallback_k: int = 12,
+        qe_mode: str = "cosine",
+        vtct_mode: str = "add",
+        vtct_tokens: int = 77,
+        timestep: int = 999,
+        vae_sample_in_training: bool = True,
+        binarize_mode: str = "zero",
+        relative_threshold: float = 0.25,
+        support_condition: str = "same",
+    ) -> None:
+        super().__init__()
+        if sii_mode not in SII_MODES:
+            raise ValueError(f"sii_mode must be one of {SII_MODES}, got {sii_mode!r}.")
+        if binarize_mode not in BINARIZE_MODES:
+            raise ValueError(f"binarize_mode must be one of {BINARIZE_MODES}, got {binarize_mode!r}.")
+        if support_condition not in SUPPORT_CONDITIONS:
+            raise ValueError(f"support_condition must be one of {SUPPORT_CONDITIONS}, got {support_condition!r}.")
+        if not 0.0 < relative_threshold < 1.0:
+            raise ValueError(f"relative_threshold must be in (0, 1), got {relative_threshold}.")
+        if not 0 <= int(timestep) < 1000:
+            raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
+        if shared_conv_in and not use_qe:
+            raise ValueError(
+                "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
+            )
+        conv_in = unet.conv_in
+        if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"unet.conv_in must be SD's original {vae.config.latent_channels}-channel Conv2d, got {conv_in!r} "
+                "(was this UNet already wrapped by SDFSMIS?)."
+            )
+        cross_dim = int(unet.config.cross_attention_dim)
+        needs_empty = not use_vtct or (image_encoder is not None and vtct_mode == "add") or support_condition == "empty"
+        if empty_prompt_embedding is None and needs_empty:
+            raise ValueError(
+                "empty_prompt_embedding ([1, 77, D], SD's text-encoder output for '') is required unless VTCT runs "
+                "without an image encoder or in 'replace' mode."
+            )
+        if empty_prompt_embedding is not None and (
+            empty_prompt_embedding.ndim != 3 or empty_prompt_embedding.shape[0] != 1
+            or empty_prompt_embedding.shape[2] != cross_dim
+        ):
+            raise ValueError(
+                f"empty_prompt_embedding must be [1, T, {cross_dim}] (UNet cross_attention_dim), got "
+                f"{tuple(empty_prompt_embedding.shape)}."
+            )
+
+        self.settings = {
+            "use_sii": bool(use_sii), "use_qe": bool(use_qe), "use_vtct": bool(use_vtct), "sii_mode": sii_mode,
+            "shared_conv_in": bool(shared_conv_in), "qe_threshold": float(qe_threshold),
+            "qe_fallback_k": int(qe_fallback_k), "qe_mode": qe_mode, "vtct_mode": vtct_mode,
+            "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
+            "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
+            "relative_threshold": float(relative_threshold), "support_condition": support_condition,
+            "image_encoder": image_encoder is not None and use_vtct,
+        }
+        self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
+        self.timestep = int(timestep)
+        self.vae_sample_in_training = bool(vae_sample_in_training)
+        self.binarize_mode = binarize_mode
+        self.relative_threshold = float(relative_threshold)
+        self.support_condition = support_condition
+
+        vae.requires_grad_(False)
+        vae.eval()
+        self.vae = vae
+
+        # DECISIONS #3: Marigold-initialised 8-channel convs; without QE the query keeps SD's conv_in.
+        query_conv = DualConvIn.marigold(conv_in) if use_qe else conv_in
+        support_conv = DualConvIn.marigold(conv_in) if use_sii and not shared_conv_in else None
+        unet.conv_in = DualConvIn(query_conv, support_conv, shared=shared_conv_in and use_sii)
+        unet.register_to_config(in_channels=query_conv.in_channels)
+        self.unet = unet
+        self.bank = SupportBank()
+        if use_sii:
+            install_sii(unet, self.bank, sii_mode)
+
+        self.qe = QueryEnhancement(qe_threshold, qe_fallback_k, qe_mode) if use_qe else None
+        self.vtct = (
+            VisualToTextualConditionTranslator(image_encoder, cross_dim, vtct_tokens, vtct_mode)
+            if use_vtct else None
+        )
+        self.scheduler = one_step_scheduler()
+        self.register_buffer(
+            "empty_prompt_embedding",
+            None if empty_prompt_embedding is None else empty_prompt_embedding.detach().clone().float(),
+        )
+        self.register_state_dict_post_hook(_drop_frozen_state)
+        self.register_load_state_dict_pre_hook(_fill_frozen_state)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(
+        cls,
+        sd: str | os.PathLike = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        image_encoder: str | os.PathLike | None = "facebook/dinov2-small",
+        *,
+        local_files_only: bool | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        **settings: Any,
+    ) -> SDFSMIS:
+        """Build from pretrained SD-1.5 (HF id or local folder/file) and DINOv2 (``None``: no-prior VTCT).
+
+        ``settings`` are the constructor's keyword arguments. DINOv2 is not loaded when ``use_vtct=False``.
+        """
+        from monai_sdfsmis.networks.pretrained import load_pretrained_components
+
+        if not settings.get("use_vtct", True):
+            image_encoder = None
+        parts = load_pretrained_components(
+            sd, image_encoder, local_files_only=local_files_only, torch_dtype=torch_dtype
+        )
+        return cls(parts.vae, parts.unet, parts.image_encoder, parts.empty_prompt_embedding, **settings)
+
+    @classmethod
+    def tiny(cls, seed: int = 0, *, with_image_encoder: bool = True, **settings: Any) -> SDFSMIS:
+        """The same architecture at toy width, randomly initialised from ``configs/tiny/{unet,vae,dinov2}.json``.
+
+        For tests and smoke runs on CPU (latent 4x32x32 at 256x256 input, 7 transformer blocks). The
+        empty-prompt embedding is a seeded random ``[1, 77, D]`` stand-in for CLIP's output. The global
+        RNG is left untouched.
+        """
+        from transformers import Dinov2Config, Dinov2Model
+
+        def read(name: str) -> dict:
+            return json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel.from_config(read("unet"))
+            vae = AutoencoderKL.from_config(read("vae"))
+            encoder = None
+            if with_image_encoder:
+                config = read("dinov2")
+                config.pop("model_type", None)
+                encoder = Dinov2Model(Dinov2Config(**config))
+            empty = torch.randn(1, 77, int(unet.config.cross_attention_dim))
+            return cls(vae, unet, encoder, empty, **settings)
+
+    # ------------------------------------------------------------------ modes and persistence
+    def train(self, mode: bool = True) -> SDFSMIS:
+        super().train(mode)
+        self.vae.eval()  # frozen modules never switch to training behaviour
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def parameter_groups(
+        self, lr_unet: float = 1e-5, lr_new: float = 5e-5, weight_decay: float = 1e-2
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups (DECISIONS.md #9).
+
+        ``"unet"``: SD's pretrained UNet weights (``lr_unet``); ``"new"``: input convolutions, SII
+        layers and VTCT's MLP / positional embedding / gate / learned condition (``lr_new``). Frozen
+        VAE and DINOv2 and the empty-prompt buffer are not included.
+        """
+        new_modules: list[nn.Module] = [self.unet.conv_in]
+        new_modules += [block.attn_sq for _, block in sii_blocks(self.unet) if "attn_sq" in block._modules]
+        if self.vtct is not None:
+            new_modules.append(self.vtct)
+        new, seen = [], set()
+        for module in new_modules:
+            for p in module.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    new.append(p)
+        pretrained = [p for p in self.unet.parameters() if p.requires_grad and id(p) not in seen]
+        covered = seen | {id(p) for p in pretrained}
+        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
+        if stray:
+            raise RuntimeError(f"trainable parameters outside the UNet/VTCT: {stray[:5]}")
+        return [
+            {"params": pretrained, "lr": lr_unet, "weight_decay": weight_decay, "name": "unet"},
+            {"params": new, "lr": lr_new, "weight_decay": weight_decay, "name": "new"},
+        ]
+
+    def save_trained(self, path: str | os.PathLike) -> Path:
+        """Write the trained parts (``state_dict()``) as safetensors, atomically; settings go in the metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"format": "pt", _SETTINGS_KEY: json.dumps(self.settings)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    def load_trained(self, path: str | os.PathLike, strict: bool = True) -> SDFSMIS:
+        """Load a file written by :meth:`save_trained` (or a ``torch.save`` d ``state_dict``) into this network."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"trained SD-FSMIS weights not found: {path}")
+        saved_settings = None
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                state = load_file(str(path), device=str(self.device))
+            except Exception as err:  # safetensors raises its own error types
+                raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
+            if _SETTINGS_KEY in meta:
+                saved_settings = json.loads(meta[_SETTINGS_KEY])
+        else:
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as err:
+                raise ValueError(f"{path}: not a readable torch state dict ({err}).") from err
+            if not isinstance(state, dict):
+                raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}.")
+        try:
+            self.load_state_dict(state, strict=strict)
+        except RuntimeError as err:
+            hint = ""
+            if saved_settings is not None:
+                diff = {k: (v, self.settings.get(k)) for k, v in saved_settings.items() if self.settings.get(k) != v}
+                if diff:
+                    hint = f" The file was saved with different settings (saved, this network): {diff}."
+            raise ValueError(f"{path}: weights do not match this SD-FSMIS network.{hint} {err}") from err
+        return self
+
+    # ------------------------------------------------------------------ building blocks
+    @staticmethod
+    def _check_pair(image: torch.Tensor, label: torch.Tensor | None, who: str) -> None:
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"{who}_image must be [B, 3, H, W] in [-1, 1], got {tuple(image.shape)}.")
+        if image.shape[-1] % 8 or image.shape[-2] % 8:
+            raise ValueError(f"{who}_image height/width must be multiples of 8 (VAE), got {tuple(image.shape[-2:])}.")
+        if label is not None and (
+            label.ndim != 4 or label.shape[1] != 1 or label.shape[0] != image.shape[0]
+            or label.shape[-2:] != image.shape[-2:]
+        ):
+            raise ValueError(
+                f"{who}_label must be [B, 1, H, W] matching {who}_image {tuple(image.shape)}, got {tuple(label.shape)}."
+            )
+
+    @staticmethod
+    def mask_to_image(label: torch.Tensor) -> torch.Tensor:
+        """``[B, 1, H, W]`` mask in ``{0, 1}`` -> ``[B, 3, H, W]`` in ``{-1, 1}`` (the VAE's image range)."""
+        return (label.float() * 2.0 - 1.0).expand(-1, 3, -1, -1)
+
+    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen VAE: ``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latent ``[B, 4, H/8, W/8]``.
+
+        Posterior sample in ``train()`` mode when ``vae_sample_in_training``, posterior mean otherwise.
+        """
+        with torch.no_grad():
+            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+            z = dist.sample() if self.training and self.vae_sample_in_training else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
+    def decode_mask(self, latent: torch.Tensor) -> torch.Tensor:
+        """Mask latent ``[B, 4, h, w]`` -> soft mask ``[B, 1, 8h, 8w]`` float32 in ``[-1, 1]`` (decode, clip, channel mean)."""
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latent / self.vae.config.scaling_factor + shift
+        image = self.vae.decode(z.to(self.vae.dtype)).sample
+        return image.float().clamp(-1.0, 1.0).mean(dim=1, keepdim=True)
+
+    def condition(self, support_image: torch.Tensor, support_label: torch.Tensor) -> torch.Tensor:
+        """Text-like condition ``[Bs, T, D]`` of the query pass: VTCT output, or the empty-prompt embedding."""
+        batch = support_image.shape[0]
+        if self.vtct is None:
+            return self.empty_prompt_embedding.expand(batch, -1, -1)
+        return self.vtct(support_image, support_label, self.empty_prompt_embedding)
+
+    def _unet(self, sample: torch.Tensor, condition: torch.Tensor, branch: str) -> torch.Tensor:
+        timesteps = torch.full((sample.shape[0],), self.timestep, dtype=torch.long, device=sample.device)
+        dtype = self.unet.dtype
+        with self.unet.conv_in.routing(branch):
+            return self.unet(
+                sample.to(dtype), timesteps, encoder_hidden_states=condition.to(dtype), return_dict=False
+            )[0]
+
+    def _support_context(
+        self,
+        support_image: torch.Tensor,
+        support_label: torch.Tensor,
+        image_latent: torch.Tensor | None = None,
+        mask_latent: torch.Tensor | None = None,
+    ) -> SupportContext:
+        """Support side with autograd (training); :meth:`encode_support` is its no-grad wrapper."""
+        if image_latent is None or mask_latent is None:
+            latents = self.encode_latents(torch.cat([support_image, self.mask_to_image(support_label)]))
+            image_latent, mask_latent = latents.chunk(2)
+        condition = self.condition(support_image, support_label)
+        prototype = self.qe.support_prototype(image_latent, support_label) if self.qe is not None else None
+        features = None
+        if self.use_sii:
+            support_cond = condition
+            if self.support_condition == "empty":
+                support_cond = self.empty_prompt_embedding.expand(support_image.shape[0], -1, -1)
+            with self.bank.storing() as stored:
+                self._unet(torch.cat([image_latent, mask_latent], dim=1), support_cond, "support")
+            features = dict(stored)
+            self.bank.clear()
+        return SupportContext(image_latent, mask_latent, condition, prototype, features)
+
+    def predict_mask_latent(self, query_latent: torch.Tensor, context: SupportContext) -> torch.Tensor:
+        """Query pass + one step: query image latent ``[Bq, 4, h, w]`` -> predicted mask latent ``[Bq, 4, h, w]``.
+
+        ``Bq`` equals ``context.batch_size`` (pairs) or is a multiple of it (one support, many queries).
+        """
+        batch = query_latent.shape[0]
+        sample = self.qe.enhance(query_latent, context.prototype) if self.qe is not None else query_latent
+        condition = match_support_batch(context.condition, batch, "support condition")
+        if self.use_sii:
+            if context.features is None:
+                raise ValueError("this SupportContext has no support features but the network uses SII.")
+            with self.bank.using(context.features):
+                output = self._unet(sample, condition, "query")
+        else:
+            output = self._unet(sample, condition, "query")
+        return predict_original_sample(self.scheduler, output, query_latent, self.timestep)
+
+    # ------------------------------------------------------------------ public interface
+    def compute_loss(
+        self,
+        support_image: torch.Tensor,
+        support_label: torch.Tensor,
+        query_image: torch.Tensor,
+        query_label: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training loss of a batch of ``B`` episodes: ``MSE(x0, z_qm)`` in float32 (paper Eq. 5).
+
+        Parameters
+        ----------
+        support_image, query_image
+            ``[B, 3, H, W]`` in ``[-1, 1]``.
+        support_label, query_label
+            ``[B, 1, H, W]`` in ``{0, 1}``; every support mask needs a foreground pixel.
+
+        Returns
+        -------
+        torch.Tensor
+            Scalar float32 loss.
+        """
+        self._check_pair(support_image, support_label, "support")
+        self._check_pair(query_image, query_label, "query")
+        if support_image.shape != query_image.shape:
+            raise ValueError(
+                f"support_image {tuple(support_image.shape)} and query_image {tuple(query_image.shape)} must match."
+            )
+        # One VAE call for the four images of every episode.
+        latents = self.encode_latents(
+            torch.cat([support_image, self.mask_to_image(support_label), query_image, self.mask_to_image(query_label)])
+        )
+        z_si, z_sm, z_qi, z_qm = latents.chunk(4)
+        context = self._support_context(support_image, support_label, z_si, z_sm)
+        x0 = self.predict_mask_latent(z_qi, context)
+        return F.mse_loss(x0.float(), z_qm.float())
+
+    @torch.no_grad()
+    def encode_support(self, support_image: torch.Tensor, support_label: torch.Tensor) -> SupportContext:
+        """Encode a support slice once for any number of queries.
+
+        Parameters
+        ----------
+        support_image
+            ``[1, 3, H, W]`` in ``[-1, 1]`` (``Bs > 1`` supports are allowed; see :meth:`segment`).
+        support_label
+            ``[1, 1, H, W]`` in ``{0, 1}`` with at least one foreground pixel.
+        """
+        self._check_pair(support_image, support_label, "support")
+        return self._support_context(support_image, support_label)
+
+    @torch.no_grad()
+    def segment(self, query_image: torch.Tensor, context: SupportContext) -> torch.Tensor:
+        """Soft masks of ``N`` query slices from a cached support.
+
+        Parameters
+        ----------
+        query_image
+            ``[N, 3, H, W]`` in ``[-1, 1]``; ``N`` a multiple of ``context.batch_size`` (query ``i`` uses
+            support ``i // (N // Bs)``).
+        context
+            From :meth:`encode_support`.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[N, 1, H, W]`` float32 in ``[-1, 1]``.
+        """
+        self._check_pair(query_image, None, "query")
+        expected = tuple(context.image_latent.shape[-2:])
+        if tuple(s // 8 for s in query_image.shape[-2:]) != expected:
+            raise ValueError(f"query_image {tuple(query_image.shape)} does not match the support's size (latent {expected}).")
+        return self.decode_mask(self.predict_mask_latent(self.encode_latents(query_image), context))
+
+    def binarize(self, soft: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, H, W]`` soft mask in ``[-1, 1]`` -> bool mask.
+
+        ``"zero"``: ``soft > 0``. ``"relative"`` (DiffewS): ``p = (soft + 1) / 2`` above
+        ``relative_threshold * max(p)`` of each slice.
+        """
+        if soft.ndim != 4 or soft.shape[1] != 1:
+            raise ValueError(f"soft mask must be [N, 1, H, W], got {tuple(soft.shape)}.")
+        if self.binarize_mode == "zero":
+            return soft > 0
+        prob = (soft.float() + 1.0) / 2.0
+        return prob > self.relative_threshold * prob.amax(dim=(1, 2, 3), keepdim=True)
+
+    def forward(
+        self, support_image: torch.Tensor, support_label: torch.Tensor, query_image: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`encode_support` + :meth:`segment`: ``[Bs, 3, H, W]``, ``[Bs, 1, H, W]``, ``[N, 3, H, W]`` -> ``[N, 1, H, W]``."""
+        return self.segment(query_image, self.encode_support(support_image, support_label))

@@ -1,0 +1,371 @@
+"""Loading of 3D medical volumes (NIfTI, NRRD, DICOM series) with the checks the rest of the package relies on.
+
+Every loader returns a channel-first :class:`monai.data.MetaTensor` ``[1, H, W, D]`` whose slices run along the
+last axis, reoriented to one set of axis codes (``RAS`` by default) so that images, labels and supervoxel maps
+from different files line up voxel for voxel. The affine stays in the tensor's meta data.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "NRRD_SUFFIXES",
+    "select_reader",
+    "load_volume",
+    "check_label_ids",
+    "check_same_grid",
+    "LoadVolumed",
+    "LoadVolumeD",
+    "LoadVolumeDict",
+    "CheckLabelIdsd",
+    "CheckLabelIdsD",
+    "CheckLabelIdsDict",
+]
+
+import os
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import DtypeLike, KeysCollection
+from monai.data import ITKReader, MetaTensor, NibabelReader
+from monai.data.image_reader import ImageReader
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Orientation
+from monai.transforms.io.array import SUPPORTED_READERS
+from monai.utils import ImageMetaKey, ensure_tuple, get_equivalent_dtype
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+NRRD_SUFFIXES = (".nrrd", ".nhdr")
+
+_FILENAME_KEY = ImageMetaKey.FILENAME_OR_OBJ
+
+
+def select_reader(path: str | os.PathLike, reader: ImageReader | str | None = None) -> ImageReader:
+    """Return the MONAI reader used for ``path``.
+
+    Parameters
+    ----------
+    path
+        A file, or a folder holding one DICOM series.
+    reader
+        ``None`` to choose by file type (NIfTI -> ``NibabelReader``; NRRD, folders (DICOM series) and any other
+        suffix -> ``ITKReader``), a reader name from ``monai.transforms.io.array.SUPPORTED_READERS``
+        (e.g. ``"ITKReader"``, case-insensitive) or a reader instance (returned unchanged).
+    """
+    if isinstance(reader, ImageReader):
+        return reader
+    if isinstance(reader, str):
+        cls = SUPPORTED_READERS.get(reader.lower())
+        if cls is None:
+            raise ValueError(f"unknown reader {reader!r}; choose one of {sorted(SUPPORTED_READERS)}")
+        return cls()
+    if reader is not None:
+        raise ValueError(f"reader must be None, a reader name or a monai ImageReader, got {type(reader).__name__}")
+    path = Path(path)
+    if not path.is_dir() and path.name.lower().endswith(NIFTI_SUFFIXES):
+        return NibabelReader()
+    # ITK reads NRRD/NHDR, DICOM series (folders) and MetaImage with LPS->RAS affines like NibabelReader's.
+    return ITKReader()
+
+
+def _read(path: Path, reader: ImageReader) -> MetaTensor:
+    """Read ``path`` with ``reader`` into a channel-first MetaTensor in the file's own dtype."""
+    if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
+        raise ValueError(f"folder {path} contains no DICOM series: it holds no files")
+    loader = LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
+    try:
+        img = loader(str(path), reader=reader)
+    except FileNotFoundError as e:
+        if path.is_dir():  # ITKReader's "no DICOMs in: <dir>"
+            raise ValueError(f"folder {path} contains no DICOM series readable by {type(reader).__name__}") from e
+        raise FileNotFoundError(f"cannot read {path}: {e}") from e
+    except Exception as e:  # the readers raise a zoo of types (ImageFileError, RuntimeError, OSError, ...)
+        what = "DICOM series in folder" if path.is_dir() else "file"
+        raise ValueError(
+            f"cannot read {what} {path} with {type(reader).__name__} (corrupt or unsupported?): "
+            f"{type(e).__name__}: {str(e).strip()[:500]}"
+        ) from e
+    try:
+        return EnsureChannelFirst()(img)
+    except Exception as e:
+        raise ValueError(f"cannot determine the channel layout of {path} (shape {tuple(img.shape)}): {e}") from e
+
+
+def _check_finite(values: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` counting NaN / infinite voxels; one min/max pass when all are finite."""
+    v_min, v_max = torch.aminmax(values)
+    if bool(torch.isfinite(v_min)) and bool(torch.isfinite(v_max)):  # NaN propagates into min/max
+        return
+    n_nan = int(torch.isnan(values).sum())
+    if n_nan:
+        raise ValueError(f"{name} contains {n_nan} NaN voxels")
+    raise ValueError(f"{name} contains {int(torch.isinf(values).sum())} infinite voxels")
+
+
+def load_volume(
+    path: str | os.PathLike,
+    *,
+    reader: ImageReader | str | None = None,
+    orientation: str | None = "RAS",
+    dtype: DtypeLike | torch.dtype | None = np.float32,
+    require_3d: bool = True,
+) -> MetaTensor:
+    """Load one volume as a channel-first MetaTensor ``[1, H, W, D]``.
+
+    Parameters
+    ----------
+    path
+        NIfTI (``.nii``/``.nii.gz``) or NRRD (``.nrrd``/``.nhdr``) file, or a folder holding one DICOM series
+        (any other suffix is handed to ITK).
+    reader
+        ``None`` (choose by file type, see :func:`select_reader`), a MONAI reader name or instance.
+    orientation
+        Axis codes the volume is reoriented to (``monai.transforms.Orientation``); ``None`` keeps the file's
+        voxel order. Use the same value for an image and its labels so that they stay aligned.
+    dtype
+        Output dtype. ``None`` keeps the file's dtype. For an integer dtype a floating-point file must hold
+        integer values only (label maps), which are rounded before the cast.
+    require_3d
+        Reject 2D data (and single-slice volumes). With ``False`` 2D images load as ``[1, H, W]``.
+
+    Returns
+    -------
+    MetaTensor
+        ``[1, H, W, D]`` (``[1, H, W]`` for 2D data with ``require_3d=False``); ``.affine`` maps voxel indices
+        to world millimetres (RAS), ``.meta["filename_or_obj"]`` is ``path``.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``path`` does not exist.
+    ValueError
+        The file cannot be read, a folder holds no DICOM series, the data are not a single-channel 3D volume,
+        contain NaN or infinite values, or (integer ``dtype``) hold non-integer values.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"volume {path} does not exist")
+    img = _read(path, select_reader(path, reader))
+
+    n_channels, spatial = int(img.shape[0]), tuple(int(s) for s in img.shape[1:])
+    if n_channels != 1:
+        raise ValueError(
+            f"{path} holds {n_channels} channels or time points (shape {tuple(img.shape)} channel-first); "
+            "a single-channel volume is required"
+        )
+    if require_3d and (len(spatial) != 3 or min(spatial) < 2):
+        kind = "2D data" if len(spatial) < 3 or min(spatial) < 2 else f"{len(spatial)}D data"
+        raise ValueError(
+            f"{path} holds {kind} (spatial shape {spatial}); a 3D volume with at least 2 voxels along each axis "
+            "is required"
+        )
+
+    if torch.is_floating_point(img):
+        _check_finite(img.as_tensor(), str(path))
+
+    if dtype is not None:
+        torch_dtype = get_equivalent_dtype(dtype, torch.Tensor)
+        if torch.is_floating_point(img) and not torch_dtype.is_floating_point and torch_dtype != torch.bool:
+            rounded = torch.round(img)
+            off = (img - rounded).abs()
+            if float(off.max()) > 1e-3:
+                bad = img.flatten()[int(torch.argmax(off.flatten()))]
+                raise ValueError(
+                    f"{path} contains non-integer values (e.g. {float(bad):g}) but {torch_dtype} was requested; "
+                    "label maps must hold integer ids"
+                )
+            img = rounded
+        img = img.to(torch_dtype)
+
+    if orientation is not None:
+        axcodes = str(orientation)[: len(spatial)]
+        try:
+            img = Orientation(axcodes=axcodes, labels=None)(img)
+        except Exception as e:
+            raise ValueError(f"cannot reorient {path} to {orientation!r}: {e}") from e
+    img.meta[_FILENAME_KEY] = str(path)
+    return img
+
+
+def _name_of(label: Any, path: str | os.PathLike | None) -> str:
+    if path is not None:
+        return str(path)
+    if isinstance(label, MetaTensor) and label.meta.get(_FILENAME_KEY):
+        return str(label.meta[_FILENAME_KEY])
+    return "<label array>"
+
+
+def _present_ids(label: torch.Tensor) -> list[int]:
+    """Sorted ids in ``label``; a counting pass for small non-negative integer ids (the usual case), else a sort."""
+    flat = label.flatten()
+    if flat.numel() and not flat.is_floating_point() and flat.dtype != torch.bool:
+        lo, hi = (int(v) for v in torch.aminmax(flat))
+        if lo >= 0 and hi < 1 << 20:
+            counts = torch.bincount(flat, minlength=hi + 1)
+            return torch.nonzero(counts).flatten().tolist()
+    return [int(v) for v in torch.unique(flat).tolist()]
+
+
+def check_label_ids(label: Any, required_ids: Iterable[int] = (), path: str | os.PathLike | None = None) -> list[int]:
+    """Check that a label map holds foreground and every id in ``required_ids``.
+
+    Parameters
+    ----------
+    label
+        Label map of any shape (tensor or array), e.g. ``[1, H, W, D]``.
+    required_ids
+        Ids that must occur (e.g. the organs to be segmented).
+    path
+        File name used in messages; defaults to the MetaTensor's ``filename_or_obj``.
+
+    Returns
+    -------
+    list of int
+        Sorted ids present in ``label`` (background 0 included when present).
+
+    Raises
+    ------
+    ValueError
+        ``label`` holds no foreground voxel, or a required id is absent.
+    """
+    name = _name_of(label, path)
+    tensor = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(np.asarray(label))
+    present = _present_ids(tensor)
+    if not any(v != 0 for v in present):
+        raise ValueError(f"label file {name} contains no foreground (every voxel is 0)")
+    missing = [int(i) for i in required_ids if int(i) not in present]
+    if len(missing) == 1:
+        raise ValueError(f"organ id {missing[0]} absent from {name}; present ids: {present}")
+    if missing:
+        raise ValueError(f"organ ids {missing} absent from {name}; present ids: {present}")
+    return present
+
+
+def check_same_grid(
+    reference: MetaTensor, other: MetaTensor, ref_name: str = "reference", other_name: str = "other", atol: float = 1e-3
+) -> None:
+    """Raise ``ValueError`` unless ``other`` lies on ``reference``'s voxel grid (spatial shape and affine).
+
+    Parameters
+    ----------
+    reference, other
+        Channel-first MetaTensors ``[C, H, W, D]``.
+    ref_name, other_name
+        Names used in the message (file names).
+    atol
+        Absolute tolerance on the affine entries (millimetres).
+    """
+    if tuple(reference.shape[1:]) != tuple(other.shape[1:]):
+        raise ValueError(
+            f"{other_name} has spatial shape {tuple(other.shape[1:])} but {ref_name} has "
+            f"{tuple(reference.shape[1:])}; they must share one voxel grid"
+        )
+    a, b = np.asarray(reference.affine, dtype=float), np.asarray(other.affine, dtype=float)
+    if not np.allclose(a, b, atol=atol):
+        raise ValueError(
+            f"{other_name} and {ref_name} have different affines (max difference {np.abs(a - b).max():.4g} mm); "
+            "they must share one voxel grid"
+        )
+
+
+class LoadVolumed(MapTransform):
+    """Dictionary wrapper of :func:`load_volume`: replaces each path under ``keys`` with its ``[1, H, W, D]`` volume.
+
+    Label maps are loaded with an integer dtype (``label_dtype``), everything else with ``dtype``.
+
+    Parameters
+    ----------
+    keys
+        Keys whose values are paths.
+    reader, orientation, require_3d
+        See :func:`load_volume` (shared by all keys).
+    dtype
+        Dtype of the non-label keys.
+    label_keys
+        Keys holding label maps. ``None`` (default) means every key whose name contains ``"label"``
+        (``label``, ``support_label``, ...); pass ``()`` to load everything with ``dtype``.
+    label_dtype
+        Integer dtype of the label keys (int32 leaves room for supervoxel ids).
+    grid_key
+        If given, every other loaded key must lie on this key's voxel grid (shape and affine), e.g.
+        ``grid_key="image"`` to check that the labels belong to the image.
+    allow_missing_keys
+        Skip keys that are absent instead of raising ``KeyError``.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reader: ImageReader | str | None = None,
+        orientation: str | None = "RAS",
+        dtype: DtypeLike | torch.dtype | None = np.float32,
+        label_keys: KeysCollection | None = None,
+        label_dtype: DtypeLike | torch.dtype = np.int32,
+        require_3d: bool = True,
+        grid_key: Hashable | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.reader = reader
+        self.orientation = orientation
+        self.dtype = dtype
+        if label_keys is None:
+            self.label_keys = tuple(k for k in self.keys if "label" in str(k))
+        else:
+            self.label_keys = ensure_tuple(label_keys)
+        if get_equivalent_dtype(label_dtype, torch.Tensor).is_floating_point:
+            raise ValueError(f"label_dtype must be an integer dtype, got {label_dtype}")
+        self.label_dtype = label_dtype
+        self.require_3d = require_3d
+        if grid_key is not None and grid_key not in self.keys:
+            raise ValueError(f"grid_key {grid_key!r} is not one of keys {self.keys}")
+        self.grid_key = grid_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = load_volume(
+                d[key],
+                reader=self.reader,
+                orientation=self.orientation,
+                dtype=self.label_dtype if key in self.label_keys else self.dtype,
+                require_3d=self.require_3d,
+            )
+        if self.grid_key is not None and self.grid_key in d:
+            ref = d[self.grid_key]
+            for key in self.key_iterator(d):
+                if key != self.grid_key:
+                    check_same_grid(ref, d[key], _name_of(ref, None), _name_of(d[key], None))
+        return d
+
+
+class CheckLabelIdsd(MapTransform):
+    """Dictionary wrapper of :func:`check_label_ids`: passes the data through unchanged or raises ``ValueError``.
+
+    Parameters
+    ----------
+    keys
+        Label keys to check.
+    required_ids
+        Ids that must occur in every checked label map.
+    allow_missing_keys
+        Skip keys that are absent.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, required_ids: Sequence[int] = (), allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.required_ids = tuple(int(i) for i in required_ids)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            check_label_ids(d[key], self.required_ids)
+        return d
+
+
+LoadVolumeD = LoadVolumeDict = LoadVolumed
+CheckLabelIdsD = CheckLabelIdsDict = CheckLabelIdsd

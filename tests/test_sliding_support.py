@@ -1,0 +1,299 @@
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from torch import nn
+
+from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
+from monai_sdfsmis.data.volumes import VolumeStore
+from monai_sdfsmis.inferers import SlidingSupportInferer, largest_run
+from monai_sdfsmis.networks.support_copy import SupportMaskCopy
+from tests.utils import chaos_dir, requires_chaos, requires_totalseg, totalseg_dir
+
+LIVER, RIGHT_KIDNEY = 1, 2
+
+
+def _rpt_support_positions(n_slices: int, n_chunks: int = 3) -> list[int]:
+    # RPT get_support_index written out: the middle of each of n parts of the organ extent.
+    half = 1 / (2 * n_chunks)
+    interval = (1.0 - 1.0 / n_chunks) / (n_chunks - 1)
+    return [int((half + interval * k) * n_slices) for k in range(n_chunks)]
+
+
+def _volume(array: np.ndarray) -> torch.Tensor:
+    return torch.tensor(np.asarray(array, dtype=np.float32))[None, None]
+
+
+class ThresholdNet(nn.Module):
+    """Stand-in network: foreground where the query's first channel exceeds 0.5; counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("anchor", torch.zeros(()))
+        self.calls: Counter = Counter()
+        self.batch_sizes: list[int] = []
+
+    def encode_support(self, image: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        assert image.shape[:2] == (1, 3) and label.shape == (1, 1, *image.shape[-2:])
+        assert bool(label.any())
+        self.calls["encode_support"] += 1
+        return label
+
+    def segment(self, query: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        assert query.shape[1] == 3
+        self.batch_sizes.append(int(query.shape[0]))
+        return torch.where(query[:, :1] > 0.5, 1.0, -1.0)
+
+    def binarize(self, soft: torch.Tensor) -> torch.Tensor:
+        return soft > 0
+
+
+@pytest.fixture(scope="module")
+def chaos():
+    records = [r for r in find_alpnet_volumes(chaos_dir()) if r.id in ("1", "3")]
+    return VolumeStore(records, intensity="minmax", spatial_size=256)
+
+
+def _case(store: VolumeStore, organ: int, support: str = "3", query: str = "1"):
+    s_label = store.label(support) == organ
+    q_label = store.label(query) == organ
+    return (
+        _volume(store.image(query)),
+        _volume(store.image(support)),
+        _volume(s_label),
+        _volume(q_label),
+        s_label,
+        q_label,
+    )
+
+
+@requires_chaos
+@pytest.mark.parametrize("organ", [LIVER, RIGHT_KIDNEY])
+def test_protocol_mode_copies_support_slice_of_each_chunk(chaos, organ):
+    query, s_image, s_label_t, q_label_t, s_label, q_label = _case(chaos, organ)
+    out = SlidingSupportInferer(sw_batch_size=4)(
+        query, SupportMaskCopy(), support_image=s_image, support_label=s_label_t, query_label=q_label_t
+    )
+    assert out.shape == query.shape and out.dtype == torch.float32
+    out = out[0, 0].numpy()
+
+    s_slices = np.flatnonzero(s_label.any(axis=(0, 1)))
+    picks = [s_slices[i] for i in _rpt_support_positions(len(s_slices))]
+    q_slices = np.flatnonzero(q_label.any(axis=(0, 1)))
+    edges = np.linspace(0, len(q_slices), 4).astype(int)
+    expected = np.zeros_like(out)
+    for j in range(3):
+        for d in q_slices[edges[j] : edges[j + 1]]:
+            expected[..., d] = s_label[..., picks[j]]
+    np.testing.assert_array_equal(out, expected)
+    # every slice outside the query's organ extent is empty
+    outside = np.setdiff1d(np.arange(out.shape[-1]), q_slices)
+    assert not out[..., outside].any()
+
+
+@requires_chaos
+def test_deployment_mode_with_copy_covers_whole_volume(chaos):
+    query, s_image, s_label_t, _, s_label, _ = _case(chaos, LIVER)
+    inferer = SlidingSupportInferer(query_range="all")
+    out = inferer(query, SupportMaskCopy(), support_image=s_image, support_label=s_label_t)[0, 0].numpy()
+    depth = out.shape[-1]
+    s_slices = np.flatnonzero(s_label.any(axis=(0, 1)))
+    picks = [s_slices[i] for i in _rpt_support_positions(len(s_slices))]
+    edges = np.linspace(0, depth, 4).astype(int)
+    # the copy predicts foreground on every slice, so the organ range is the whole volume
+    for j in range(3):
+        for d in range(edges[j], edges[j + 1]):
+            np.testing.assert_array_equal(out[..., d], s_label[..., picks[j]])
+
+
+def test_deployment_mode_keeps_longest_predicted_run_and_rechunks():
+    depth = 30
+    query = torch.full((1, 1, 40, 40, depth), -1.0)
+    query[..., 10:20, 10:20, 6:18] = 1.0  # organ-like run of 12 slices
+    query[..., 5:8, 5:8, 22:25] = 1.0  # a shorter false-positive run
+    support = torch.full((1, 1, 40, 40, 9), -1.0)
+    support_label = torch.zeros((1, 1, 40, 40, 9))
+    support_label[..., 2:5] = 1
+    net = ThresholdNet()
+    out = SlidingSupportInferer(query_range="all", sw_batch_size=5, spatial_size=40)(
+        query, net, support_image=support, support_label=support_label
+    )
+    assert out.shape == (1, 1, 40, 40, depth)
+    fg = out[0, 0].flatten(0, 1).any(dim=0)
+    assert fg.nonzero().flatten().tolist() == list(range(6, 18))
+    np.testing.assert_array_equal(out[0, 0, ..., 10].numpy(), (query[0, 0, ..., 10] > 0.5).float().numpy())
+    # pass 1 over 30 slices in 3 chunks, pass 2 only for slices whose chunk changed
+    # (range 6..17 -> chunks 6-9, 10-13, 14-17; pass-1 chunks 0-9, 10-19, 20-29: 14-17 change chunk)
+    assert net.calls["encode_support"] == 3 + 1
+    assert sum(net.batch_sizes) == depth + 4
+    assert max(net.batch_sizes) <= 5
+
+
+def test_deployment_mode_without_any_foreground_returns_zeros():
+    query = torch.full((1, 1, 16, 16, 7), -1.0)
+    support_label = torch.zeros((1, 1, 16, 16, 3))
+    support_label[..., 1] = 1
+    out = SlidingSupportInferer(query_range="all")(
+        query, ThresholdNet(), support_image=torch.zeros(1, 1, 16, 16, 3), support_label=support_label
+    )
+    assert out.shape == (1, 1, 16, 16, 7) and not out.any()
+
+
+def test_protocol_mode_encodes_support_once_per_chunk_and_batches_queries():
+    query = torch.rand(1, 3, 64, 48, 20) * 2 - 1
+    query_label = torch.zeros(1, 1, 64, 48, 20)
+    query_label[..., 20:30, 10:20, 3:17] = 1  # 14 organ slices -> chunks of 4, 5, 5
+    support_label = torch.zeros(1, 1, 64, 48, 6)
+    support_label[..., 5:9, 5:9, 1:5] = 1
+    net = ThresholdNet()
+    out = SlidingSupportInferer(sw_batch_size=3)(
+        query, net, support_image=torch.zeros(1, 1, 64, 48, 6), support_label=support_label, query_label=query_label
+    )
+    assert net.calls["encode_support"] == 3
+    assert sum(net.batch_sizes) == 14 and max(net.batch_sizes) <= 3
+    assert out.shape == (1, 1, 64, 48, 20)
+    assert not out[..., :3].any() and not out[..., 17:].any()
+    assert set(torch.unique(out).tolist()) <= {0.0, 1.0}
+
+
+def test_metatensor_metadata_is_kept():
+    affine = torch.diag(torch.tensor([2.0, 3.0, 4.0, 1.0], dtype=torch.float64))
+    query = MetaTensor(torch.rand(1, 1, 32, 32, 6) * 2 - 1, affine=affine, meta={"filename_or_obj": "q.nii.gz"})
+    label = MetaTensor(torch.zeros(1, 1, 32, 32, 6), affine=affine)
+    label[..., 10:20, 10:20, 2:4] = 1
+    out = SlidingSupportInferer()(
+        query, SupportMaskCopy(), support_image=query.clone(), support_label=label, query_label=label
+    )
+    assert isinstance(out, MetaTensor)
+    assert torch.equal(out.affine, affine) and out.meta["filename_or_obj"] == "q.nii.gz"
+    assert torch.equal(out.as_tensor(), label.as_tensor())
+
+
+def _ct_case(organ_label: int = 2):
+    """The TotalSegmentator CT example (122 x 101 x 30) normalised to [-1, 1] and one organ's mask."""
+    record = VolumeRecord(
+        id="ct", image=totalseg_dir() / "example_ct_sm.nii.gz", label=totalseg_dir() / "example_seg.nii.gz"
+    )
+    store = VolumeStore([record], intensity="ct", spatial_size=None)
+    image, mask = store.image("ct"), store.label("ct") == organ_label
+    assert image.shape[:2] == (122, 101)
+    return _volume(image), _volume(mask), mask
+
+
+@requires_totalseg
+def test_non_256_input_is_resized_and_returned_on_its_own_grid():
+    image, label_t, mask = _ct_case()
+    out = SlidingSupportInferer()(image, SupportMaskCopy(), support_image=image, support_label=label_t, query_label=label_t)
+    assert out.shape == image.shape == (1, 1, 122, 101, 30)
+    out = out[0, 0].numpy().astype(bool)
+    slices = np.flatnonzero(mask.any(axis=(0, 1)))
+    assert not out[..., np.setdiff1d(np.arange(30), slices)].any()
+    # the support slice of each chunk is copied back onto its own grid: the 122x101 -> 256 -> 122x101 round
+    # trip of a mask is exact (pixel-centre aligned nearest resizing)
+    picks = [slices[i] for i in _rpt_support_positions(len(slices))]
+    edges = np.linspace(0, len(slices), 4).astype(int)
+    for j, z in enumerate(picks):
+        for d in slices[edges[j] : edges[j + 1]]:
+            np.testing.assert_array_equal(out[..., d], mask[..., z])
+
+
+@requires_totalseg
+def test_tiny_sdfsmis_protocol_and_deployment_shapes():
+    sdfsmis = pytest.importorskip("monai_sdfsmis.networks.sdfsmis")
+    net = sdfsmis.SDFSMIS.tiny(seed=0).eval()
+    image, label_t, mask = _ct_case()
+    last = int(np.flatnonzero(mask.any(axis=(0, 1)))[-1])
+    # the organ's last three slices and two organ-free slices after them keep the (CPU) test short
+    lo, hi = last - 2, min(last + 3, mask.shape[-1])
+    image, label_t = image[..., lo:hi], label_t[..., lo:hi]
+    organ = label_t[0, 0].flatten(0, 1).any(dim=0)
+    assert int(organ.sum()) == 3 and not bool(organ.all())
+    out = SlidingSupportInferer(n_chunks=2, sw_batch_size=8)(
+        image, net, support_image=image, support_label=label_t, query_label=label_t
+    )
+    assert out.shape == image.shape and out.shape[2:4] == (122, 101) and out.dtype == torch.float32
+    assert set(torch.unique(out).tolist()) <= {0.0, 1.0}
+    assert not out[0, 0][..., ~organ].any()
+
+    organ_only = image[..., organ]
+    deployed = SlidingSupportInferer(query_range="all", n_chunks=1)(
+        organ_only, net, support_image=image, support_label=label_t
+    )
+    assert deployed.shape == organ_only.shape
+    assert set(torch.unique(deployed).tolist()) <= {0.0, 1.0}
+
+
+def test_largest_run():
+    assert largest_run([]) is None
+    assert largest_run([False, False]) is None
+    assert largest_run([True, True, False, True]) == (0, 2)
+    assert largest_run([False, True, False, True, True, True]) == (3, 6)
+    assert largest_run([True, False, True]) == (0, 1)  # first on a tie
+    assert largest_run(torch.tensor([0, 1, 1, 1])) == (1, 4)
+
+
+def _valid():
+    query = torch.zeros(1, 1, 16, 16, 5)
+    label = torch.zeros(1, 1, 16, 16, 5)
+    label[..., 4:8, 4:8, 1:3] = 1
+    return query, label
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"inputs": torch.zeros(16, 16, 5)}, r"inputs \(query volume\) must be \[1, C, H, W, D\]"),
+        ({"inputs": torch.zeros(2, 1, 16, 16, 5)}, "inputs"),
+        ({"inputs": torch.zeros(1, 2, 16, 16, 5)}, "C in"),
+        ({"inputs": torch.full((1, 1, 16, 16, 5), 200.0)}, r"intensities must be in \[-1, 1\]"),
+        ({"support_image": None}, "needs support_image and support_label"),
+        ({"support_label": torch.zeros(1, 1, 16, 16, 5)}, "support_label is empty"),
+        ({"support_label": torch.full((1, 1, 16, 16, 5), 3.0)}, "binary organ mask"),
+        ({"support_label": torch.zeros(1, 1, 8, 16, 5)}, "same spatial shape"),
+        ({"support_label": torch.zeros(1, 2, 16, 16, 5)}, "support_label must be"),
+        ({"query_label": None}, "needs query_label"),
+        ({"query_label": torch.zeros(1, 1, 16, 16, 5)}, "query_label is empty"),
+        ({"query_label": torch.ones(1, 1, 16, 16, 4)}, "same spatial shape"),
+        ({"network": nn.Linear(2, 2)}, "no 'encode_support' method"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(change, message):
+    query, label = _valid()
+    args = {
+        "inputs": query,
+        "network": SupportMaskCopy(),
+        "support_image": query,
+        "support_label": label,
+        "query_label": label,
+    }
+    args.update(change)
+    inputs, network = args.pop("inputs"), args.pop("network")
+    with pytest.raises(ValueError, match=message):
+        SlidingSupportInferer()(inputs, network, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"n_chunks": 0}, "n_chunks"),
+        ({"sw_batch_size": 0}, "sw_batch_size"),
+        ({"spatial_size": 0}, "spatial_size"),
+        ({"query_range": "organ"}, "query_range"),
+    ],
+)
+def test_bad_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SlidingSupportInferer(**kwargs)
+
+
+def test_progress_bar_and_no_grad():
+    query, label = _valid()
+    query = query.clone().requires_grad_(True)
+    out = SlidingSupportInferer(progress=True)(
+        query, SupportMaskCopy(), support_image=query, support_label=label, query_label=label
+    )
+    assert not out.requires_grad

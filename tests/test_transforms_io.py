@@ -1,0 +1,239 @@
+from __future__ import annotations
+
+import re
+
+import nibabel as nib
+import nrrd
+import numpy as np
+import pytest
+import torch
+
+from monai_sdfsmis.transforms import (
+    CheckLabelIdsd,
+    LoadVolumed,
+    ScaleToUnitRanged,
+    check_label_ids,
+    load_volume,
+    select_reader,
+)
+from tests.utils import chaos_dir, requires_chaos, requires_totalseg, totalseg_dir
+
+CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
+
+
+def _spacing(affine) -> np.ndarray:
+    return np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+
+
+def _save_nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@requires_chaos
+def test_all_chaos_volumes_load_with_consistent_geometry():
+    loader = LoadVolumed(["image", "label"], grid_key="image")
+    scale = ScaleToUnitRanged("image", preset="minmax")
+    for n in CHAOS_IDS:
+        d = loader({"image": chaos_dir() / f"image_{n}.nii.gz", "label": chaos_dir() / f"label_{n}.nii.gz"})
+        image, label = d["image"], d["label"]
+        assert image.shape[:3] == (1, 256, 256) and 31 <= image.shape[3] <= 46, (n, image.shape)
+        assert image.dtype == torch.float32 and label.dtype == torch.int32
+        assert image.shape == label.shape
+        np.testing.assert_allclose(_spacing(image.affine), (1.25, 1.25, 7.7), atol=1e-4)
+        np.testing.assert_allclose(np.asarray(image.affine), np.asarray(label.affine), atol=1e-6)
+        assert nib.aff2axcodes(np.asarray(image.affine)) == ("R", "A", "S")
+        ids = set(check_label_ids(label, (1,)))
+        assert 0 in ids and ids <= {0, 1, 2, 3, 4} and len(ids) > 1, (n, ids)
+        scaled = scale(d)["image"]
+        assert float(scaled.min()) == -1.0 and float(scaled.max()) == 1.0
+
+
+@requires_chaos
+def test_ras_reorientation_flips_the_stored_las_axis_and_matches_itk():
+    path = chaos_dir() / "image_1.nii.gz"
+    raw = nib.load(str(path))
+    assert nib.aff2axcodes(raw.affine) == ("L", "A", "S")
+    vol = load_volume(path)
+    np.testing.assert_array_equal(vol[0].numpy(), np.asarray(raw.dataobj, dtype=np.float32)[::-1])
+    # Voxel (i, j, k) in the output sits at the same world position as the stored voxel it came from.
+    i, j, k = 10, 20, 5
+    stored = raw.affine @ np.array([raw.shape[0] - 1 - i, j, k, 1.0])
+    np.testing.assert_allclose(np.asarray(vol.affine) @ np.array([i, j, k, 1.0]), stored, atol=1e-4)
+    via_itk = load_volume(path, reader="ITKReader")
+    np.testing.assert_array_equal(via_itk.numpy(), vol.numpy())
+    np.testing.assert_allclose(np.asarray(via_itk.affine), np.asarray(vol.affine), atol=1e-4)
+    no_reorient = load_volume(path, orientation=None)
+    np.testing.assert_allclose(np.asarray(no_reorient.affine), raw.affine, atol=1e-4)
+
+
+@requires_totalseg
+def test_dicom_series_folder_loads_as_3d_hu_volume():
+    folder = totalseg_dir() / "ct_dicom"
+    vol = load_volume(folder)
+    assert vol.shape == (1, 512, 512, 20) and vol.dtype == torch.float32
+    assert nib.aff2axcodes(np.asarray(vol.affine)) == ("R", "A", "S")
+    np.testing.assert_allclose(_spacing(vol.affine), (0.9766, 0.9766, 2.0), atol=1e-3)
+    assert -1100 <= float(vol.min()) <= -900  # air, rescale slope/intercept applied
+    assert 300 <= float(vol.max()) <= 4000  # bone/contrast
+    assert 0.05 < float((vol > -500).float().mean()) < 0.8  # a body in air, not a blank or saturated series
+    assert vol.meta["filename_or_obj"] == str(folder)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nhdr"])
+def test_nrrd_roundtrip_keeps_spacing_and_world_positions(tmp_path, suffix):
+    data = np.zeros((20, 30, 10), np.float32)
+    data[2, 3, 4] = 100.0
+    spacing, origin_lps = np.array([0.8, 0.9, 2.5]), np.array([10.0, 20.0, 30.0])
+    header = {
+        "space": "left-posterior-superior",
+        "space directions": np.diag(spacing),
+        "space origin": origin_lps,
+    }
+    path = tmp_path / f"vol{suffix}"
+    nrrd.write(str(path), data, header)
+    vol = load_volume(path)
+    assert vol.shape == (1, 20, 30, 10)
+    np.testing.assert_allclose(_spacing(vol.affine), spacing, atol=1e-5)
+    assert nib.aff2axcodes(np.asarray(vol.affine)) == ("R", "A", "S")
+    marked_lps = origin_lps + spacing * np.array([2, 3, 4])
+    marked_ras = marked_lps * np.array([-1, -1, 1])
+    idx = np.unravel_index(int(torch.argmax(vol)), vol.shape[1:])
+    np.testing.assert_allclose((np.asarray(vol.affine) @ np.array([*idx, 1.0]))[:3], marked_ras, atol=1e-4)
+    # The same geometry written as NIfTI (RAS affine) loads to the same tensor.
+    affine_ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.vstack([np.c_[np.diag(spacing), origin_lps], [0, 0, 0, 1]])
+    as_nifti = load_volume(_save_nifti(tmp_path / "vol.nii.gz", data, affine_ras))
+    np.testing.assert_array_equal(as_nifti.numpy(), vol.numpy())
+    np.testing.assert_allclose(np.asarray(as_nifti.affine), np.asarray(vol.affine), atol=1e-4)
+
+
+def test_reader_selection(tmp_path):
+    assert type(select_reader(tmp_path / "a.nii.gz")).__name__ == "NibabelReader"
+    assert type(select_reader(tmp_path / "a.NII")).__name__ == "NibabelReader"
+    assert type(select_reader(tmp_path / "a.nrrd")).__name__ == "ITKReader"
+    assert type(select_reader(tmp_path)).__name__ == "ITKReader"
+    assert type(select_reader(tmp_path / "a.nii.gz", "itkreader")).__name__ == "ITKReader"
+    with pytest.raises(ValueError, match="unknown reader 'FooReader'"):
+        select_reader(tmp_path / "a.nii.gz", "FooReader")
+
+
+def test_load_volumed_dtypes_and_label_keys(tmp_path):
+    img = _save_nifti(tmp_path / "img.nii.gz", np.random.rand(8, 9, 5).astype(np.float32))
+    lab = _save_nifti(tmp_path / "lab.nii.gz", np.ones((8, 9, 5), np.float64))  # float-stored integer ids
+    d = LoadVolumed(["image", "support_label"], grid_key="image")({"image": img, "support_label": lab})
+    assert d["image"].dtype == torch.float32 and d["support_label"].dtype == torch.int32
+    d = LoadVolumed(["image", "support_label"], label_keys=())({"image": img, "support_label": lab})
+    assert d["support_label"].dtype == torch.float32
+    d = LoadVolumed(["image", "lab"], label_keys="lab", label_dtype=np.uint8)({"image": img, "lab": lab})
+    assert d["lab"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="label_dtype must be an integer dtype"):
+        LoadVolumed("label", label_dtype=np.float32)
+    with pytest.raises(ValueError, match="grid_key 'x' is not one of keys"):
+        LoadVolumed("label", grid_key="x")
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def test_missing_file_and_folder(tmp_path):
+    for missing in (tmp_path / "nope.nii.gz", tmp_path / "no_folder"):
+        with pytest.raises(FileNotFoundError, match=re.escape(str(missing)) + " does not exist"):
+            load_volume(missing)
+    with pytest.raises(FileNotFoundError, match="nope.nii.gz does not exist"):
+        LoadVolumed("image")({"image": tmp_path / "nope.nii.gz"})
+
+
+def test_corrupt_files(tmp_path):
+    bad = tmp_path / "x.nii.gz"
+    bad.write_bytes(np.random.default_rng(0).bytes(2000))
+    with pytest.raises(ValueError, match=rf"cannot read file {re.escape(str(bad))} with NibabelReader"):
+        load_volume(bad)
+    truncated = tmp_path / "t.nrrd"
+    truncated.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 5 5 5\nencoding: raw\n\n" + bytes(10))
+    with pytest.raises(ValueError, match=rf"cannot read file {re.escape(str(truncated))} with ITKReader"):
+        load_volume(truncated)
+
+
+def test_2d_and_single_slice_images_rejected(tmp_path):
+    flat = _save_nifti(tmp_path / "flat.nii.gz", np.zeros((10, 12), np.float32))
+    with pytest.raises(ValueError, match=re.escape(f"{flat} holds 2D data (spatial shape (10, 12))")):
+        load_volume(flat)
+    assert load_volume(flat, require_3d=False).shape == (1, 10, 12)
+    one = _save_nifti(tmp_path / "one.nii.gz", np.zeros((10, 12, 1), np.float32))
+    with pytest.raises(ValueError, match=re.escape(f"{one} holds 2D data (spatial shape (10, 12, 1))")):
+        load_volume(one)
+
+
+def test_multichannel_rejected(tmp_path):
+    four = _save_nifti(tmp_path / "four.nii.gz", np.zeros((10, 12, 5, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape(f"{four} holds 3 channels or time points")):
+        load_volume(four)
+
+
+def test_nan_and_inf_rejected(tmp_path):
+    data = np.random.rand(6, 7, 8).astype(np.float32)
+    data[0, 0, :3] = np.nan
+    nan_file = _save_nifti(tmp_path / "nan.nii.gz", data)
+    with pytest.raises(ValueError, match=re.escape(f"{nan_file} contains 3 NaN voxels")):
+        load_volume(nan_file)
+    data = np.random.rand(6, 7, 8).astype(np.float32)
+    data[1, 1, :2] = np.inf
+    inf_file = _save_nifti(tmp_path / "inf.nii.gz", data)
+    with pytest.raises(ValueError, match=re.escape(f"{inf_file} contains 2 infinite voxels")):
+        load_volume(inf_file)
+
+
+def test_non_integer_label_rejected(tmp_path):
+    soft = _save_nifti(tmp_path / "soft.nii.gz", np.full((6, 7, 8), 0.3, np.float32))
+    with pytest.raises(ValueError, match=re.escape(f"{soft} contains non-integer values (e.g. 0.3)")):
+        load_volume(soft, dtype=np.int32)
+
+
+def test_dicom_folder_without_series(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=rf"folder {re.escape(str(empty))} contains no DICOM series"):
+        load_volume(empty)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a dicom file")
+    with pytest.raises(ValueError, match=rf"folder {re.escape(str(junk))} contains no DICOM series"):
+        load_volume(junk)
+
+
+def test_empty_label_and_absent_ids(tmp_path):
+    empty = _save_nifti(tmp_path / "empty_label.nii.gz", np.zeros((6, 7, 8), np.uint8))
+    label = load_volume(empty, dtype=np.int32)
+    with pytest.raises(ValueError, match=re.escape(f"label file {empty} contains no foreground")):
+        check_label_ids(label)
+    with pytest.raises(ValueError, match=re.escape(f"label file {empty} contains no foreground")):
+        CheckLabelIdsd("label")({"label": label})
+
+    data = np.zeros((6, 7, 8), np.uint8)
+    data[1, 1, 1], data[2, 2, 2] = 1, 3
+    path = _save_nifti(tmp_path / "lab.nii.gz", data)
+    d = LoadVolumed("label")({"label": path})
+    assert check_label_ids(d["label"], (1, 3)) == [0, 1, 3]
+    with pytest.raises(ValueError, match=re.escape(f"organ id 4 absent from {path}; present ids: [0, 1, 3]")):
+        CheckLabelIdsd("label", required_ids=(1, 4))(d)
+    with pytest.raises(ValueError, match=re.escape(f"organ ids [2, 4] absent from {path}")):
+        check_label_ids(d["label"], (2, 4))
+    with pytest.raises(ValueError, match=re.escape("organ id 2 absent from mine.nii.gz")):
+        check_label_ids(np.asarray(data), (2,), path="mine.nii.gz")
+
+
+@requires_chaos
+def test_real_label_missing_organ_message():
+    path = chaos_dir() / "label_1.nii.gz"
+    with pytest.raises(ValueError, match=re.escape(f"organ id 5 absent from {path}; present ids: [0, 1, 2, 3, 4]")):
+        check_label_ids(load_volume(path, dtype=np.int32), (1, 5))
+
+
+def test_grid_mismatch_names_both_files(tmp_path):
+    img = _save_nifti(tmp_path / "img.nii.gz", np.zeros((6, 7, 8), np.float32))
+    lab = _save_nifti(tmp_path / "lab.nii.gz", np.ones((6, 7, 9), np.uint8))
+    with pytest.raises(ValueError, match=re.escape(f"{lab} has spatial shape (6, 7, 9) but {img} has (6, 7, 8)")):
+        LoadVolumed(["image", "label"], grid_key="image")({"image": img, "label": lab})
+    shifted = _save_nifti(tmp_path / "shifted.nii.gz", np.ones((6, 7, 8), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]))
+    with pytest.raises(ValueError, match=re.escape(f"{shifted} and {img} have different affines")):
+        LoadVolumed(["image", "label"], grid_key="image")({"image": img, "label": shifted})
