@@ -258,6 +258,8 @@ def _valid():
         ({"query_label": None}, "needs query_label"),
         ({"query_label": torch.zeros(1, 1, 16, 16, 5)}, "query_label is empty"),
         ({"query_label": torch.ones(1, 1, 16, 16, 4)}, "same spatial shape"),
+        ({"query_label": torch.full((1, 1, 16, 16, 5), 2.0)}, "query_label must be a binary organ mask"),
+        ({"support": torch.zeros(1, 1, 16, 16, 5)}, "unexpected arguments"),
         ({"network": nn.Linear(2, 2)}, "no 'encode_support' method"),
     ],
 )

@@ -226,5 +226,5 @@ class VolumeStore:
                 f"shape {raw_shape}; they must share the voxel grid."
             )
         volume = MetaTensor(raw.as_tensor(), affine=raw_affine)
-        array = self._resize(self._orient(volume), mode="nearest")
+        array = self._resize(self._orient(volume), mode="nearest-exact")
         return array.astype(np.int16 if kind == "label" else np.int32, copy=False)

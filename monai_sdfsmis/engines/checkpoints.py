@@ -28,13 +28,25 @@ _EPOCH = re.compile(r"(?:^|_)epoch=(\d+)\.pt$")
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` (same arguments) whose files are written atomically.
+    """MONAI ``CheckpointSaver`` whose files are written atomically, and which can save its own engine.
 
     Every checkpoint is serialised to a temporary file in ``save_dir`` and moved over the target with
     ``os.replace``, so a crash during saving never leaves a truncated checkpoint (the previous one stays).
+
+    Parameters
+    ----------
+    save_dir, save_dict, kwargs
+        As MONAI's ``CheckpointSaver``.
+    engine_key
+        When given, the engine the saver is attached to is saved too under this key (``"trainer"``), which
+        :class:`ResumeFromCheckpoint` restores; a bundle then needs no reference from the trainer's handler
+        list back to the trainer.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, **kwargs: Any) -> None:
+    def __init__(self, save_dir: str, save_dict: dict, engine_key: str | None = None, **kwargs: Any) -> None:
+        # One dict object shared with ignite's Checkpoint objects, so the engine can be added on attach.
+        save_dict = dict(save_dict)
+        self.engine_key = engine_key
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is None:
@@ -46,6 +58,11 @@ class AtomicCheckpointSaver(CheckpointSaver):
                     "AtomicCheckpointSaver needs updating for this ignite version."
                 )
             handler._atomic = True
+
+    def attach(self, engine: Any) -> None:
+        if self.engine_key is not None:
+            self.save_dict.setdefault(self.engine_key, engine)
+        super().attach(engine)
 
 
 def latest_checkpoint(ckpt_dir: str | PathLike, prefix: str = "") -> Path | None:

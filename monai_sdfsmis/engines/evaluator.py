@@ -449,4 +449,3 @@ def evaluate_protocol(
             "overlays": overlay_files,
         }
     return results
-

@@ -57,7 +57,8 @@ def overlay_png(image: Any, label: Any, pred: Any, alpha: float = 0.45) -> bytes
     Returns
     -------
     bytes
-        PNG file content, ``W`` rows by ``3 H`` columns (each panel transposed so the slice shows upright).
+        PNG file content, ``W`` rows by ``3 H`` columns; for RAS-oriented slices each panel is in radiological
+        display (anterior up, patient's right on the left).
     """
     img = _numpy(image)
     img = img[0] if img.ndim == 3 else img
@@ -72,8 +73,9 @@ def overlay_png(image: Any, label: Any, pred: Any, alpha: float = 0.45) -> bytes
         return out
 
     def upright(rgb: np.ndarray) -> np.ndarray:
-        # Arrays are [H, W] with H along the first (left-right) axis; show it as radiologists do, anterior up.
-        return np.flipud(np.transpose(rgb, (1, 0, 2)))
+        # RAS arrays (VolumeStore's default): rows run along A, columns along R. Radiological display puts
+        # anterior up and the patient's right on the image's left.
+        return np.transpose(rgb, (1, 0, 2))[::-1, ::-1]
 
     panel = np.concatenate([upright(base), upright(tint(gt, _GT_COLOUR)), upright(tint(pr, _PRED_COLOUR))], axis=1)
     pixels = np.ascontiguousarray(np.clip(panel, 0, 255).astype(np.uint8))

@@ -5,8 +5,9 @@ the trainer's ``inferer(image) -> loss_function(pred, label)`` pattern: the netw
 loss from all four tensors (``network.compute_loss``). :class:`EpisodeTrainingStep` is that iteration
 (bf16 autocast on CUDA, fp32 on CPU, gradient clipping, DECISIONS.md #9), and :class:`EpisodeTrainer`
 is a ``SupervisedTrainer`` that uses it, so that a bundle only names the trainer. The iteration's
-output is ``{"loss": tensor}``: ``StatsHandler``/``TensorBoardStatsHandler`` read it with
-``output_transform=monai.handlers.from_engine(["loss"], first=True)``.
+output has the shape of MONAI's decollated trainer output, one dict per episode of the batch with the
+(replicated) loss, ``[{"loss": tensor}, ...]``, so ``StatsHandler``/``TensorBoardStatsHandler`` read it
+with ``output_transform=monai.handlers.from_engine(["loss"], first=True)`` as in the model-zoo bundles.
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ class EpisodeTrainingStep:
 
     Returns (from ``__call__``)
     ---------------------------
-    dict
-        ``{"loss": detached scalar tensor}``, stored by ignite in ``engine.state.output``.
+    list[dict]
+        ``[{"loss": detached scalar tensor}] * B`` (one per episode, as MONAI's decollated output), stored
+        by ignite in ``engine.state.output``.
     """
 
     def __init__(
@@ -88,7 +90,7 @@ class EpisodeTrainingStep:
         self.keys = tuple(keys)
         self.skip_non_finite = skip_non_finite
 
-    def __call__(self, engine: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def __call__(self, engine: Any, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         if not isinstance(batch, dict):
             raise ValueError(f"An episode batch must be a dict with keys {self.keys}, got {type(batch).__name__}.")
         missing = [k for k in self.keys if k not in batch]
@@ -112,9 +114,9 @@ class EpisodeTrainingStep:
         loss = loss.float().mean()
         if not math.isfinite(float(loss.detach())) and self.skip_non_finite:
             engine.state.skipped_steps = getattr(engine.state, "skipped_steps", 0) + 1
-            warnings.warn(f"Non-finite loss {float(loss):g} at iteration {engine.state.iteration}; step skipped.")
+            warnings.warn(f"Non-finite loss {float(loss.detach()):g} at iteration {engine.state.iteration}; step skipped.")
             engine.optimizer.zero_grad(set_to_none=True)
-            return {"loss": loss.detach()}
+            return self._output(loss, inputs[0])
         loss.backward()
         if model is not network:
             _average_gradients(engine.optimizer)
@@ -124,7 +126,12 @@ class EpisodeTrainingStep:
             torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.grad_clip))
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return {"loss": loss.detach()}
+        return self._output(loss, inputs[0])
+
+    @staticmethod
+    def _output(loss: torch.Tensor, first_input: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        value = loss.detach()
+        return [{"loss": value} for _ in range(max(int(first_input.shape[0]), 1))]
 
 
 class EpisodeTrainer(SupervisedTrainer):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["SlidingSupportInferer", "largest_run"]
 
+import itertools
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -50,7 +51,8 @@ def largest_run(flags: Sequence[bool] | np.ndarray | torch.Tensor) -> tuple[int,
 
 def _network_device(network: Any) -> torch.device:
     if isinstance(network, torch.nn.Module):
-        for tensor in (*network.parameters(), *network.buffers()):
+        tensor = next(itertools.chain(network.parameters(), network.buffers()), None)
+        if tensor is not None:
             return tensor.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -269,6 +271,13 @@ class SlidingSupportInferer(Inferer):
             ``[1, 1, H, W, D]`` float32 mask in ``{0, 1}`` on the query's grid and device (a ``MetaTensor``
             carrying the query's metadata when ``inputs`` is one).
         """
+        if args or kwargs:
+            # A misspelt keyword (e.g. ``support=``) must not be dropped silently, as MONAI's SliceInferer does.
+            unexpected = [f"positional #{i + 2}" for i in range(len(args))] + sorted(kwargs)
+            raise ValueError(
+                f"SlidingSupportInferer got unexpected arguments {unexpected}; it takes inputs, network, support_image, "
+                "support_label and query_label."
+            )
         for name in ("encode_support", "segment", "binarize"):
             if not callable(getattr(network, name, None)):
                 raise ValueError(
@@ -306,6 +315,7 @@ class SlidingSupportInferer(Inferer):
                     f"query_label {tuple(query_label.shape)} and the query volume {tuple(inputs.shape)} must have the "
                     "same spatial shape."
                 )
+            self._check_mask("query_label", query_label)
 
         device = self.device if self.device is not None else _network_device(network)
         height, width, depth = (int(s) for s in inputs.shape[2:])

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+from .autoencoder import (
+    AUTOENCODER_WIDTHS,
+    build_autoencoder,
+    load_autoencoder,
+    save_autoencoder,
+)
+from .no_prior import UNET_WIDTHS, build_no_prior_sdfsmis, build_no_prior_unet
 from .one_step import one_step_scheduler, predict_original_sample
 from .pretrained import (
     DINOV2_SMALL_CONFIG_DIR,
@@ -47,4 +54,11 @@ __all__ = [
     "SD15_CONFIG_DIR",
     "DINOV2_SMALL_CONFIG_DIR",
     "SD15_EMPTY_PROMPT_IDS",
+    "AUTOENCODER_WIDTHS",
+    "build_autoencoder",
+    "load_autoencoder",
+    "save_autoencoder",
+    "UNET_WIDTHS",
+    "build_no_prior_unet",
+    "build_no_prior_sdfsmis",
 ]

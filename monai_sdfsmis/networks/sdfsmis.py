@@ -111,6 +111,8 @@ class DualConvIn(nn.Module):
     def marigold(conv_in: nn.Conv2d, copies: int = 2) -> nn.Conv2d:
         """SD's ``conv_in`` widened to ``copies * in_channels`` inputs: kernel repeated along inputs and divided by
         ``copies`` (Marigold / DiffewS), bias copied, so a repeated input gives SD's activation."""
+        # Built on the meta device: no throw-away random init, so the global RNG (and with it the init of
+        # whatever is built next) does not depend on how many input convs a configuration has.
         new = nn.Conv2d(
             conv_in.in_channels * copies,
             conv_in.out_channels,
@@ -118,7 +120,9 @@ class DualConvIn(nn.Module):
             stride=conv_in.stride,
             padding=conv_in.padding,
             bias=conv_in.bias is not None,
-        ).to(device=conv_in.weight.device, dtype=conv_in.weight.dtype)
+            device="meta",
+            dtype=conv_in.weight.dtype,
+        ).to_empty(device=conv_in.weight.device)
         with torch.no_grad():
             new.weight.copy_(conv_in.weight.repeat(1, copies, 1, 1) / copies)
             if conv_in.bias is not None:
@@ -296,7 +300,7 @@ class SDFSMIS(nn.Module):
             "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
             "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
             "relative_threshold": float(relative_threshold), "support_condition": support_condition,
-            "image_encoder": image_encoder is not None and use_vtct,
+            "has_image_encoder": image_encoder is not None and use_vtct,
         }
         self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
         self.timestep = int(timestep)
@@ -341,19 +345,27 @@ class SDFSMIS(nn.Module):
         *,
         local_files_only: bool | None = None,
         torch_dtype: torch.dtype = torch.float32,
+        cache_dir: str | os.PathLike | None = None,
         **settings: Any,
     ) -> SDFSMIS:
-        """Build from pretrained SD-1.5 (HF id or local folder/file) and DINOv2 (``None``: no-prior VTCT).
+        """Build from pretrained SD-1.5 (HF id, local diffusers folder or single checkpoint) and DINOv2.
 
-        ``settings`` are the constructor's keyword arguments. DINOv2 is not loaded when ``use_vtct=False``.
+        Parameters
+        ----------
+        sd, image_encoder, local_files_only, torch_dtype, cache_dir
+            Passed to :func:`monai_sdfsmis.networks.pretrained.load_pretrained_components`;
+            ``image_encoder=None`` gives VTCT's no-prior mode. DINOv2 is not loaded when ``use_vtct=False``.
+        settings
+            The constructor's keyword arguments (``use_sii``, ``sii_mode``, ``timestep``, ...).
         """
         from monai_sdfsmis.networks.pretrained import load_pretrained_components
 
         if not settings.get("use_vtct", True):
             image_encoder = None
-        parts = load_pretrained_components(
-            sd, image_encoder, local_files_only=local_files_only, torch_dtype=torch_dtype
-        )
+        loader_kwargs: dict[str, Any] = {"local_files_only": local_files_only, "torch_dtype": torch_dtype}
+        if cache_dir is not None:
+            loader_kwargs["cache_dir"] = cache_dir
+        parts = load_pretrained_components(sd, image_encoder, **loader_kwargs)
         return cls(parts.vae, parts.unet, parts.image_encoder, parts.empty_prompt_embedding, **settings)
 
     @classmethod
@@ -426,7 +438,7 @@ class SDFSMIS(nn.Module):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         try:
@@ -534,6 +546,11 @@ class SDFSMIS(nn.Module):
         mask_latent: torch.Tensor | None = None,
     ) -> SupportContext:
         """Support side with autograd (training); :meth:`encode_support` is its no-grad wrapper."""
+        empty = (support_label.flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"support mask is empty (batch items {empty}): a support needs at least one foreground pixel."
+            )
         if image_latent is None or mask_latent is None:
             latents = self.encode_latents(torch.cat([support_image, self.mask_to_image(support_label)]))
             image_latent, mask_latent = latents.chunk(2)

@@ -1,0 +1,178 @@
+"""No-prior mode: from-scratch SD-layout UNet, SDFSMIS without pretrained weights, and the protocol benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+
+from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
+from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
+from monai_sdfsmis.networks.no_prior import UNET_WIDTHS, build_no_prior_sdfsmis, build_no_prior_unet
+from monai_sdfsmis.networks.sdfsmis import SDFSMIS
+from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
+
+SIZE = 64  # small slices keep the CPU tests fast; the network is size-agnostic (multiples of 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny convolutions gain nothing from a second thread, and two threads collapse (>10x slower) when other
+    processes share the 2 cores; restore the suite's setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """A tiny stage-1 autoencoder, calibrated on random images (weights need not be trained here)."""
+    torch.manual_seed(0)
+    model = build_autoencoder("tiny", sample_size=SIZE)
+    return freeze_and_calibrate(model, torch.rand(8, 3, SIZE, SIZE) * 2 - 1)
+
+
+def _episode(batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(batch, 3, SIZE, SIZE, generator=g) * 2 - 1
+    label = torch.zeros(batch, 1, SIZE, SIZE)
+    label[:, :, 16:40, 20:44] = 1
+    return image, label, image.flip(-1), label.flip(-1)
+
+
+# --------------------------------------------------------------------------------------------- UNet
+def test_default_unet_has_sd_layout_and_reported_size():
+    unet = build_no_prior_unet()
+    assert list(unet.config.block_out_channels) == [128, 256, 256, 256]
+    assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert list(unet.config.up_block_types) == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert unet.config.in_channels == unet.config.out_channels == 4 and unet.conv_in.in_channels == 4
+    # SD-1.5 has 16 transformer blocks (6 down, 1 mid, 9 up): SII gets one layer in each, as with SD.
+    assert sum(isinstance(m, BasicTransformerBlock) for m in unet.modules()) == 16
+    assert sum(p.numel() for p in unet.parameters()) == 52_064_900  # SD-1.5's UNet: 859.5 M
+    assert sum(p.numel() for p in build_no_prior_unet("small").parameters()) == 34_966_724
+
+
+def test_unet_forward_shape_and_argument_checks():
+    unet = build_no_prior_unet("tiny")
+    out = unet(torch.randn(2, 4, 8, 8), 999, encoder_hidden_states=torch.randn(2, 77, 32)).sample
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="Unknown UNet width"):
+        build_no_prior_unet("giant")
+    with pytest.raises(ValueError, match="must divide"):
+        build_no_prior_unet((48, 64, 64, 64), norm_num_groups=32)
+    with pytest.raises(ValueError, match="heads per level"):
+        build_no_prior_unet((32, 64, 64, 64), attention_head_dim=3, norm_num_groups=8)
+    with pytest.raises(ValueError, match="at least 2 levels"):
+        build_no_prior_unet((64,))
+    assert set(UNET_WIDTHS) >= {"default", "small", "tiny", "wide"}
+
+
+# --------------------------------------------------------------------------------------------- SDFSMIS
+def test_no_prior_sdfsmis_trains_the_learned_condition(vae):
+    net = build_no_prior_sdfsmis(vae, "tiny", seed=0)
+    assert isinstance(net, SDFSMIS)
+    assert net.vtct is not None and net.vtct.image_encoder is None  # VTCT falls back to a learned condition
+    assert net.settings["image_encoder"] is False and net.empty_prompt_embedding is None
+    assert net.vae is vae and net.vae.config.scaling_factor == vae.config.scaling_factor != 1.0
+    assert net.unet.conv_in.query.in_channels == 8  # SDFSMIS did the 8-channel surgery on the 4-channel UNet
+
+    loss = net.compute_loss(*_episode())
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    grad = net.vtct.learned_condition.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.vae.parameters())
+    unet_grads = [p.grad for p in net.unet.parameters() if p.requires_grad]
+    assert all(g is not None for g in unet_grads) and sum(g.abs().sum() for g in unet_grads) > 0
+    assert not any(k.startswith("vae.") for k in net.state_dict())
+
+    # Inference interface on the same network.
+    net.eval()
+    s_img, s_lbl, q_img, _ = _episode(batch=1)
+    soft = net.segment(torch.cat([q_img, q_img]), net.encode_support(s_img, s_lbl))
+    assert soft.shape == (2, 1, SIZE, SIZE) and soft.min() >= -1 and soft.max() <= 1
+    assert net.binarize(soft).dtype == torch.bool
+
+
+def test_no_prior_sdfsmis_options(vae, tmp_path):
+    a = build_no_prior_sdfsmis(vae, "tiny", seed=3)
+    b = build_no_prior_sdfsmis(vae, "tiny", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # Without VTCT (or with an "empty" support condition) the constant prompt is zeros: there is no text encoder.
+    plain = build_no_prior_sdfsmis(vae, "tiny", use_vtct=False, use_qe=False, sii_mode="kv_concat")
+    assert plain.vtct is None and torch.count_nonzero(plain.empty_prompt_embedding) == 0
+    assert plain.empty_prompt_embedding.shape == (1, 77, 32)
+    plain.compute_loss(*_episode()).backward()
+
+    # From a saved folder (what stage 2 of a bundle does); an uncalibrated folder is refused.
+    folder = save_autoencoder(vae, tmp_path / "ae")
+    from_folder = build_no_prior_sdfsmis(folder, "tiny")
+    assert from_folder.vae.config.scaling_factor == pytest.approx(vae.config.scaling_factor)
+    save_autoencoder(build_autoencoder("tiny"), tmp_path / "raw")
+    with pytest.raises(ValueError, match="scaling factor"):
+        build_no_prior_sdfsmis(tmp_path / "raw", "tiny")
+    with pytest.raises(ValueError, match="image_encoder"):
+        build_no_prior_sdfsmis(vae, "tiny", image_encoder=torch.nn.Identity())
+    with pytest.raises(ValueError, match="AutoencoderKL or a folder"):
+        build_no_prior_sdfsmis(42, "tiny")
+
+
+# --------------------------------------------------------------------------------------------- benchmark
+def _load_benchmark():
+    path = REPO_ROOT / "benchmarks" / "no_prior_protocol.py"
+    spec = importlib.util.spec_from_file_location("no_prior_protocol", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@requires_chaos
+def test_benchmark_cpu_path_end_to_end(tmp_path):
+    """Both stages + protocol on 4 real CHAOS volumes (one 3-volume test fold), tiny widths, 64x64 slices."""
+    data = tmp_path / "chaos4"
+    (data / "supervoxels_5000").mkdir(parents=True)
+    for n in (1, 2, 3, 5):  # links, not copies: the data stays where it is
+        os.symlink(chaos_dir() / f"image_{n}.nii.gz", data / f"image_{n}.nii.gz")
+        os.symlink(chaos_dir() / f"label_{n}.nii.gz", data / f"label_{n}.nii.gz")
+        os.symlink(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz",
+                   data / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz")
+    bench = _load_benchmark()
+    out = tmp_path / "run"
+    args = ["--dataset_dir", str(data), "--output_dir", str(out), "--width", "tiny", "--ae_iters", "5",
+            "--seg_iters", "5", "--folds", "0", "--fold_definition", "[[0, 1, 2]]", "--spatial_size", str(SIZE),
+            "--num_workers", "0", "--no_progress"]
+    results = bench.main(args)
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["folds_done"] == [0]
+    record = saved["fold_records"][0]
+    assert record["train_ids"] == ["5"] and record["test_ids"] == ["1", "2", "3"]
+    assert record["autoencoder"]["iterations"] == 5 and record["segmenter"]["iterations"] == 5
+    assert record["timing"]["training_seconds"] > 0 and record["timing"]["stage1_loop_seconds"] > 0
+    assert 0 <= record["autoencoder"]["mask_dice"] <= 1 and "image_psnr" in record["autoencoder"]
+    assert 0 <= record["autoencoder"]["organ_mask_dice"] <= 1
+    summaries = saved["summaries"]
+    assert set(summaries) == {bench.METHOD, bench.BASELINE}
+    assert set(summaries[bench.METHOD]["organs"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
+    assert len(record["rows"][bench.METHOD]) == 4 * 2  # 4 organs x 2 query volumes (volume 3 is the support)
+    assert saved["environment"]["gpu"] is None and saved["config"]["vtct"].startswith("learned condition")
+    markdown = (out / "results.md").read_text()
+    assert "| support-mask copy" in markdown and "| SD-FSMIS no-prior" in markdown and "image PSNR" in markdown
+    assert (out / "fold_0" / "autoencoder" / "config.json").is_file()
+    assert (out / "fold_0" / "model.safetensors").is_file()
+    assert summaries[bench.METHOD]["dice"]["mean"] == pytest.approx(results["summaries"][bench.METHOD]["dice"]["mean"])
+    assert "hd95" not in summaries[bench.METHOD]  # surface metrics were not asked for
+
+    # The per-fold folders merge into one table (one command per fold on several machines).
+    merged = bench.main(["--merge", str(out), "--output_dir", str(tmp_path / "merged")])
+    assert merged["folds_done"] == [0] and (tmp_path / "merged" / "results.md").is_file()
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        bench.main(["--merge", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "m2")])
+    with pytest.raises(ValueError, match="do not exist"):
+        bench.main(args[:-1] + ["--folds", "3", "--no_progress"])
