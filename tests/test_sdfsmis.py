@@ -197,6 +197,9 @@ def test_cached_support_equals_uncached_and_batched_equals_single():
         ctx = model.encode_support(si, sl)
         batched = model.segment(queries, ctx)
         assert torch.equal(model.segment(queries, ctx), batched)  # the context is reusable
+        moved = ctx.to(torch.float64)
+        assert moved.condition.dtype == torch.float64 and all(f.dtype == torch.float64 for f in moved.features.values())
+        assert ctx.condition.dtype == torch.float32  # .to returns a new context
         assert torch.equal(model(si, sl, queries), batched)
         for i in range(3):
             torch.testing.assert_close(model.segment(queries[i:i + 1], ctx), batched[i:i + 1], rtol=1e-4, atol=1e-5)
@@ -332,6 +335,12 @@ def test_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()
     assert soft.dtype == torch.float32 and torch.isfinite(soft).all()
+    # bf16 weights (from_pretrained(torch_dtype=torch.bfloat16)) without autocast
+    model = model.to(torch.bfloat16)
+    loss = model.train().compute_loss(si, sl, qi, ql)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    soft = model.eval()(si, sl, qi)
+    assert soft.dtype == torch.float32 and torch.isfinite(soft).all()
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -339,6 +348,8 @@ def test_bad_inputs_raise_clear_errors():
     si, sl, qi, ql = _episode()
     with pytest.raises(ValueError, match="support mask is empty"):
         model.encode_support(si, torch.zeros_like(sl))
+    with pytest.raises(ValueError, match="support mask is empty"):  # also without QE and VTCT
+        SDFSMIS.tiny(seed=0, use_qe=False, use_vtct=False).compute_loss(si, torch.zeros_like(sl), qi, ql)
     with pytest.raises(ValueError, match=r"support_image must be \[B, 3, H, W\]"):
         model.encode_support(si[:, :1], sl)
     with pytest.raises(ValueError, match="support_label"):

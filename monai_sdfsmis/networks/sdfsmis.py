@@ -300,7 +300,7 @@ class SDFSMIS(nn.Module):
             "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
             "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
             "relative_threshold": float(relative_threshold), "support_condition": support_condition,
-            "has_image_encoder": image_encoder is not None and use_vtct,
+            "image_encoder": image_encoder is not None and use_vtct,
         }
         self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
         self.timestep = int(timestep)
