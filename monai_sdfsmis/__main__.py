@@ -67,7 +67,76 @@ def _run_supervoxels(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = (_add_supervoxels,)
+def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "protocol",
+        help="run the few-shot evaluation protocol (RPT folds, 3 chunks) and print the Table-1-style table",
+        description=(
+            "Evaluate the support-mask copy baseline and, with --checkpoint, a trained network on every fold of an "
+            "ALPNet-layout dataset: Dice per query volume, HD95/ASSD in mm, CSV/JSON/markdown and PNG overlays."
+        ),
+    )
+    parser.add_argument("--dataset_dir", type=Path, required=True, help="ALPNet-layout folder (image_N, label_N)")
+    parser.add_argument("--output_dir", type=Path, default=Path("protocol_results"), help="where results are written")
+    parser.add_argument("--folds", type=int, nargs="+", help="fold indices (default: all)")
+    parser.add_argument("--organs", type=int, nargs="+", default=[1, 2, 3, 4], help="organ label ids (CHAOS ids)")
+    parser.add_argument("--organ_set", choices=("chaos", "sabs"), default="chaos", help="organ names and label ids")
+    parser.add_argument("--intensity", default="minmax", help="intensity preset: minmax, mr, ct or zscore")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="trained SD-FSMIS weights (bundle models/model.pt or save_trained .safetensors); omit for the baseline only",
+    )
+    parser.add_argument("--network", choices=("pretrained", "tiny"), default="pretrained", help="architecture")
+    parser.add_argument("--sd_weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="SD id or path")
+    parser.add_argument("--image_encoder_weights", default="facebook/dinov2-small", help="DINOv2 id or path")
+    parser.add_argument("--local_files_only", action="store_true", help="never contact the Hugging Face hub")
+    parser.add_argument("--overlays", type=int, default=2, help="PNG overlays per query volume (0 for none)")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=_run_protocol)
+
+
+def _run_protocol(args: argparse.Namespace) -> int:
+    if not args.dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+
+    import torch
+
+    from monai_sdfsmis.data.protocol import CHAOS_ORGANS, SABS_ORGANS
+    from monai_sdfsmis.engines import evaluate_protocol
+
+    network = None
+    if args.checkpoint is not None:
+        from monai_sdfsmis.networks import SDFSMIS
+
+        if args.network == "tiny":
+            network = SDFSMIS.tiny()
+        else:
+            network = SDFSMIS.from_pretrained(
+                args.sd_weights, args.image_encoder_weights, local_files_only=args.local_files_only or None
+            )
+        network.load_trained(args.checkpoint)
+        network = network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    result = evaluate_protocol(
+        network,
+        args.dataset_dir,
+        fold_ids=args.folds,
+        organ_ids=args.organs,
+        output_dir=args.output_dir,
+        baseline=True,
+        overlays=args.overlays,
+        organ_names=SABS_ORGANS if args.organ_set == "sabs" else CHAOS_ORGANS,
+        intensity=args.intensity,
+        progress=not args.no_progress,
+    )
+    print(result["table"])
+    print(f"protocol: results written to {args.output_dir}")
+    return 0
+
+
+_COMMANDS = (_add_supervoxels, _add_protocol)
 
 
 def _build_parser() -> argparse.ArgumentParser:

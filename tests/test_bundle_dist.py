@@ -54,7 +54,7 @@ def test_torchrun_two_cpu_processes_train_validate_and_checkpoint(tmp_path):
         "$torch.device('cpu')",
         *overrides,
     ]
-    proc = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     if proc.returncode != 0:
         print(log[-10000:])

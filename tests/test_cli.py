@@ -123,3 +123,24 @@ def test_supervoxels_command_reproduces_published_chaos_supervoxels(tmp_path, ca
     # identical up to numbering: same order, gaps in the reference ids closed
     _, ref_consecutive = np.unique(ref, return_inverse=True)
     np.testing.assert_array_equal(ours, ref_consecutive.reshape(ref.shape))
+
+
+@requires_chaos
+def test_protocol_command_baseline_on_chaos_fold0_liver(tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["protocol", "--dataset_dir", str(chaos_dir()), "--folds", "0", "--organs", "1",
+                 "--output_dir", str(out), "--overlays", "0", "--no_progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "support-mask copy" in printed and "Liver" in printed
+    assert (out / "protocol_cases.csv").is_file() and (out / "protocol_results.json").is_file()
+    # 4 query volumes of fold 0 (support image_3 removed), one row each
+    rows = (out / "protocol_cases.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 4
+
+
+def test_protocol_command_errors(tmp_path, capsys):
+    assert main(["protocol", "--dataset_dir", str(tmp_path / "missing")]) == 1
+    assert "dataset folder not found" in capsys.readouterr().err
+    assert main(["protocol", "--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
