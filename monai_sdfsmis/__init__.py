@@ -70,4 +70,4 @@ if TYPE_CHECKING:
     from .engines import EpisodeTrainer, ProtocolEvaluator, evaluate_protocol
     from .inferers import SlidingSupportInferer
     from .networks import SDFSMIS, SupportMaskCopy, load_pretrained_components
-    from .transforms import LoadVolumed, ReplicateChanneld, RPTAugmentd, ResizeSlicesd, ScaleToUnitRanged
+    from .transforms import LoadVolumed, ReplicateChanneld, ResizeSlicesd, RPTAugmentd, ScaleToUnitRanged

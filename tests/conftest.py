@@ -2,5 +2,6 @@ from __future__ import annotations
 
 import torch
 
-# The CI machine has 2 cores; keep torch from oversubscribing them.
-torch.set_num_threads(2)
+# The test models are tiny and op-overhead bound: a second OpenMP thread gains nothing, and when other
+# processes share the 2 cores of the CI machine two threads per process run several times slower.
+torch.set_num_threads(1)

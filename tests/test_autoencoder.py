@@ -36,16 +36,6 @@ from tests.utils import chaos_dir
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread, and two threads collapse (>10x slower) when other
-    processes share the 2 cores; restore the suite's setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class _NoLabelStore(VolumeStore):
     """A store that fails loudly if anything asks for ground truth."""
 

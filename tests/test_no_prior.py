@@ -19,16 +19,6 @@ from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
 SIZE = 64  # small slices keep the CPU tests fast; the network is size-agnostic (multiples of 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny convolutions gain nothing from a second thread, and two threads collapse (>10x slower) when other
-    processes share the 2 cores; restore the suite's setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def vae():
     """A tiny stage-1 autoencoder, calibrated on random images (weights need not be trained here)."""

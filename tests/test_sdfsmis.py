@@ -15,16 +15,6 @@ from monai_sdfsmis.networks.sqi import KVConcatAttnProcessor, SupportQueryAttnPr
 from tests.utils import chaos_dir, requires_chaos
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models are op-overhead bound; on a shared 2-core machine two OpenMP threads per process are
-    several times slower than one (oversubscription), so run this module on one thread and restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SIZE = 64  # latent 8x8: fast; the timing test uses the real 256
 
 

@@ -22,16 +22,6 @@ from monai_sdfsmis.networks.sqi import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models are op-overhead bound; on a shared 2-core machine two OpenMP threads per process are
-    several times slower than one (oversubscription), so run this module on one thread and restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel.from_config(json.loads((TINY_CONFIG_DIR / "unet.json").read_text()))

@@ -13,16 +13,6 @@ from monai_sdfsmis.networks.vtct import IMAGENET_MEAN, IMAGENET_STD, VisualToTex
 D, T = 24, 77
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models are op-overhead bound; on a shared 2-core machine two OpenMP threads per process are
-    several times slower than one (oversubscription), so run this module on one thread and restore afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _encoder(seed: int = 0) -> Dinov2Model:
     config = json.loads((TINY_CONFIG_DIR / "dinov2.json").read_text())
     config.pop("model_type")

@@ -64,7 +64,15 @@ def _spacing(y_pred: torch.Tensor, y: torch.Tensor, kwargs: dict) -> Any:
     return spacing_of(y, spatial_dims) or spacing_of(y_pred, spatial_dims)
 
 
-class SpacedHausdorffDistanceMetric(HausdorffDistanceMetric):
+class _SpacedDistance:
+    """Mixin: call MONAI's distance metric with the spacing of the inputs, and report inf (empty prediction) as NaN."""
+
+    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
+        spacing = _spacing(y_pred, y, kwargs)
+        return _finite_or_nan(super()._compute_tensor(_plain(y_pred), _plain(y), spacing=spacing))  # type: ignore[misc]
+
+
+class SpacedHausdorffDistanceMetric(_SpacedDistance, HausdorffDistanceMetric):
     """MONAI's Hausdorff distance (95th percentile by default) in the units of the input's affine (mm).
 
     Inputs ``[B, C, *spatial]`` binary; the spacing comes from ``spacing=`` when given, otherwise from the
@@ -89,12 +97,8 @@ class SpacedHausdorffDistanceMetric(HausdorffDistanceMetric):
             get_not_nans=get_not_nans,
         )
 
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        spacing = _spacing(y_pred, y, kwargs)
-        return _finite_or_nan(super()._compute_tensor(_plain(y_pred), _plain(y), spacing=spacing))
 
-
-class SpacedSurfaceDistanceMetric(SurfaceDistanceMetric):
+class SpacedSurfaceDistanceMetric(_SpacedDistance, SurfaceDistanceMetric):
     """MONAI's average surface distance, symmetric by default (ASSD), in the units of the input's affine (mm).
 
     Spacing and empty predictions are handled as in :class:`SpacedHausdorffDistanceMetric`.
@@ -115,10 +119,6 @@ class SpacedSurfaceDistanceMetric(SurfaceDistanceMetric):
             reduction=reduction,
             get_not_nans=get_not_nans,
         )
-
-    def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
-        spacing = _spacing(y_pred, y, kwargs)
-        return _finite_or_nan(super()._compute_tensor(_plain(y_pred), _plain(y), spacing=spacing))
 
 
 class SpacedHausdorffDistance(IgniteMetricHandler):
