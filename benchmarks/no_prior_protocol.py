@@ -63,7 +63,7 @@ from monai_sdfsmis.data.layouts import find_alpnet_volumes  # noqa: E402
 from monai_sdfsmis.data.protocol import CHAOS_ORGANS, SABS_ORGANS, fold_split, rpt_folds  # noqa: E402
 from monai_sdfsmis.data.slices import SliceDataset, holdout_slices  # noqa: E402
 from monai_sdfsmis.data.volumes import VolumeStore  # noqa: E402
-from monai_sdfsmis.engines.atomic import atomic_write  # noqa: E402
+from monai_sdfsmis.utils import atomic_write  # noqa: E402
 from monai_sdfsmis.engines.autoencoder import (  # noqa: E402
     TrainingBudget,
     build_autoencoder_trainer,

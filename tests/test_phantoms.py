@@ -37,7 +37,7 @@ def test_files_and_contents(phantom_dir):
     records = find_alpnet_volumes(phantom_dir, require_labels=True, require_supervoxels=True)
     assert [r.id for r in records] == ["1", "2", "3", "4", "5", "6"]
     assert json.loads((phantom_dir / "phantom.json").read_text())["n_volumes"] == 6
-    assert not list(phantom_dir.rglob(".tmp-*")), "temporary files are renamed into place"
+    assert not list(phantom_dir.rglob(".*")), "temporary files are renamed into place"
     images = []
     for r in records:
         img, lbl, sv = (nib.load(str(p)) for p in (r.image, r.label, r.supervoxel))

@@ -20,7 +20,6 @@ from __future__ import annotations
 __all__ = ["make_phantom_dataset", "phantom_volume", "PHANTOM_ORGANS"]
 
 import json
-import os
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 
 from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
 from monai_sdfsmis.data.supervoxels import compute_supervoxels
+from monai_sdfsmis.utils import atomic_path, atomic_write
 
 #: Label ids written by the phantom generator (the CHAOS convention).
 PHANTOM_ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
@@ -116,18 +116,12 @@ def phantom_volume(
 
 
 def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     img = nib.Nifti1Image(array, affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def make_phantom_dataset(
@@ -216,7 +210,5 @@ def make_phantom_dataset(
             tail = path.name[: -len(".nii.gz")].rsplit("_", 1)[-1]
             if tail.isdigit() and int(tail) > params["n_volumes"]:
                 path.unlink()
-        tmp = params_file.with_name(f".tmp-{os.getpid()}-{_PARAMS_FILE}")
-        tmp.write_text(json.dumps(params, indent=2))
-        os.replace(tmp, params_file)
+        atomic_write(params_file, json.dumps(params, indent=2))
     return find_alpnet_volumes(out, supervoxel_dir=_SV_DIR, require_labels=True, require_supervoxels=True)

@@ -29,7 +29,6 @@ __all__ = ["felzenszwalb_3d", "foreground_mask", "compute_supervoxels", "write_s
 
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,6 +37,8 @@ import numpy as np
 from numba import njit
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
+
+from monai_sdfsmis.utils import atomic_path
 
 # Edge directions as (dz, dy, dx) in (z, y, x) array order, in the reference's edge order: the edge joins voxel
 # ``p + offset`` ("first") and ``p`` ("second"). Negative in-plane steps cover the other half of the diagonals.
@@ -480,15 +481,8 @@ def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float,
 def _atomic_save(labels: np.ndarray, affine: np.ndarray, out_path: Path) -> None:
     nii = nib.Nifti1Image(labels.astype(np.int16), affine)
     nii.set_data_dtype(np.int16)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".nii.gz", dir=out_path.parent)
-    os.close(fd)
-    try:
-        nib.save(nii, tmp)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(out_path) as tmp:
+        nib.save(nii, str(tmp))
 
 
 def write_supervoxels(

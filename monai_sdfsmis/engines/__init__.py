@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .atomic import atomic_write
+from monai_sdfsmis.utils import atomic_write
+
 from .autoencoder import AutoencoderTrainingStep, TrainingBudget, build_autoencoder_trainer, freeze_and_calibrate
 from .checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint
 from .evaluator import (

@@ -36,12 +36,12 @@ from torch.utils.data import Dataset
 from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
 from monai_sdfsmis.data.protocol import CHAOS_ORGANS, protocol_cases
 from monai_sdfsmis.data.volumes import VolumeStore
-from monai_sdfsmis.engines.atomic import atomic_write
 from monai_sdfsmis.engines.metrics import SpacedHausdorffDistance, SpacedSurfaceDistance
 from monai_sdfsmis.engines.overlays import OverlaySaver, _slug
 from monai_sdfsmis.engines.tables import format_table, summarize, write_json, write_rows_csv
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, _network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
+from monai_sdfsmis.utils import atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
 tqdm, has_tqdm = optional_import("tqdm", name="tqdm")

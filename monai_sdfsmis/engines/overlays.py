@@ -16,7 +16,7 @@ import torch
 from monai.utils import optional_import
 
 from monai_sdfsmis.data.protocol import support_slice_indices
-from monai_sdfsmis.engines.atomic import atomic_write
+from monai_sdfsmis.utils import atomic_write
 
 Image, has_pil = optional_import("PIL.Image")
 imageio, has_imageio = optional_import("imageio.v3")

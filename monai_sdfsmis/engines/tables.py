@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from monai_sdfsmis.engines.atomic import atomic_write
+from monai_sdfsmis.utils import atomic_write
 
 #: Columns of a per-case row, in CSV order (distances in mm; Dice as a fraction).
 ROW_FIELDS: tuple[str, ...] = ("method", "fold", "organ_id", "organ", "support_id", "query_id", "dice", "hd95", "assd")

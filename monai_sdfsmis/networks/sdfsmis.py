@@ -17,7 +17,6 @@ __all__ = ["SDFSMIS", "SupportContext", "DualConvIn", "BINARIZE_MODES", "SUPPORT
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -33,6 +32,7 @@ from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
 from monai_sdfsmis.networks.sqi import SII_MODES, SupportBank, install_sii, match_support_batch, sii_blocks
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
+from monai_sdfsmis.utils import atomic_path
 
 BINARIZE_MODES = ("zero", "relative")
 SUPPORT_CONDITIONS = ("same", "empty")
@@ -437,16 +437,9 @@ class SDFSMIS(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"format": "pt", _SETTINGS_KEY: json.dumps(self.settings)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", _SETTINGS_KEY: json.dumps(self.settings)})
         return path
 
     def load_trained(self, path: str | os.PathLike, strict: bool = True) -> SDFSMIS:

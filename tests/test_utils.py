@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from monai_sdfsmis.utils import atomic_path, atomic_write
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "volume.nii.gz"
+    atomic_write(target, "old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            assert tmp.parent == tmp_path and tmp.name.endswith(".nii.gz")  # writers pick the format by suffix
+            tmp.write_text("half")
+            raise RuntimeError("crash while writing")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["volume.nii.gz"]
+
+
+def test_written_file_gets_plain_open_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "sub" / "table.md", "x")
+    finally:
+        os.umask(umask)
+    assert path.read_text() == "x"
+    assert path.stat().st_mode & 0o777 == 0o644
