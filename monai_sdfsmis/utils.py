@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "atomic_folder"]
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,9 +32,13 @@ def atomic_path(path: str | PathLike) -> Iterator[Path]:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    os.chmod(target, 0o666 & ~_umask())
+
+
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(target, 0o666 & ~umask)
+    return umask
 
 
 def atomic_write(path: str | PathLike, data: str | bytes) -> Path:
@@ -45,3 +50,34 @@ def atomic_write(path: str | PathLike, data: str | bytes) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
     return Path(path)
+
+
+@contextmanager
+def atomic_folder(path: str | PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces the folder ``path``, on failure it is removed.
+
+    A reader sees the old folder or the new one, never a half-written one: ``rename(2)`` cannot replace a
+    non-empty folder, so the old folder is moved aside first and restored if the final move fails. The new
+    folder gets the permissions a plain ``mkdir`` would give it (``mkdtemp`` creates it 0700).
+    """
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Cannot write the folder '{target}': a file of that name exists.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    aside: Path | None = None
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if target.exists():
+            aside = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+            os.replace(target, aside / "folder")
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and (aside / "folder").exists() and not target.exists():
+            os.replace(aside / "folder", target)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

@@ -268,6 +268,29 @@ def test_resume_handler_needs_objects_and_starts_fresh_without_checkpoint(tmp_pa
     assert resume.loaded_from is None and trainer.state.iteration == 1
 
 
+def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
+    batch = {k: torch.stack([e[k] for e in _episodes(1)]) for k in _episodes(1)[0]}
+
+    def run() -> tuple[EpisodeTrainer, list[int]]:
+        net = SmallFewShotNet()
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+        saver = AtomicCheckpointSaver(tmp_path, {"network": net, "optimizer": optimizer}, engine_key="trainer",
+                                      save_final=True, final_filename=None)
+        trainer = EpisodeTrainer(device="cpu", max_epochs=2, train_data_loader=[batch, batch], network=net,
+                                 optimizer=optimizer,
+                                 train_handlers=[ResumeFromCheckpoint(tmp_path, {"network": net, "optimizer": optimizer}), saver])
+        iterations: list[int] = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: iterations.append(engine.state.iteration))
+        trainer.run()
+        return trainer, iterations
+
+    first, iterations = run()
+    assert iterations == [1, 2, 3, 4]
+    with pytest.warns(UserWarning, match="finished run .*epoch 2 of 2, iteration 4.*nothing is left to train"):
+        second, iterations = run()
+    assert iterations == [] and second.state.iteration == 4
+
+
 @requires_chaos
 def test_protocol_dataset_subset_feeds_evaluator_with_copy(tmp_path):
     # guard for the evaluator's batch contract: PrepareBatchExtraInput must hand support + query mask to the inferer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
 from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
 from monai_sdfsmis.networks.no_prior import UNET_WIDTHS, build_no_prior_sdfsmis, build_no_prior_unet
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS
-from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
+from tests.utils import REPO_ROOT, link_chaos_subset, requires_chaos
 
 SIZE = 64  # small slices keep the CPU tests fast; the network is size-agnostic (multiples of 8)
 
@@ -125,13 +124,7 @@ def _load_benchmark():
 @requires_chaos
 def test_benchmark_cpu_path_end_to_end(tmp_path):
     """Both stages + protocol on 4 real CHAOS volumes (one 3-volume test fold), tiny widths, 64x64 slices."""
-    data = tmp_path / "chaos4"
-    (data / "supervoxels_5000").mkdir(parents=True)
-    for n in (1, 2, 3, 5):  # links, not copies: the data stays where it is
-        os.symlink(chaos_dir() / f"image_{n}.nii.gz", data / f"image_{n}.nii.gz")
-        os.symlink(chaos_dir() / f"label_{n}.nii.gz", data / f"label_{n}.nii.gz")
-        os.symlink(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz",
-                   data / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz")
+    data = link_chaos_subset(tmp_path / "chaos4")
     bench = _load_benchmark()
     out = tmp_path / "run"
     args = ["--dataset_dir", str(data), "--output_dir", str(out), "--width", "tiny", "--ae_iters", "5",
@@ -147,6 +140,7 @@ def test_benchmark_cpu_path_end_to_end(tmp_path):
     assert record["timing"]["training_seconds"] > 0 and record["timing"]["stage1_loop_seconds"] > 0
     assert 0 <= record["autoencoder"]["mask_dice"] <= 1 and "image_psnr" in record["autoencoder"]
     assert 0 <= record["autoencoder"]["organ_mask_dice"] <= 1
+    assert len(record["autoencoder"]["loss_curve"]) == 5 and len(record["segmenter"]["loss_curve"]) == 5
     summaries = saved["summaries"]
     assert set(summaries) == {bench.METHOD, bench.BASELINE}
     assert set(summaries[bench.METHOD]["organs"]) == {"liver", "right_kidney", "left_kidney", "spleen"}
@@ -154,6 +148,7 @@ def test_benchmark_cpu_path_end_to_end(tmp_path):
     assert saved["environment"]["gpu"] is None and saved["config"]["vtct"].startswith("learned condition")
     markdown = (out / "results.md").read_text()
     assert "| support-mask copy" in markdown and "| SD-FSMIS no-prior" in markdown and "image PSNR" in markdown
+    assert "- fold 0 stage 2: " in markdown
     assert (out / "fold_0" / "autoencoder" / "config.json").is_file()
     assert (out / "fold_0" / "model.safetensors").is_file()
     assert summaries[bench.METHOD]["dice"]["mean"] == pytest.approx(results["summaries"][bench.METHOD]["dice"]["mean"])
@@ -166,3 +161,12 @@ def test_benchmark_cpu_path_end_to_end(tmp_path):
         bench.main(["--merge", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "m2")])
     with pytest.raises(ValueError, match="do not exist"):
         bench.main(args[:-1] + ["--folds", "3", "--no_progress"])
+    with pytest.raises(ValueError, match="fold 0 .* cannot be evaluated: support_position 2"):
+        bench.main(args + ["--fold_definition", "[[0, 1], [2, 3]]"])
+
+
+def test_loss_curve_averages_tenths_of_training():
+    bench = _load_benchmark()
+    assert bench.loss_curve([1.0, 2.0, 3.0, 4.0], points=2) == [1.5, 3.5]
+    assert bench.loss_curve(list(range(100))) == [4.5 + 10 * k for k in range(10)]
+    assert bench.loss_curve([5.0]) == [5.0] and bench.loss_curve([]) == []

@@ -14,7 +14,6 @@ from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, DualConvIn,
 from monai_sdfsmis.networks.sqi import KVConcatAttnProcessor, SupportQueryAttnProcessor, sii_blocks
 from tests.utils import chaos_dir, requires_chaos
 
-
 SIZE = 64  # latent 8x8: fast; the timing test uses the real 256
 
 

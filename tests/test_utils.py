@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from monai_sdfsmis.utils import atomic_path, atomic_write
+from monai_sdfsmis.utils import atomic_folder, atomic_path, atomic_write
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -27,3 +27,27 @@ def test_written_file_gets_plain_open_permissions(tmp_path):
         os.umask(umask)
     assert path.read_text() == "x"
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("crash while saving")
+    assert (target / "weights").read_text() == "v1"
+    umask = os.umask(0o022)
+    try:
+        with atomic_folder(target) as tmp:
+            (tmp / "weights").write_text("v2")
+    finally:
+        os.umask(umask)
+    assert (target / "weights").read_text() == "v2"
+    assert target.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700: others may read a saved model
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ValueError, match="a file of that name"):
+        with atomic_folder(tmp_path / "a_file"):
+            pass

@@ -30,3 +30,14 @@ requires_chaos = pytest.mark.skipif(
 requires_totalseg = pytest.mark.skipif(
     not (totalseg_dir() / "ct_dicom").exists(), reason="TotalSegmentator examples not found (set SDFSMIS_DATA_DIR)"
 )
+
+
+def link_chaos_subset(destination: Path, volumes: tuple[int, ...] = (1, 2, 3, 5)) -> Path:
+    """An ALPNet-layout folder of symbolic links to a few CHAOS volumes (the data stays where it is)."""
+    (destination / "supervoxels_5000").mkdir(parents=True)
+    for n in volumes:
+        os.symlink(chaos_dir() / f"image_{n}.nii.gz", destination / f"image_{n}.nii.gz")
+        os.symlink(chaos_dir() / f"label_{n}.nii.gz", destination / f"label_{n}.nii.gz")
+        os.symlink(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz",
+                   destination / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz")
+    return destination

@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "ResumeFromCheckpoint"]
 
 import re
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -147,3 +148,11 @@ class ResumeFromCheckpoint:
             load_path=str(path), load_dict=self.load_dict, map_location=self.map_location, strict=self.strict
         )(engine)
         self.loaded_from = path
+        state = engine.state
+        if self.engine_key is not None and state.max_epochs is not None and state.epoch >= state.max_epochs:
+            warnings.warn(
+                f"'{path}' is the end of a finished run (epoch {state.epoch} of {state.max_epochs}, iteration "
+                f"{state.iteration}); nothing is left to train. Raise max_epochs to train on, or use a new ckpt_dir "
+                "to start again.",
+                stacklevel=2,
+            )

@@ -25,9 +25,6 @@ __all__ = [
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -37,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from monai_sdfsmis.utils import atomic_folder
 
 #: Named widths: ``block_out_channels`` and ``norm_num_groups`` of the four levels.
 #: ``default`` is SD-1.5's VAE (128, 256, 512, 512) at half width (about 1/4 of its FLOPs);
@@ -376,10 +375,6 @@ def save_autoencoder(vae: AutoencoderKL, folder: str | PathLike, metadata: Mappi
     Path
         ``folder``.
     """
-    target = Path(folder).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"Cannot save the autoencoder to '{target}': a file of that name exists.")
-    target.parent.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {"scaling_factor": float(vae.config.scaling_factor)}
     calibration = getattr(vae, "sdfsmis_calibration", None)
     record["calibrated"] = calibration is not None
@@ -387,24 +382,12 @@ def save_autoencoder(vae: AutoencoderKL, folder: str | PathLike, metadata: Mappi
         record.update(calibration)
     if metadata:
         record["metadata"] = dict(metadata)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    old: Path | None = None
-    try:
+    target = Path(folder).expanduser()
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"Cannot save the autoencoder to '{target}': a file of that name exists.")
+    with atomic_folder(target) as tmp:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / CALIBRATION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-        if target.exists():
-            # rename(2) cannot replace a non-empty folder: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
-            os.replace(target, old / "model")
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / "model").exists() and not target.exists():
-            os.replace(old / "model", target)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return target
 
 

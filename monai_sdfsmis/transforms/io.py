@@ -22,6 +22,7 @@ __all__ = [
     "CheckLabelIdsDict",
 ]
 
+import functools
 import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -70,13 +71,19 @@ def select_reader(path: str | os.PathLike, reader: ImageReader | str | None = No
     return ITKReader()
 
 
+@functools.lru_cache(maxsize=1)
+def _image_loader() -> LoadImage:
+    # LoadImage instantiates every default reader on construction (and MONAI's nvImageCodec DICOM reader logs a
+    # warning each time where CuPy is missing); one loader per process, called with an explicit reader, avoids both.
+    return LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
+
+
 def _read(path: Path, reader: ImageReader) -> MetaTensor:
     """Read ``path`` with ``reader`` into a channel-first MetaTensor in the file's own dtype."""
     if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
         raise ValueError(f"folder {path} contains no DICOM series: it holds no files")
-    loader = LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
     try:
-        img = loader(str(path), reader=reader)
+        img = _image_loader()(str(path), reader=reader)
     except FileNotFoundError as e:
         if path.is_dir():  # ITKReader's "no DICOMs in: <dir>"
             raise ValueError(f"folder {path} contains no DICOM series readable by {type(reader).__name__}") from e

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Issue 5's measurement in one device call: every fold of the no-prior benchmark at once, one process
+# per fold on the one GPU, stopped in time for the results to come back.
+#
+# Prepared here with `bash benchmarks/device/stage.sh`, then run through the device tool as
+#   run(command="bash benchmarks/device/no_prior_h100.sh", carry=[".whl", ".data"], timeout_s=600)
+# The merged results.json / results.md, a nvidia-smi listing and runs.tar.gz (per-fold logs, results and
+# per-case CSVs; no weights) land in $OUT. Settings (environment variables, defaults in brackets):
+#   DATASET_DIR [.data/chaos_t2spir]   FOLDS ["0 1 2 3 4"]   AE_SECONDS [120]   SEG_SECONDS [300]
+#   DEADLINE [540]: seconds after the start at which unfinished folds are stopped (they report nothing)
+#   EXTRA_ARGS: more arguments for benchmarks/no_prior_protocol.py (later ones win)
+#   RUN_DIR [/tmp/no_prior_runs]   WHEEL_DIR [.whl]: wheels installed first, when there are any
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+start=$SECONDS
+
+OUT=${OUT:-outputs/device}
+DATASET_DIR=${DATASET_DIR:-.data/chaos_t2spir}
+FOLDS=${FOLDS:-"0 1 2 3 4"}
+AE_SECONDS=${AE_SECONDS:-120}
+SEG_SECONDS=${SEG_SECONDS:-300}
+DEADLINE=${DEADLINE:-540}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+RUN_DIR=${RUN_DIR:-/tmp/no_prior_runs}
+WHEEL_DIR=${WHEEL_DIR:-.whl}
+mkdir -p "$OUT" "$RUN_DIR"
+
+if compgen -G "$WHEEL_DIR/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEEL_DIR"/*.whl \
+        || { echo "no_prior_h100.sh: installing the carried wheels failed" >&2; exit 3; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+if [ ! -d "$DATASET_DIR" ]; then
+    echo "no_prior_h100.sh: dataset '$DATASET_DIR' not found; stage it with benchmarks/device/stage.sh and carry .data" >&2
+    exit 2
+fi
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi on this machine" >"$OUT/nvidia-smi.txt"
+
+read -r -a folds <<<"$FOLDS"
+cores=$(nproc)
+# Each fold gets an equal share of the cores: one for its training loop, the rest for data loading.
+workers=$((cores / ${#folds[@]} - 1))
+[ "$workers" -lt 1 ] && workers=1
+note="${#folds[@]} fold(s) trained at the same time, one process each, on one device; $cores CPU cores shared"
+limit=$((DEADLINE - (SECONDS - start)))
+echo "folds ${folds[*]}: stage 1 ${AE_SECONDS}s + stage 2 ${SEG_SECONDS}s each, $workers loader workers each, stop after ${limit}s"
+
+pids=()
+for k in "${folds[@]}"; do
+    # shellcheck disable=SC2086  # EXTRA_ARGS is a list of arguments
+    OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=20 "$limit" \
+        python3 benchmarks/no_prior_protocol.py --dataset_dir "$DATASET_DIR" --output_dir "$RUN_DIR/fold_$k" \
+        --folds "$k" --ae_seconds "$AE_SECONDS" --seg_seconds "$SEG_SECONDS" --num_workers "$workers" \
+        --note "$note" --no_progress $EXTRA_ARGS >"$RUN_DIR/fold_$k.log" 2>&1 &
+    pids+=($!)
+done
+failed=()
+for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed+=("${folds[$i]} (exit $?)")
+done
+[ "${#failed[@]}" -gt 0 ] && echo "folds that did not finish: ${failed[*]}; see their logs in runs.tar.gz"
+
+finished=()
+for k in "${folds[@]}"; do
+    [ -f "$RUN_DIR/fold_$k/results.json" ] && finished+=("$RUN_DIR/fold_$k")
+done
+status=0
+if [ "${#finished[@]}" -gt 0 ]; then
+    python3 benchmarks/no_prior_protocol.py --merge "${finished[@]}" --output_dir "$RUN_DIR/merged" >"$RUN_DIR/merge.log" 2>&1 \
+        && cp "$RUN_DIR/merged/results.json" "$RUN_DIR/merged/results.md" "$OUT/" && cat "$OUT/results.md" \
+        || { echo "merging the fold results failed:"; tail -20 "$RUN_DIR/merge.log"; status=1; }
+else
+    echo "no fold finished"
+    status=1
+fi
+for k in "${folds[@]}"; do echo "--- fold $k log (tail)"; tail -n 6 "$RUN_DIR/fold_$k.log"; done
+tar -czf "$OUT/runs.tar.gz" -C "$RUN_DIR" --exclude='*.safetensors' --exclude='*.pt' --exclude='autoencoder' . 2>/dev/null
+echo "total $((SECONDS - start)) s"
+[ "${#failed[@]}" -gt 0 ] && status=1
+exit "$status"

@@ -1,0 +1,64 @@
+"""The prepared GPU-machine scripts in ``benchmarks/device/``, rehearsed on the CPU with tiny widths."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from tests.utils import REPO_ROOT, link_chaos_subset, requires_chaos
+
+DEVICE_DIR = REPO_ROOT / "benchmarks" / "device"
+
+
+def _run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(DEVICE_DIR / script), *args], env={**os.environ, **env}, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+@requires_chaos
+def test_all_folds_script_runs_folds_concurrently_and_merges(tmp_path):
+    data = link_chaos_subset(tmp_path / "chaos6", volumes=(1, 2, 3, 5, 8, 10))
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    tiny = ("--width tiny --ae_iters 2 --seg_iters 2 --spatial_size 64 --num_workers 0 --holdout_slices 4 "
+            "--calibration_slices 8 --fold_definition [[0,1,2],[3,4,5]]")
+    env = {"OUT": str(out), "RUN_DIR": str(runs), "DATASET_DIR": str(data), "FOLDS": "0 1", "DEADLINE": "300",
+           "EXTRA_ARGS": tiny, "WHEEL_DIR": str(tmp_path / "no_wheels")}
+    result = _run("no_prior_h100.sh", env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    merged = json.loads((out / "results.json").read_text())
+    assert merged["folds_done"] == [0, 1]
+    assert {r["fold"] for r in merged["fold_records"]} == {0, 1}
+    assert merged["config"]["note"].startswith("2 fold(s) trained at the same time")
+    assert "Note: 2 fold(s) trained at the same time" in (out / "results.md").read_text()
+    for name in ("nvidia-smi.txt", "runs.tar.gz"):
+        assert (out / name).is_file()
+    assert (runs / "fold_0.log").is_file() and (runs / "fold_1" / "results.json").is_file()
+
+
+@requires_chaos
+def test_all_folds_script_reports_folds_stopped_at_the_deadline(tmp_path):
+    data = link_chaos_subset(tmp_path / "chaos4")
+    env = {"OUT": str(tmp_path / "out"), "RUN_DIR": str(tmp_path / "runs"), "DATASET_DIR": str(data), "FOLDS": "0",
+           "DEADLINE": "3", "EXTRA_ARGS": "--width tiny --ae_iters 100000 --spatial_size 64 --num_workers 0",
+           "WHEEL_DIR": str(tmp_path / "no_wheels")}
+    result = _run("no_prior_h100.sh", env)
+    assert result.returncode == 1
+    assert "folds that did not finish: 0" in result.stdout and "no fold finished" in result.stdout
+    assert (tmp_path / "out" / "runs.tar.gz").is_file()
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("script", ["no_prior_h100.sh", "stage.sh"])
+def test_scripts_name_a_missing_dataset(tmp_path, script):
+    missing = tmp_path / "nowhere"
+    if script == "stage.sh":
+        result = _run(script, {}, str(missing))
+    else:
+        result = _run(script, {"OUT": str(tmp_path / "out"), "RUN_DIR": str(tmp_path / "runs"),
+                               "DATASET_DIR": str(missing), "WHEEL_DIR": str(tmp_path / "no_wheels")})
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
