@@ -103,6 +103,22 @@ def test_metadata_follows_the_model_zoo_schema_fields():
     assert (BUNDLE / "LICENSE").read_text().startswith((REPO_ROOT / "LICENSE").read_text()[:200])
 
 
+def test_metadata_validates_against_the_model_zoo_schema_offline(tmp_path):
+    from monai.bundle import verify_metadata
+
+    # verify_metadata skips the download when the schema file exists, and validates against it.
+    schema = tmp_path / "schema.json"
+    schema.write_text((REPO_ROOT / "tests" / "data" / "meta_schema_20240725.json").read_text())
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    del meta["network_data_format"]["inputs"]["image"]["num_channels"]
+    broken = tmp_path / "metadata.json"
+    broken.write_text(json.dumps(meta))
+    with pytest.raises(Exception, match="num_channels"):
+        verify_metadata(meta_file=str(broken), filepath=str(schema))
+
+
 @requires_chaos
 @pytest.mark.parametrize(
     "files, workflow_type, extra",

@@ -4,6 +4,9 @@ import csv
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -30,7 +33,7 @@ from monai_sdfsmis.engines import (
 )
 from monai_sdfsmis.inferers import SlidingSupportInferer
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
-from tests.utils import chaos_dir, requires_chaos
+from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
 
 #: Support-mask-copy Dice on CHAOS T2-SPIR fold 0 (support image_3, queries 1, 2, 5, 8), measured with
 #: this protocol; the 5-fold mean is 48.62 (the issue quotes 48.6).
@@ -282,3 +285,33 @@ def test_missing_organ_names_the_label_file():
     dataset = ProtocolDataset(chaos_dir(), fold_ids=[0], organ_ids=[9])
     with pytest.raises(ValueError, match=r"label_1\.nii\.gz.*organ label 9"):
         dataset[0]
+
+
+@requires_chaos
+def test_results_saver_gathers_the_cases_of_every_process(tmp_path):
+    """torchrun, 2 CPU processes: each evaluates part of 5 cases; every rank ends with all 5 rows, rank 0 writes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT))
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
+               str(REPO_ROOT / "tests" / "dist_protocol_worker.py"), str(chaos_dir()), str(tmp_path)]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+    ranks = [json.loads((tmp_path / f"rank{r}_rows.json").read_text()) for r in (0, 1)]
+    assert [r["local_cases"] for r in ranks] == [3, 2]
+    assert ranks[0]["rows"] == ranks[1]["rows"]
+    written = json.loads((tmp_path / "protocol_copy.json").read_text())
+    assert written["summary"]["n_cases"] == 5
+
+    # The same cases in one process give the same per-case Dice.
+    dataset = torch.utils.data.Subset(ProtocolDataset(chaos_dir(), fold_ids=[0], organ_ids=[2, 3]), range(5))
+    saver = ProtocolResultsSaver(method="copy")
+    ProtocolEvaluator(device="cpu", val_data_loader=DataLoader(dataset, batch_size=1), network=SupportMaskCopy(),
+                      val_handlers=[saver], surface_metrics=False).run()
+
+    def by_case(rows):
+        return {(r["organ"], r["query_id"]): r["dice"] for r in rows}
+
+    single = by_case(saver.rows)
+    assert len(single) == 5
+    assert by_case(written["rows"]) == pytest.approx(single, rel=1e-6)

@@ -236,7 +236,9 @@ class ProtocolResultsSaver:
 
     Records each case's ``fold``/``organ``/ids from ``engine.state.batch`` and, when the epoch completes,
     reads the per-case values of the metrics from ``engine.state.metric_details`` (MONAI metric handlers
-    with ``save_details=True``; cases are in iteration order, single process). The result is stored in
+    with ``save_details=True``). Under ``torch.distributed`` (a ``DistributedSampler`` per process) the
+    case records of all processes are gathered in rank order, the order in which MONAI gathers the metric
+    details, so every process holds all rows; only rank 0 writes files. The result is stored in
     ``engine.state.protocol = {"rows": [...], "summary": {...}}`` and, when ``output_dir`` is given, written
     atomically to ``<output_dir>/<prefix>_<method>_cases.csv`` and ``<prefix>_<method>.json``.
 
@@ -284,8 +286,9 @@ class ProtocolResultsSaver:
 
     def _complete(self, engine: Any) -> None:
         details = getattr(engine.state, "metric_details", {}) or {}
+        cases, rank = _gather_cases(self._cases)
         rows = []
-        for i, case in enumerate(self._cases):
+        for i, case in enumerate(cases):
             row: dict[str, Any] = {"method": self.method, **case}
             for field, name in self.metric_names.items():
                 values = details.get(name)
@@ -294,10 +297,22 @@ class ProtocolResultsSaver:
         self.rows = rows
         self.summary = summarize(rows) if rows else {}
         engine.state.protocol = {"rows": rows, "summary": self.summary}
-        if self.output_dir is not None and rows:
+        if self.output_dir is not None and rows and rank == 0:
             stem = f"{self.prefix}_{_slug(self.method)}"
             write_rows_csv(self.output_dir / f"{stem}_cases.csv", rows)
             write_json(self.output_dir / f"{stem}.json", {"method": self.method, "rows": rows, "summary": self.summary})
+
+
+def _gather_cases(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """All processes' case records in rank order (MONAI's order for gathered metric details), and this rank."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return cases, 0
+    world = torch.distributed.get_world_size()
+    if world == 1:
+        return cases, 0
+    parts: list[Any] = [None] * world
+    torch.distributed.all_gather_object(parts, cases)
+    return [case for part in parts for case in part], torch.distributed.get_rank()
 
 
 class _CaseProgress:
