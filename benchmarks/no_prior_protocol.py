@@ -39,7 +39,7 @@ CPU smoke run (tiny widths, no accuracy claims)::
 
 from __future__ import annotations
 
-__all__ = ["main", "parse_args", "run_fold", "merge_results", "render_markdown", "loss_curve"]
+__all__ = ["main", "parse_args", "run_fold", "merge_results", "render_markdown", "loss_curve", "held_out_organ_masks"]
 
 import argparse
 import json
@@ -230,7 +230,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _organ_masks(store: VolumeStore, ids: list[str], organ_ids: list[int], count: int, seed: int) -> torch.Tensor:
+def held_out_organ_masks(store: VolumeStore, ids: list[str], organ_ids: list[int], count: int, seed: int) -> torch.Tensor:
     """Up to ``count`` ground-truth organ masks ``[N, 1, H, W]`` from organ-containing slices of ``ids``."""
     candidates = []
     for vid in ids:
@@ -293,7 +293,7 @@ def run_fold(
     recon = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=32)
     # Evaluation-only diagnostic with ground truth: how well the frozen autoencoder represents organ masks caps the
     # Dice stage 2 can reach (the autoencoder itself never saw a label).
-    organ_masks = _organ_masks(store, test_ids, organ_ids, args.holdout_slices, seed)
+    organ_masks = held_out_organ_masks(store, test_ids, organ_ids, args.holdout_slices, seed)
     recon["organ_mask_dice"] = reconstruction_metrics(vae, masks=organ_masks, batch_size=32)["mask_dice"]
     print(f"fold {fold} autoencoder: {ae_budget.iterations} it in {ae_budget.elapsed:.1f} s, scaling factor "
           f"{vae.config.scaling_factor:.4f}; held-out image PSNR {recon['image_psnr']:.2f} dB, supervoxel-mask "

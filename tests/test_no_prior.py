@@ -13,7 +13,7 @@ from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
 from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
 from monai_sdfsmis.networks.no_prior import UNET_WIDTHS, build_no_prior_sdfsmis, build_no_prior_unet
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS
-from tests.utils import REPO_ROOT, link_chaos_subset, requires_chaos
+from tests.utils import REPO_ROOT, chaos_dir, link_chaos_subset, requires_chaos
 
 SIZE = 64  # small slices keep the CPU tests fast; the network is size-agnostic (multiples of 8)
 
@@ -113,9 +113,9 @@ def test_no_prior_sdfsmis_options(vae, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- benchmark
-def _load_benchmark():
-    path = REPO_ROOT / "benchmarks" / "no_prior_protocol.py"
-    spec = importlib.util.spec_from_file_location("no_prior_protocol", path)
+def _load_benchmark(name: str = "no_prior_protocol"):
+    path = REPO_ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -170,3 +170,23 @@ def test_loss_curve_averages_tenths_of_training():
     assert bench.loss_curve([1.0, 2.0, 3.0, 4.0], points=2) == [1.5, 3.5]
     assert bench.loss_curve(list(range(100))) == [4.5 + 10 * k for k in range(10)]
     assert bench.loss_curve([5.0]) == [5.0] and bench.loss_curve([]) == []
+
+
+@requires_chaos
+def test_autoencoder_curve_reports_held_out_quality_at_each_measurement():
+    curve = _load_benchmark("autoencoder_curve").main(
+        ["--dataset_dir", str(chaos_dir()), "--width", "tiny", "--spatial_size", "32", "--batch", "2", "--iters", "3",
+         "--every", "2", "--holdout_slices", "4"]
+    )
+    assert [point["it"] for point in curve] == [2, 3]
+    for point in curve:
+        assert 0 <= point["organ_dice"] <= 100 and 0 <= point["sv_dice"] <= 100 and point["psnr"] > 0
+
+
+def test_flop_count_grows_with_the_autoencoder_width():
+    rows = _load_benchmark("no_prior_flops").main(["--size", "32", "--unet_width", "tiny", "--widths", "tiny", "small"])
+    tiny, small = rows
+    assert small["parameters"] > tiny["parameters"]
+    for key in ("stage1_step", "encoding", "episode"):
+        assert small[key] > tiny[key] > 0
+    assert tiny["episode"] > 4 * tiny["encoding"]  # four frozen encodings plus the UNet passes

@@ -1,0 +1,103 @@
+"""Learning curve of the no-prior autoencoder (stage 1): held-out reconstruction quality against iterations.
+
+Trains a stage-1 autoencoder from scratch on one fold's training volumes (image slices and supervoxel masks,
+L1 + KL, AdamW, linear warm-up then cosine decay over ``--iters``) and every ``--every`` iterations prints, on the
+fold's test volumes, the image PSNR, the decoded supervoxel-mask Dice and the decoded organ-mask Dice (ground truth
+used for this diagnostic only: it caps the Dice stage 2 can reach). One JSON line per measurement.
+
+    python benchmarks/autoencoder_curve.py --dataset_dir ../shared/data/chaos_t2spir --width small \\
+        --spatial_size 128 --batch 8 --lr 1e-3 --warmup 20 --iters 300
+"""
+
+from __future__ import annotations
+
+__all__ = ["main"]
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from a checkout
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from no_prior_protocol import held_out_organ_masks  # noqa: E402
+
+from monai_sdfsmis.data.layouts import find_alpnet_volumes  # noqa: E402
+from monai_sdfsmis.data.protocol import CHAOS_ORGANS, fold_split, rpt_folds  # noqa: E402
+from monai_sdfsmis.data.slices import SliceDataset, holdout_slices  # noqa: E402
+from monai_sdfsmis.data.volumes import VolumeStore  # noqa: E402
+from monai_sdfsmis.networks.autoencoder import autoencoder_loss, build_autoencoder, reconstruction_metrics  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--dataset_dir", type=Path, required=True, help="ALPNet-layout dataset")
+    p.add_argument("--fold", type=int, default=0, help="RPT fold whose test volumes are held out")
+    p.add_argument("--width", default="small", help="autoencoder width preset")
+    p.add_argument("--spatial_size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--iters", type=int, default=300)
+    p.add_argument("--every", type=int, default=50, help="measure every this many iterations")
+    p.add_argument("--mask_fraction", type=float, default=0.5)
+    p.add_argument("--holdout_slices", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = find_alpnet_volumes(args.dataset_dir, supervoxel_dir="supervoxels_5000", require_labels=True,
+                                  require_supervoxels=True)
+    store = VolumeStore(records, intensity="minmax", spatial_size=args.spatial_size)
+    store.preload(kinds=("image", "supervoxel", "label"), progress=False)
+    train, test = fold_split(store.records, args.fold, rpt_folds(len(records)))
+    train_ids, test_ids = [r.id for r in train], [r.id for r in test]
+
+    torch.manual_seed(args.seed)
+    vae = build_autoencoder(args.width, sample_size=args.spatial_size)
+    slices = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction, length=args.iters * args.batch, seed=args.seed)
+    held_out = holdout_slices(store, test_ids, num_slices=args.holdout_slices, seed=args.seed)
+    organ_masks = held_out_organ_masks(store, test_ids, list(CHAOS_ORGANS), args.holdout_slices, args.seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(args.warmup, 1))
+        return warm * 0.5 * (1 + np.cos(np.pi * min(step / args.iters, 1.0)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    start = time.perf_counter()
+    curve = []
+    for iteration, batch in enumerate(torch.utils.data.DataLoader(slices, batch_size=args.batch, num_workers=0), 1):
+        loss, parts = autoencoder_loss(vae, batch["image"])
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if iteration % args.every == 0 or iteration == args.iters:
+            vae.eval()
+            with torch.no_grad():
+                recon = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=16)
+                organ = reconstruction_metrics(vae, masks=organ_masks, batch_size=16)["mask_dice"]
+            vae.train()
+            point = {"it": iteration, "s": round(time.perf_counter() - start), "l1": round(float(parts["l1"]), 4),
+                     "psnr": round(recon["image_psnr"], 2), "sv_dice": round(100 * recon["mask_dice"], 1),
+                     "organ_dice": round(100 * organ, 1)}
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    return curve
+
+
+if __name__ == "__main__":
+    main()
