@@ -172,6 +172,40 @@ def test_rpt_augmentation(store):
         assert set(torch.unique(ep["query_label"]).tolist()) <= {0.0, 1.0}
 
 
+class _EmptySupportFirst:
+    """An 'augmentation' that erases the support mask on its first ``failures`` calls, then changes nothing."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls, self.seeds = failures, 0, []
+
+    def set_random_state(self, seed: int) -> None:
+        self.seeds.append(seed)
+
+    def __call__(self, episode: dict) -> dict:
+        self.calls += 1
+        if self.calls <= self.failures:
+            episode = dict(episode, support_label=torch.zeros_like(episode["support_label"]))
+        return episode
+
+
+@requires_chaos
+def test_augmentation_that_empties_the_support_mask_is_redrawn(store):
+    # Seen in a real run: an RPT draw at 128 px scaled a small supervoxel out of the support slice, and
+    # compute_loss stopped training on the empty support mask.
+    plain = EpisodeDataset(store, length=1, seed=3)[0]
+    redraw = _EmptySupportFirst(failures=2)
+    episode = EpisodeDataset(store, length=1, seed=3, augment=redraw)[0]
+    assert redraw.calls == 3 and len(set(redraw.seeds)) == 3  # a fresh random state for every draw
+    assert episode["support_label"].sum() > 0
+    assert torch.equal(episode["support_label"], plain["support_label"])
+
+    never = _EmptySupportFirst(failures=100)
+    episode = EpisodeDataset(store, length=1, seed=3, augment=never)[0]
+    assert never.calls == 8  # then the episode stays un-augmented
+    for key in TENSOR_KEYS:
+        assert torch.equal(episode[key], plain[key])
+
+
 # --------------------------------------------------------------------------------------------- Setting 2, real data
 def _contains(store, vid, z, labels) -> set[int]:
     return set(np.unique(store.label(vid)[:, :, z]).tolist()) & set(labels)

@@ -38,6 +38,7 @@ _EXCLUSION_MODES = ("or", "and", "groups")
 # Rejection sampling draws (supervoxel, pair) uniformly like RPT; past this many misses the draw falls back to a
 # uniform choice among the valid pairs, so that a volume with very few valid pairs cannot stall a worker.
 _MAX_TRIES = 10_000
+_MAX_AUGMENT_TRIES = 8
 
 
 def slices_to_exclude(label_volume: np.ndarray, labels: Sequence[int], mode: str = "or") -> np.ndarray:
@@ -173,7 +174,8 @@ class EpisodeDataset(Dataset):
         Callable applied to each episode dict after slicing, e.g.
         :class:`~monai_sdfsmis.transforms.augmentation.RPTAugmentd`. It receives 1-channel images
         ``[1, H, W]`` and masks ``[1, H, W]`` (float32 tensors); images are replicated to 3 channels
-        afterwards. If it has ``set_random_state`` it is re-seeded from the episode's generator.
+        afterwards. If it has ``set_random_state`` it is re-seeded from the episode's generator. A draw
+        that empties the support mask is redrawn (the episode stays un-augmented after 8 such draws).
     seed
         Makes episode ``i`` a pure function of ``(seed, epoch, i)``; ``None`` draws fresh randomness.
 
@@ -344,6 +346,26 @@ class EpisodeDataset(Dataset):
         pick = int(rng.integers(len(rows)))
         return table, int(rows[pick]), int(cols[pick])
 
+    def _augmented(self, episode: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """``augment`` applied to ``episode``, images clipped to [-1, 1] and masks re-binarised.
+
+        A draw that leaves the support mask empty (a small supervoxel scaled or deformed away) is redrawn, up to
+        ``_MAX_AUGMENT_TRIES`` times, then the episode stays un-augmented: training needs a support pixel, and
+        the un-augmented support mask has one by construction.
+        """
+        for _ in range(_MAX_AUGMENT_TRIES):
+            if hasattr(self.augment, "set_random_state"):
+                self.augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
+            augmented = dict(self.augment(dict(episode)))
+            for key in ("support_image", "query_image"):
+                img = np.clip(convert_to_numpy(augmented[key], dtype=np.float32), -1.0, 1.0)
+                augmented[key] = torch.from_numpy(img)
+            for key in ("support_label", "query_label"):
+                augmented[key] = torch.from_numpy((convert_to_numpy(augmented[key]) > 0.5).astype(np.float32))
+            if augmented["support_label"].any():
+                return augmented
+        return episode
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = int(index)
         if not 0 <= index < self.length:
@@ -362,14 +384,7 @@ class EpisodeDataset(Dataset):
             "query_label": torch.from_numpy((sv[None, :, :, query_z] == sv_id).astype(np.float32)),
         }
         if self.augment is not None:
-            if hasattr(self.augment, "set_random_state"):
-                self.augment.set_random_state(seed=int(rng.integers(2**31 - 1)))
-            episode = dict(self.augment(episode))
-            for key in ("support_image", "query_image"):
-                img = np.clip(convert_to_numpy(episode[key], dtype=np.float32), -1.0, 1.0)
-                episode[key] = torch.from_numpy(img)
-            for key in ("support_label", "query_label"):
-                episode[key] = torch.from_numpy((convert_to_numpy(episode[key]) > 0.5).astype(np.float32))
+            episode = self._augmented(episode, rng)
         for key in ("support_image", "query_image"):
             if episode[key].shape[0] == 1:
                 episode[key] = torch.from_numpy(np.repeat(episode[key].numpy(), 3, axis=0))
