@@ -383,9 +383,7 @@ def save_autoencoder(vae: AutoencoderKL, folder: str | PathLike, metadata: Mappi
     if metadata:
         record["metadata"] = dict(metadata)
     target = Path(folder).expanduser()
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"Cannot save the autoencoder to '{target}': a file of that name exists.")
-    with atomic_folder(target) as tmp:
+    with atomic_folder(target) as tmp:  # refuses a target that is a file
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / CALIBRATION_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
     return target
