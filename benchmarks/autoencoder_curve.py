@@ -1,9 +1,11 @@
 """Learning curve of the no-prior autoencoder (stage 1): held-out reconstruction quality against iterations.
 
 Trains a stage-1 autoencoder from scratch on one fold's training volumes (image slices and supervoxel masks,
-L1 + KL, AdamW, linear warm-up then cosine decay over ``--iters``) and every ``--every`` iterations prints, on the
-fold's test volumes, the image PSNR, the decoded supervoxel-mask Dice and the decoded organ-mask Dice (ground truth
-used for this diagnostic only: it caps the Dice stage 2 can reach). One JSON line per measurement.
+L1 + KL, AdamW, linear warm-up then cosine decay over ``--iters``) with the package's stage-1 trainer
+(:func:`monai_sdfsmis.engines.autoencoder.build_autoencoder_trainer`), and every ``--every`` iterations (and at the
+last one) prints, on the fold's test volumes, the image PSNR, the decoded supervoxel-mask Dice and the decoded
+organ-mask Dice (ground truth used for this diagnostic only: it caps the Dice stage 2 can reach). One JSON line per
+measurement.
 
     python benchmarks/autoencoder_curve.py --dataset_dir ../shared/data/chaos_t2spir --width small \\
         --spatial_size 128 --batch 8 --lr 1e-3 --warmup 20 --iters 300
@@ -19,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from ignite.engine import Engine, Events
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from a checkout
@@ -33,7 +35,8 @@ from monai_sdfsmis.data.layouts import find_alpnet_volumes  # noqa: E402
 from monai_sdfsmis.data.protocol import CHAOS_ORGANS, fold_split, rpt_folds  # noqa: E402
 from monai_sdfsmis.data.slices import SliceDataset, holdout_slices  # noqa: E402
 from monai_sdfsmis.data.volumes import VolumeStore  # noqa: E402
-from monai_sdfsmis.networks.autoencoder import autoencoder_loss, build_autoencoder, reconstruction_metrics  # noqa: E402
+from monai_sdfsmis.engines.autoencoder import build_autoencoder_trainer  # noqa: E402
+from monai_sdfsmis.networks.autoencoder import build_autoencoder, reconstruction_metrics  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.every < 1 or args.iters < 1:
+        raise ValueError(f"--every and --iters must be positive, got {args.every} and {args.iters}.")
     torch.set_num_threads(args.threads)
     records = find_alpnet_volumes(args.dataset_dir, supervoxel_dir="supervoxels_5000", require_labels=True,
                                   require_supervoxels=True)
@@ -69,33 +74,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
     slices = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction, length=args.iters * args.batch, seed=args.seed)
     held_out = holdout_slices(store, test_ids, num_slices=args.holdout_slices, seed=args.seed)
     organ_masks = held_out_organ_masks(store, test_ids, list(CHAOS_ORGANS), args.holdout_slices, args.seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-
-    def lr_factor(step: int) -> float:
-        warm = min(1.0, (step + 1) / max(args.warmup, 1))
-        return warm * 0.5 * (1 + np.cos(np.pi * min(step / args.iters, 1.0)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    loader = torch.utils.data.DataLoader(slices, batch_size=args.batch, num_workers=0)
+    trainer, _ = build_autoencoder_trainer(
+        vae, loader, device="cpu", lr=args.lr, weight_decay=0.0, max_iterations=args.iters, max_seconds=None,
+        schedule="cosine", warmup_iterations=args.warmup, progress=False,
+    )
+    curve: list[dict] = []
     start = time.perf_counter()
-    curve = []
-    for iteration, batch in enumerate(torch.utils.data.DataLoader(slices, batch_size=args.batch, num_workers=0), 1):
-        loss, parts = autoencoder_loss(vae, batch["image"])
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if iteration % args.every == 0 or iteration == args.iters:
-            vae.eval()
-            with torch.no_grad():
-                recon = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=16)
-                organ = reconstruction_metrics(vae, masks=organ_masks, batch_size=16)["mask_dice"]
-            vae.train()
-            point = {"it": iteration, "s": round(time.perf_counter() - start), "l1": round(float(parts["l1"]), 4),
-                     "psnr": round(recon["image_psnr"], 2), "sv_dice": round(100 * recon["mask_dice"], 1),
-                     "organ_dice": round(100 * organ, 1)}
-            curve.append(point)
-            print(json.dumps(point), flush=True)
+
+    def measure(engine: Engine) -> None:
+        recon = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=16)
+        organ = reconstruction_metrics(vae, masks=organ_masks, batch_size=16)["mask_dice"]
+        point = {"it": engine.state.iteration, "s": round(time.perf_counter() - start),
+                 "l1": round(float(engine.state.output["l1"]), 4), "psnr": round(recon["image_psnr"], 2),
+                 "sv_dice": round(100 * recon["mask_dice"], 1), "organ_dice": round(100 * organ, 1)}
+        curve.append(point)
+        print(json.dumps(point), flush=True)
+
+    # The training step puts the network back in train mode at every iteration, after measure's eval().
+    trainer.add_event_handler(Events.ITERATION_COMPLETED(every=args.every), measure)
+    if args.iters % args.every:  # the last iteration is measured too (once: not twice when it is a multiple)
+        trainer.add_event_handler(Events.ITERATION_COMPLETED(once=args.iters), measure)
+    trainer.run()
     return curve
 
 

@@ -5,7 +5,8 @@ For every requested fold of a dataset in the ALPNet layout (``image_N``, ``label
 
 1. **stage 1**: a KL autoencoder of SD's layout (``--ae_width``) is trained from scratch on the fold's
    training volumes: image slices and supervoxel masks (never ground truth), L1 + KL, for
-   ``--ae_iters`` iterations or ``--ae_seconds``, whichever ends first; then frozen, its latent scaling
+   ``--ae_iters`` iterations or ``--ae_seconds``, whichever ends first (the cosine schedule runs over the
+   iterations, or over the seconds when no iteration budget is given); then frozen, its latent scaling
    factor measured on the training slices, and saved (``fold_K/autoencoder/``, a diffusers folder);
 2. **reconstruction check**: image PSNR and decoded-mask Dice on slices and supervoxel masks of the
    fold's test volumes (held out from both stages), and, as an evaluation-only diagnostic, decoded-mask
@@ -70,16 +71,18 @@ from monai_sdfsmis.data.protocol import (  # noqa: E402
 from monai_sdfsmis.data.slices import SliceDataset, holdout_slices  # noqa: E402
 from monai_sdfsmis.data.volumes import VolumeStore  # noqa: E402
 from monai_sdfsmis.engines.autoencoder import (  # noqa: E402
-    TrainingBudget,
     build_autoencoder_trainer,
     freeze_and_calibrate,
+    load_autoencoder,
     save_autoencoder,
 )
+from monai_sdfsmis.engines.budget import attach_budget  # noqa: E402
 from monai_sdfsmis.engines.evaluator import evaluate_protocol  # noqa: E402
-from monai_sdfsmis.engines.tables import ORGAN_COLUMNS, format_table, summarize, write_json  # noqa: E402
+from monai_sdfsmis.engines.tables import ORGAN_COLUMNS, folds_title, format_table, summarize, write_json  # noqa: E402
 from monai_sdfsmis.engines.trainer import EpisodeTrainer  # noqa: E402
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer  # noqa: E402
 from monai_sdfsmis.networks.autoencoder import build_autoencoder, reconstruction_metrics  # noqa: E402
+from monai_sdfsmis.networks.latent_cache import LatentCache  # noqa: E402
 from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis  # noqa: E402
 from monai_sdfsmis.transforms.augmentation import RPTAugmentd  # noqa: E402
 from monai_sdfsmis.utils import atomic_write  # noqa: E402
@@ -114,7 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ae_width", help="autoencoder width (default from --width)")
     p.add_argument("--unet_width", help="UNet width (default from --width)")
     # stage 1
-    p.add_argument("--ae_iters", type=int, default=4000)
+    p.add_argument("--ae_iters", type=int, default=None,
+                   help="stage-1 iterations (sets the schedule; default: none, the time budget does)")
     p.add_argument("--ae_seconds", type=float, default=150.0, help="stage-1 time budget (<= 0: none)")
     p.add_argument("--ae_batch", type=int, default=None, help="slices per iteration (default 32; 4 with --width tiny)")
     p.add_argument("--ae_lr", type=float, default=1e-3)
@@ -125,8 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--holdout_slices", type=int, default=None,
                    help="test-volume slices and masks for the VAE check (default 64; 8 with --width tiny)")
     # stage 2
-    p.add_argument("--seg_iters", type=int, default=30000)
-    p.add_argument("--seg_seconds", type=float, default=400.0, help="stage-2 time budget (<= 0: none)")
+    p.add_argument("--seg_iters", type=int, default=None,
+                   help="stage-2 iterations (sets the schedule; default: none, the time budget does)")
+    p.add_argument("--seg_seconds", type=float, default=None,
+                   help="stage-2 time budget (<= 0: none; default 400, or what --total_minutes leaves)")
     p.add_argument("--seg_batch", type=int, default=None, help="episodes per iteration (default 16; 2 with --width tiny)")
     p.add_argument("--seg_lr", type=float, default=2e-4)
     p.add_argument("--seg_warmup", type=int, default=100)
@@ -136,12 +142,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no_qe", action="store_true")
     p.add_argument("--no_vtct", action="store_true")
     p.add_argument("--no_augment", action="store_true", help="no RPT augmentation of episodes")
+    p.add_argument("--no_latent_cache", action="store_true",
+                   help="encode all four episode images every iteration instead of caching the frozen encoder's output")
+    p.add_argument("--vae_sample", action="store_true",
+                   help="stage 2 on posterior samples (and the latent scale measured on samples) instead of means")
+    p.add_argument("--autoencoder", type=Path, default=None,
+                   help="reuse this stage-1 autoencoder folder (fold_K/autoencoder of an earlier run) instead of training one")
+    p.add_argument("--total_minutes", type=float, default=None,
+                   help="wall-clock budget of both stages together (evaluations excluded): stage 2 stops when it is spent")
+    p.add_argument("--eval_at_minutes", type=float, nargs="*", default=[],
+                   help="also evaluate the protocol when training (both stages, evaluations excluded) reaches these minutes")
     # evaluation / runtime
     p.add_argument("--sw_batch_size", type=int, default=None, help="query slices per network call (default 32; 8 tiny)")
     p.add_argument("--surface_metrics", action="store_true", help="also HD95/ASSD (slower)")
     p.add_argument("--overlays", type=int, default=0, help="PNG overlays per query volume")
     p.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     p.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: CPUs - 1, at most 12)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of the main process (default: the CPU count, at most 8)")
+    p.add_argument("--seg_threads", type=int, default=None,
+                   help="torch threads in stage 2 and the evaluations (default: --threads); the small ops of the "
+                        "segmenter gain little from a second thread on a shared CPU")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--note", default="", help="a line on how the run was made (e.g. folds sharing one GPU), kept in the results")
@@ -154,9 +175,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, small if tiny else normal)
     if args.merge is None and args.dataset_dir is None:
         p.error("--dataset_dir is required (unless --merge)")
+    if args.merge is None:
+        if args.ae_iters is None and not (args.ae_seconds and args.ae_seconds > 0) and args.autoencoder is None:
+            p.error("stage 1 needs --ae_iters or --ae_seconds (or --autoencoder to reuse one)")
+        if args.seg_iters is None and not (args.seg_seconds and args.seg_seconds > 0) and not args.total_minutes:
+            p.error("stage 2 needs --seg_iters, --seg_seconds or --total_minutes")
+    if args.seg_seconds is None and not args.total_minutes:
+        args.seg_seconds = 400.0
     for name in ("ae_iters", "ae_batch", "seg_iters", "seg_batch", "spatial_size", "calibration_slices",
                  "holdout_slices", "sw_batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1")
     if args.spatial_size % 8:
         p.error("--spatial_size must be a multiple of 8 (the autoencoder downsamples 8x)")
@@ -195,6 +223,15 @@ def _loader(dataset: Any, batch_size: int, workers: int, device: torch.device) -
         prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
     )
+
+
+def _virtual_length(iterations: int | None) -> int:
+    """Iterations a stage's dataset must cover: its budget, or enough for any time budget."""
+    return iterations if iterations is not None else 10**7
+
+
+def _warmup(warmup: int, iterations: int | None) -> int:
+    return warmup if iterations is None else min(warmup, iterations // 5)
 
 
 def _budget_seconds(value: float) -> float | None:
@@ -266,103 +303,172 @@ def run_fold(
     # ---------------------------------------------------------------- stage 1: autoencoder
     t_train = time.perf_counter()
     torch.manual_seed(seed)
-    vae = build_autoencoder(ae_width, sample_size=args.spatial_size)
-    slices = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction,
-                          length=args.ae_iters * args.ae_batch, seed=seed)
-    trainer, ae_budget = build_autoencoder_trainer(
-        vae, _loader(slices, args.ae_batch, workers, device), device=device, lr=args.ae_lr,
-        max_iterations=args.ae_iters, max_seconds=_budget_seconds(args.ae_seconds), schedule="cosine",
-        warmup_iterations=min(args.ae_warmup, args.ae_iters // 5), kl_weight=args.kl_weight, progress=progress,
-    )
-    ae_losses = _record_losses(trainer)
-    trainer.run()
-    _sync(device)
-    t_calib = time.perf_counter()
-    calibration = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction,
-                               length=args.calibration_slices, seed=seed + 10_000)
-    freeze_and_calibrate(vae, _loader(calibration, min(args.ae_batch, 64), workers, device))
-    _sync(device)
-    calib_seconds = time.perf_counter() - t_calib
+    ae_losses: list[float] = []
+    ae_iterations, ae_loop_seconds, calib_seconds = 0, 0.0, 0.0
+    if args.autoencoder is not None:
+        vae = load_autoencoder(args.autoencoder).to(device)
+        print(f"fold {fold} autoencoder: reused '{args.autoencoder}' (stage 1 not trained in this run)", flush=True)
+        if args.vae_sample:  # its saved scale was measured on posterior means
+            calibration = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction,
+                                       length=args.calibration_slices, seed=seed + 10_000)
+            freeze_and_calibrate(vae, _loader(calibration, min(args.ae_batch, 64), workers, device), sample_posterior=True)
+    else:
+        vae = build_autoencoder(ae_width, sample_size=args.spatial_size)
+        slices = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction,
+                              length=_virtual_length(args.ae_iters) * args.ae_batch, seed=seed)
+        ae_seconds = _budget_seconds(args.ae_seconds)
+        trainer, ae_budget = build_autoencoder_trainer(
+            vae, _loader(slices, args.ae_batch, workers, device), device=device, lr=args.ae_lr,
+            max_iterations=args.ae_iters, max_seconds=ae_seconds, schedule="cosine",
+            warmup_iterations=_warmup(args.ae_warmup, args.ae_iters), kl_weight=args.kl_weight, progress=progress,
+        )
+        ae_losses = _record_losses(trainer)
+        trainer.run()
+        _sync(device)
+        ae_iterations, ae_loop_seconds = ae_budget.iterations, ae_budget.elapsed
+        t_calib = time.perf_counter()
+        calibration = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction,
+                                   length=args.calibration_slices, seed=seed + 10_000)
+        freeze_and_calibrate(vae, _loader(calibration, min(args.ae_batch, 64), workers, device),
+                             sample_posterior=args.vae_sample)
+        _sync(device)
+        calib_seconds = time.perf_counter() - t_calib
+        save_autoencoder(vae, fold_dir / "autoencoder", metadata={
+            "fold": fold, "train_ids": train_ids, "iterations": ae_iterations, "width": ae_width,
+        })
     stage1_seconds = time.perf_counter() - t_train
-    save_autoencoder(vae, fold_dir / "autoencoder", metadata={
-        "fold": fold, "train_ids": train_ids, "iterations": ae_budget.iterations, "width": ae_width,
-    })
 
     # Held-out reconstruction quality (not counted as training time).
+    t_recon = time.perf_counter()
     held_out = holdout_slices(store, test_ids, num_slices=args.holdout_slices, seed=seed)
     recon = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=32)
     # Evaluation-only diagnostic with ground truth: how well the frozen autoencoder represents organ masks caps the
     # Dice stage 2 can reach (the autoencoder itself never saw a label).
     organ_masks = held_out_organ_masks(store, test_ids, organ_ids, args.holdout_slices, seed)
     recon["organ_mask_dice"] = reconstruction_metrics(vae, masks=organ_masks, batch_size=32)["mask_dice"]
-    print(f"fold {fold} autoencoder: {ae_budget.iterations} it in {ae_budget.elapsed:.1f} s, scaling factor "
+    recon_seconds = time.perf_counter() - t_recon
+    print(f"fold {fold} autoencoder: {ae_iterations} it in {ae_loop_seconds:.1f} s, scaling factor "
           f"{vae.config.scaling_factor:.4f}; held-out image PSNR {recon['image_psnr']:.2f} dB, supervoxel-mask "
           f"Dice {100 * recon['mask_dice']:.2f}, organ-mask Dice {100 * recon['organ_mask_dice']:.2f}", flush=True)
 
     # ---------------------------------------------------------------- stage 2: segmenter
+    if args.seg_threads:
+        torch.set_num_threads(args.seg_threads)
     t_stage2 = time.perf_counter()
     net = build_no_prior_sdfsmis(
         vae, unet_width, seed=seed, use_sii=not args.no_sii, use_qe=not args.no_qe, use_vtct=not args.no_vtct,
-        sii_mode=args.sii_mode,
+        sii_mode=args.sii_mode, vae_sample_in_training=args.vae_sample,
     ).to(device)
     episodes = EpisodeDataset(
-        store, train_ids, length=args.seg_iters * args.seg_batch, setting=args.setting, exclude_labels=organ_ids,
+        store, train_ids, length=_virtual_length(args.seg_iters) * args.seg_batch, setting=args.setting,
+        exclude_labels=organ_ids,
         augment=None if args.no_augment else RPTAugmentd(), seed=seed,
     )
     groups = net.parameter_groups(lr_unet=args.seg_lr, lr_new=args.seg_lr, weight_decay=args.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     seg_loader = _loader(episodes, args.seg_batch, workers, device)
+    cache = None if args.no_latent_cache else LatentCache()
     seg_trainer = EpisodeTrainer(device=device, max_epochs=1, train_data_loader=seg_loader, network=net,
-                                 optimizer=optimizer, grad_clip=1.0, amp=True, epoch_length=len(seg_loader))
-    seg_budget = TrainingBudget(args.seg_iters, _budget_seconds(args.seg_seconds), schedule="cosine",
-                                warmup_iterations=min(args.seg_warmup, args.seg_iters // 5)).attach(seg_trainer)
+                                 optimizer=optimizer, grad_clip=1.0, amp=True, epoch_length=len(seg_loader),
+                                 latent_cache=cache)
+    seg_seconds = _budget_seconds(args.seg_seconds)
+    if args.total_minutes:
+        # Both stages share one wall-clock budget: stage 2 gets what stage 1 left.
+        left = args.total_minutes * 60.0 - stage1_seconds
+        if left <= 0:
+            raise ValueError(f"--total_minutes {args.total_minutes}: stage 1 alone took {stage1_seconds:.0f} s.")
+        seg_seconds = left if seg_seconds is None else min(seg_seconds, left)
+    seg_budget = attach_budget(seg_trainer, optimizer, max_iterations=args.seg_iters, max_seconds=seg_seconds,
+                               schedule="cosine", warmup_iterations=_warmup(args.seg_warmup, args.seg_iters))
     losses = _record_losses(seg_trainer)
+    inferer = SlidingSupportInferer(sw_batch_size=args.sw_batch_size, spatial_size=args.spatial_size, device=device)
+
+    def evaluate(output_dir: Path, baseline: bool, overlays: int) -> dict[str, Any]:
+        net.eval()
+        try:
+            return evaluate_protocol(
+                net, store, fold_ids=[fold], organ_ids=organ_ids, inferer=inferer, output_dir=output_dir,
+                baseline=baseline, overlays=overlays, method=METHOD, baseline_name=BASELINE, folds=folds,
+                organ_names=organ_names, surface_metrics=args.surface_metrics, device=device, progress=progress,
+            )
+        finally:
+            net.train()
+
+    curve: list[dict[str, Any]] = []
+    pending = sorted(m for m in args.eval_at_minutes if m > 0)
+
+    def evaluate_on_schedule(engine: Any) -> None:
+        # Training time = stage 1 + stage-2 loop (evaluations excluded by pausing the budget's clocks).
+        minutes = (stage1_seconds + seg_budget.seconds()) / 60.0
+        while pending and minutes >= pending[0]:
+            target = pending.pop(0)
+            with seg_budget.paused():
+                t0 = time.perf_counter()
+                result = evaluate(fold_dir / f"protocol_{target:g}min", baseline=False, overlays=0)
+                summary = result["methods"][METHOD]["summary"]
+                curve.append({"minutes": round(minutes, 2), "target_minutes": target,
+                              "segmenter_iterations": seg_budget.iterations, "dice": summary["dice"],
+                              "evaluation_seconds": time.perf_counter() - t0})
+                print(f"fold {fold} at {minutes:.1f} min ({seg_budget.iterations} segmenter it): mean Dice "
+                      f"{100 * summary['dice']['mean']:.2f}", flush=True)
+
+    if pending:
+        from ignite.engine import Events
+
+        seg_trainer.add_event_handler(Events.ITERATION_COMPLETED, evaluate_on_schedule)
     if progress:
         from ignite.handlers import ProgressBar
 
         ProgressBar(desc="segmenter", persist=False).attach(seg_trainer, output_transform=lambda out: {"loss": _loss_of(out)})
     seg_trainer.run()
     _sync(device)
-    stage2_seconds = time.perf_counter() - t_stage2
-    training_seconds = time.perf_counter() - t_train
+    stage2_loop_seconds = seg_budget.elapsed
+    stage2_seconds = time.perf_counter() - t_stage2 - sum(c["evaluation_seconds"] for c in curve)
+    training_seconds = stage1_seconds + stage2_seconds
     net.save_trained(fold_dir / "model.safetensors")
     tail = losses[-max(1, len(losses) // 10):]
-    print(f"fold {fold} segmenter: {seg_budget.iterations} it x {args.seg_batch} episodes in {seg_budget.elapsed:.1f} s, "
-          f"final loss {sum(tail) / len(tail):.4f}; training total {training_seconds:.1f} s", flush=True)
+    cache_note = "" if cache is None else f", latent cache {len(cache)} entries, hit rate {100 * cache.hit_rate:.1f} %"
+    print(f"fold {fold} segmenter: {seg_budget.iterations} it x {args.seg_batch} episodes in {stage2_loop_seconds:.1f} s "
+          f"(stopped by {seg_budget.stopped_by or 'end of data'}), final loss {sum(tail) / len(tail):.4f}{cache_note}; "
+          f"training total {training_seconds:.1f} s", flush=True)
 
     # ---------------------------------------------------------------- protocol
     t_eval = time.perf_counter()
+    evaluation = evaluate(fold_dir / "protocol", baseline=True, overlays=args.overlays)
     net.eval()
-    inferer = SlidingSupportInferer(sw_batch_size=args.sw_batch_size, spatial_size=args.spatial_size, device=device)
-    evaluation = evaluate_protocol(
-        net, store, fold_ids=[fold], organ_ids=organ_ids, inferer=inferer, output_dir=fold_dir / "protocol",
-        baseline=True, overlays=args.overlays, method=METHOD, baseline_name=BASELINE, folds=folds,
-        organ_names=organ_names, surface_metrics=args.surface_metrics, device=device, progress=progress,
-    )
     eval_seconds = time.perf_counter() - t_eval
     rows = {name: r["rows"] for name, r in evaluation["methods"].items()}
+    curve.append({"minutes": round(training_seconds / 60.0, 2), "target_minutes": None,
+                  "segmenter_iterations": seg_budget.iterations,
+                  "dice": evaluation["methods"][METHOD]["summary"]["dice"], "evaluation_seconds": eval_seconds})
     return {
         "fold": fold,
         "train_ids": train_ids,
         "test_ids": test_ids,
         "rows": rows,
+        "learning_curve": curve,
         "timing": {
-            "stage1_loop_seconds": ae_budget.elapsed,
+            "stage1_loop_seconds": ae_loop_seconds,
             "calibration_seconds": calib_seconds,
             "stage1_seconds": stage1_seconds,
-            "stage2_loop_seconds": seg_budget.elapsed,
+            "reconstruction_check_seconds": recon_seconds,
+            "stage2_loop_seconds": stage2_loop_seconds,
             "stage2_seconds": stage2_seconds,
             "training_seconds": training_seconds,
             "evaluation_seconds": eval_seconds,
         },
         "autoencoder": {
-            "width": ae_width, "iterations": ae_budget.iterations, "batch": args.ae_batch,
+            "width": ae_width, "iterations": ae_iterations, "batch": args.ae_batch,
+            "reused_from": None if args.autoencoder is None else str(args.autoencoder),
             "scaling_factor": float(vae.config.scaling_factor),
             "parameters": sum(p.numel() for p in vae.parameters()), "loss_curve": loss_curve(ae_losses), **recon,
         },
         "segmenter": {
             "width": unet_width, "iterations": seg_budget.iterations, "batch": args.seg_batch,
             "episodes": seg_budget.iterations * args.seg_batch, "final_loss": sum(tail) / len(tail) if tail else None,
+            "stopped_by": seg_budget.stopped_by,
+            "episodes_per_second": seg_budget.iterations * args.seg_batch / max(stage2_loop_seconds, 1e-9),
+            "latent_cache": None if cache is None else {"entries": len(cache), "hit_rate": cache.hit_rate},
             "trainable_parameters": sum(p.numel() for p in net.parameters() if p.requires_grad),
             "loss_curve": loss_curve(losses),
         },
@@ -423,7 +529,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         *([f"Note: {config['note']}.", ""] if config.get("note") else []),
         format_table({name: summaries[name] for name in (BASELINE, METHOD) if name in summaries},
-                     metric="dice", title="Dice (%), mean over folds"),
+                     metric="dice", title=folds_title("Dice (%)", summaries)),
     ]
     organs = next(iter(summaries.values()))["organs"] if summaries else []
     # Table 1's column order and headings (Spleen, Liver, LK, RK), then any other organ.
@@ -440,6 +546,22 @@ def render_markdown(results: dict[str, Any]) -> str:
             cells += [_cell(entry.get("mean"), 100), _cell(base.get(fold, {}).get("mean"), 100)]
             lines.append(f"| {fold} | " + " | ".join(cells) + " |")
         lines.append("")
+    copy_dice = summaries.get(BASELINE, {}).get("dice", {}).get("per_fold", {})
+    for record in results["fold_records"]:
+        curve = record.get("learning_curve") or []
+        if len(curve) < 2:
+            continue
+        lines += [f"Learning curve of fold {record['fold']} (training minutes, evaluations excluded), Dice (%):", "",
+                  "| training min | segmenter it | " + " | ".join(headings) + " | Mean |", "|---" * (len(organs) + 3) + "|"]
+        for point in curve:
+            entry = point["dice"]["per_fold"].get(str(record["fold"]), {})
+            cells = [_cell(entry.get(o), 100) for o in organs] + [_cell(entry.get("mean"), 100)]
+            lines.append(f"| {point['minutes']:.1f} | {point['segmenter_iterations']} | " + " | ".join(cells) + " |")
+        base = copy_dice.get(str(record["fold"]), {})
+        if base:
+            cells = [_cell(base.get(o), 100) for o in organs] + [_cell(base.get("mean"), 100)]
+            lines.append(f"| {BASELINE} | - | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += ["Training time and autoencoder quality per fold (held-out = the fold's test volumes):", "",
               "| Fold | stage 1 (s) | stage 2 (s) | training total (s) | AE it | seg it x batch | AE scale | "
               "image PSNR (dB) | supervoxel-mask Dice (%) | organ-mask Dice (%) | eval (s) |",
@@ -452,6 +574,11 @@ def render_markdown(results: dict[str, Any]) -> str:
             f"{_cell(ae.get('image_psnr'))} | {_cell(ae.get('mask_dice'), 100)} | {_cell(ae.get('organ_mask_dice'), 100)} | "
             f"{t['evaluation_seconds']:.1f} |"
         )
+    lines += ["", "Stage-2 throughput: " + "; ".join(
+        f"fold {r['fold']} {r['segmenter'].get('episodes_per_second', float('nan')):.2f} episodes/s"
+        + (f" (latent cache hit rate {100 * r['segmenter']['latent_cache']['hit_rate']:.1f} %)"
+           if r["segmenter"].get("latent_cache") else " (no latent cache)")
+        for r in results["fold_records"])]
     lines += ["", "Loss over training (mean of each tenth; stage 1 L1+KL, stage 2 latent MSE):", ""]
     for record in results["fold_records"]:
         for stage, key in (("stage 1", "autoencoder"), ("stage 2", "segmenter")):
@@ -492,6 +619,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(render_markdown(results))
         return results
     device = _device(args.device)
+    # Deliberate: on a shared CPU, OpenMP threads that outnumber the free cores fight each other.
+    torch.set_num_threads(args.threads or max(1, min(8, os.cpu_count() or 1)))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

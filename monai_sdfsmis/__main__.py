@@ -41,6 +41,8 @@ def _run_supervoxels(args: argparse.Namespace) -> int:
     if args.dataset_dir is None and not args.images:
         raise ValueError("give --dataset_dir (uses image_*.nii.gz there) or --images FILE [FILE ...].")
     if args.dataset_dir is not None and not args.dataset_dir.is_dir():
+        if args.dataset_dir.exists():
+            raise ValueError(f"dataset folder {args.dataset_dir} is a file, not a folder")
         raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
     if args.images:
         images = list(args.images)
@@ -157,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # read-only file system, permissions, a path that is a file...
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -17,7 +17,6 @@ from monai_sdfsmis.data.slices import SliceDataset, holdout_slices, split_holdou
 from monai_sdfsmis.data.volumes import VolumeStore
 from monai_sdfsmis.engines.autoencoder import (
     AutoencoderTrainingStep,
-    TrainingBudget,
     build_autoencoder_trainer,
     freeze_and_calibrate,
 )
@@ -223,6 +222,54 @@ def test_reconstruction_metrics_checks_inputs(tiny_vae):
         estimate_scaling_factor(tiny_vae, [])
 
 
+class _ScaledCopy(torch.nn.Module):
+    """A stand-in autoencoder whose reconstruction is ``scale * input``: every metric is known by hand."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.config = type("Config", (), {"in_channels": 3})()
+
+    def encode(self, x):
+        return type("Encoded", (), {"latent_dist": type("Posterior", (), {"mean": x})()})()
+
+    def decode(self, z):
+        return type("Decoded", (), {"sample": self.scale * z})()
+
+
+def test_reconstruction_metrics_match_a_hand_computation(tiny_vae):
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1
+    masks = torch.zeros(5, 1, 16, 16)
+    masks[1, :, 2:9, 3:12] = 1
+    masks[3, :, 5:6, 5:15] = 1  # slices 0, 2 and 4 are empty
+    # Halved reconstruction: MSE = mean(x^2) / 4 per slice; PSNR = 10 log10(2^2 / MSE); masks keep their sign.
+    half = reconstruction_metrics(_ScaledCopy(0.5), images, masks, batch_size=2)
+    mse = images.square().flatten(1).mean(1) / 4
+    assert half["image_mse"] == pytest.approx(float(mse.mean()), rel=1e-6)
+    assert half["image_psnr"] == pytest.approx(float((10 * torch.log10(4 / mse)).mean()), rel=1e-6)
+    assert half["mask_mse"] == pytest.approx(0.25) and half["mask_psnr"] == pytest.approx(10 * math.log10(16))
+    assert half["mask_dice"] == pytest.approx(1.0) and half["num_images"] == half["num_masks"] == 5
+    # Exact reconstruction: PSNR capped at 100 dB; all-empty masks decoded empty have Dice 1.
+    exact = reconstruction_metrics(_ScaledCopy(1.0), images, torch.zeros(2, 1, 16, 16))
+    assert exact["image_psnr"] == 100.0 and exact["mask_psnr"] == 100.0 and exact["mask_dice"] == 1.0
+    # Negated masks: background decoded as foreground and the reverse, Dice pooled over the slices is 0.
+    assert reconstruction_metrics(_ScaledCopy(-1.0), masks=masks)["mask_dice"] == 0.0
+
+    # A real (untrained) autoencoder: the decoded masks binarised by channel mean > 0, Dice pooled over slices.
+    torch.manual_seed(1)
+    masks = (torch.rand(6, 1, SIZE, SIZE) > 0.5).float()
+    metrics = reconstruction_metrics(tiny_vae, masks=masks, batch_size=4)
+    with torch.no_grad():
+        target = (masks * 2 - 1).expand(-1, 3, -1, -1)
+        recon = tiny_vae.decode(tiny_vae.encode(target).latent_dist.mean).sample.clamp(-1, 1)
+    predicted, truth = recon.mean(dim=1, keepdim=True) > 0, masks > 0.5
+    dice = 2 * (predicted & truth).sum().item() / (predicted.sum().item() + truth.sum().item())
+    assert metrics["mask_dice"] == pytest.approx(dice, rel=1e-5)
+    assert metrics["mask_mse"] == pytest.approx(float((recon - target).square().mean()), rel=1e-5)
+
+
 def test_training_step_rejects_non_finite_loss(tiny_vae):
     def engine() -> Engine:
         e = Engine(AutoencoderTrainingStep())
@@ -237,28 +284,6 @@ def test_training_step_rejects_non_finite_loss(tiny_vae):
         engine().run([{"img": bad}], max_epochs=1)
     with pytest.raises(ValueError, match="kl_weight"):
         AutoencoderTrainingStep(kl_weight=-1)
-
-
-def test_training_budget_schedule_and_time_limit():
-    budget = TrainingBudget(max_iterations=100, schedule="cosine", warmup_iterations=10, min_lr_ratio=0.1)
-    assert budget.lr_factor() == pytest.approx(0.1)  # first warm-up step
-    budget.iterations = 50
-    assert budget.lr_factor() == pytest.approx(0.1 + 0.9 * 0.5)
-    budget.iterations = 100
-    assert budget.lr_factor() == pytest.approx(0.1)
-    with pytest.raises(ValueError, match="needs max_iterations"):
-        TrainingBudget()
-    with pytest.raises(ValueError, match="schedule"):
-        TrainingBudget(10, schedule="step")
-
-    # A time budget stops an engine that would otherwise run forever, and sets the lr each iteration.
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    engine = Engine(lambda e, b: None)
-    timed = TrainingBudget(max_seconds=0.2, schedule="linear").attach(engine, optimizer)
-    engine.run(range(10**9), max_epochs=1)
-    assert 0.2 <= timed.elapsed < 5 and timed.iterations > 0
-    assert optimizer.param_groups[0]["lr"] < 1.0
 
 
 # --------------------------------------------------------------------------------------------- saving

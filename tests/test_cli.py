@@ -144,3 +144,63 @@ def test_protocol_command_errors(tmp_path, capsys):
     assert "dataset folder not found" in capsys.readouterr().err
     assert main(["protocol", "--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+def test_supervoxels_output_path_that_is_a_file(synthetic_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        rc = main(["supervoxels", "--dataset_dir", str(synthetic_dataset), "--out_dir", str(out), "--no_progress"])
+        line = _one_line_error(capsys)
+        assert rc == 1 and line.startswith("error: ") and str(out) in line
+        assert "is a file" in line or "Not a directory" in line
+
+
+@pytest.mark.parametrize(
+    "exc, cause",
+    [
+        (OSError(30, "Read-only file system"), "Read-only file system"),
+        (PermissionError(13, "Permission denied"), "Permission denied"),
+    ],
+)
+def test_supervoxels_write_os_errors_are_one_line(synthetic_dataset, tmp_path, capsys, monkeypatch, exc, cause):
+    import monai_sdfsmis.data.supervoxels as sv
+
+    def failing_atomic_path(path):
+        exc.filename = str(path)
+        raise exc
+
+    monkeypatch.setattr(sv, "atomic_path", failing_atomic_path)
+    monkeypatch.setattr(sv, "compute_supervoxels", lambda data, spacing, min_size: np.ones(data.shape, np.int32))
+    out = tmp_path / "out"
+    rc = main(["supervoxels", "--dataset_dir", str(synthetic_dataset), "--out_dir", str(out), "--no_progress"])
+    line = _one_line_error(capsys)
+    assert rc == 1 and cause in line and str(out / "superpix-MIDDLE_2.nii.gz") in line
+
+
+def test_supervoxels_output_folder_that_cannot_be_created(synthetic_dataset, tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    def no_mkdir(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", no_mkdir)
+    out = tmp_path / "out"
+    rc = main(["supervoxels", "--dataset_dir", str(synthetic_dataset), "--out_dir", str(out), "--no_progress"])
+    line = _one_line_error(capsys)
+    assert rc == 1 and "Permission denied" in line and str(out) in line
+
+
+def test_supervoxels_dicom_folder_is_not_reported_missing(tmp_path, capsys):
+    dicom = tmp_path / "series"
+    dicom.mkdir()
+    (dicom / "IM0001.dcm").write_bytes(b"DICM")
+    rc = main(["supervoxels", "--images", str(dicom), "--out_dir", str(tmp_path / "out"), "--no_progress"])
+    line = _one_line_error(capsys)
+    assert rc == 1 and str(dicom) in line and "not found" not in line and "folder" in line

@@ -181,7 +181,7 @@ def _rows():
     for fold, organs in values.items():
         for organ, dices in organs.items():
             for q, dice in enumerate(dices):
-                hd = float("nan") if (fold, organ, q) == (1, "spleen", 0) else 10.0 * (q + 1)
+                hd = float("nan") if (fold, organ, q) == (1, "spleen", 0) else 10.0 * (q + 1)  # NaN: undefined
                 rows.append({"method": "m", "fold": fold, "organ_id": 1, "organ": organ, "support_id": "s",
                              "query_id": str(q), "dice": dice, "hd95": hd, "assd": 1.0})
     return rows
@@ -194,7 +194,9 @@ def test_summarize_follows_the_paper_aggregation():
     assert dice["per_fold"]["1"] == pytest.approx({"liver": 0.9, "spleen": 0.2, "mean": 0.55})
     assert dice["per_organ"] == pytest.approx({"liver": 0.8, "spleen": 0.3})
     assert dice["mean"] == pytest.approx(0.55)
-    assert summary["hd95"]["per_fold"]["1"]["spleen"] == pytest.approx(20.0)  # NaN (empty prediction) left out
+    assert summary["hd95"]["per_fold"]["1"]["spleen"] == pytest.approx(20.0)  # NaN (undefined) left out...
+    assert summary["hd95"]["n_undefined"] == 1 and summary["dice"]["n_undefined"] == 0  # ...and counted
+    assert summary["n_empty"] == 0  # rows without the empty_prediction field
     assert summary["n_cases"] == 8 and summary["folds"] == [0, 1]
     with pytest.raises(ValueError, match="No protocol rows"):
         summarize([])
@@ -229,8 +231,8 @@ def test_result_files_are_strict_and_atomic(tmp_path):
     csv_path = write_rows_csv(tmp_path / "out" / "rows.csv", rows)
     json_path = write_json(tmp_path / "out" / "rows.json", {"rows": rows, "x": float("inf")})
     text = csv_path.read_text()
-    assert text.splitlines()[0] == "method,fold,organ_id,organ,support_id,query_id,dice,hd95,assd"
-    assert ",,1.0" in text  # NaN HD95 as an empty cell
+    assert text.splitlines()[0] == "method,fold,organ_id,organ,support_id,query_id,dice,hd95,assd,empty_prediction"
+    assert ",,1.0," in text  # NaN HD95 as an empty cell
     content = json.loads(json_path.read_text())  # strict JSON: no NaN/Infinity tokens
     assert content["x"] is None and content["rows"][6]["hd95"] is None
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["rows.csv", "rows.json"]
@@ -250,7 +252,9 @@ def test_volume_metrics_and_spaced_metrics():
     scaled = volume_metrics(pred, gt, (3.0, 1.0, 1.0))
     assert scaled["hd95"] > unit["hd95"] and scaled["assd"] > unit["assd"]
     empty = volume_metrics(torch.zeros_like(gt), gt)
-    assert empty["dice"] == 0.0 and math.isnan(empty["hd95"]) and math.isnan(empty["assd"])
+    diagonal = math.sqrt(20**2 + 20**2 + 10**2)  # the penalty: the volume's diagonal at unit spacing
+    assert empty["dice"] == 0.0 and empty["hd95"] == pytest.approx(diagonal) and empty["assd"] == pytest.approx(diagonal)
+    assert empty["empty_prediction"] and not unit["empty_prediction"]
     with pytest.raises(ValueError, match="same shape"):
         volume_metrics(pred[..., :5], gt)
 
@@ -260,8 +264,10 @@ def test_volume_metrics_and_spaced_metrics():
     hd = SpacedHausdorffDistanceMetric()(y_pred, y)
     asd = SpacedSurfaceDistanceMetric()(y_pred, y)
     assert float(hd) == pytest.approx(scaled["hd95"]) and float(asd) == pytest.approx(scaled["assd"])
-    nan = SpacedHausdorffDistanceMetric()(torch.zeros_like(y.as_tensor()), y.as_tensor())
-    assert torch.isnan(nan).all()  # empty prediction: NaN instead of inf, skipped by mean reductions
+    penalty = SpacedHausdorffDistanceMetric()(torch.zeros_like(y.as_tensor()), y.as_tensor())
+    assert float(penalty) == pytest.approx(diagonal)  # empty prediction: the penalty, not inf/NaN
+    nan = SpacedHausdorffDistanceMetric()(torch.zeros_like(y.as_tensor()), torch.zeros_like(y.as_tensor()))
+    assert torch.isnan(nan).all()  # both empty: undefined, skipped by mean reductions
 
 
 def test_overlay_png_panels():

@@ -299,3 +299,39 @@ def test_progress_bar_and_no_grad():
         query, SupportMaskCopy(), support_image=query, support_label=label, query_label=label
     )
     assert not out.requires_grad
+
+
+def _with_nan(volume: torch.Tensor, n: int) -> torch.Tensor:
+    out = volume.clone()
+    out.view(-1)[:n] = float("nan")
+    return out
+
+
+@pytest.mark.parametrize("query_range", ["protocol", "all"])
+@pytest.mark.parametrize(
+    "name, n_bad, message",
+    [
+        ("inputs", 1280, r"inputs \(query volume\) contains 1280 non-finite"),
+        ("inputs", 3, r"inputs \(query volume\) contains 3 non-finite"),
+        ("support_image", 7, "support_image contains 7 non-finite"),
+        ("support_label", 2, "support_label contains 2 non-finite"),
+    ],
+)
+def test_non_finite_volumes_are_rejected(query_range, name, n_bad, message):
+    """NaN fails every range comparison, so a NaN query used to give an empty mask instead of an error."""
+    query, label = _valid()
+    args = {"inputs": query, "support_image": query.clone(), "support_label": label, "query_label": label}
+    args[name] = _with_nan(args[name], n_bad)
+    inputs = args.pop("inputs")
+    if query_range == "all":
+        args.pop("query_label")
+    with pytest.raises(ValueError, match=message):
+        SlidingSupportInferer(query_range=query_range)(inputs, SupportMaskCopy(), **args)
+
+
+def test_infinite_query_is_rejected():
+    query, label = _valid()
+    bad = query.clone()
+    bad[0, 0, 0, 0, :2] = float("inf")
+    with pytest.raises(ValueError, match=r"inputs \(query volume\) contains 2 non-finite"):
+        SlidingSupportInferer(query_range="all")(bad, SupportMaskCopy(), support_image=query, support_label=label)

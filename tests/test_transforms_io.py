@@ -237,3 +237,43 @@ def test_grid_mismatch_names_both_files(tmp_path):
     shifted = _save_nifti(tmp_path / "shifted.nii.gz", np.ones((6, 7, 8), np.uint8), np.diag([1.0, 1.0, 2.0, 1.0]))
     with pytest.raises(ValueError, match=re.escape(f"{shifted} and {img} have different affines")):
         LoadVolumed(["image", "label"], grid_key="image")({"image": img, "label": shifted})
+
+
+@pytest.mark.parametrize("organ_id", [0, -2])
+def test_check_label_ids_refuses_background_and_negative_ids(organ_id):
+    label = np.zeros((4, 4, 3), dtype=np.int32)
+    label[1:3, 1:3, 1] = 1
+    with pytest.raises(ValueError, match=re.escape(f"organ id {organ_id} is not valid for mine.nii.gz")):
+        check_label_ids(label, (organ_id,), path="mine.nii.gz")
+
+
+def _grid_case(tmp_path, label_affine, label_shape=(6, 5, 4)):
+    from monai_sdfsmis.transforms.io import LoadVolumed
+
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    image = _save_nifti(tmp_path / "image.nii.gz", np.random.default_rng(0).random((6, 5, 4)).astype(np.float32), affine)
+    label = np.zeros(label_shape, dtype=np.uint8)
+    label[1:3, 1:3, 1:3] = 1
+    label = _save_nifti(tmp_path / "other_label.nii.gz", label, label_affine)
+    load = LoadVolumed(["support_image", "support_label"], same_grid={"support_label": "support_image"})
+    return load, {"support_image": str(image), "support_label": str(label)}
+
+
+def test_same_grid_refuses_a_label_of_another_grid_and_names_both_files(tmp_path):
+    shifted = np.diag([2.0, 2.0, 5.0, 1.0])
+    shifted[0, 3] = 51.0
+    load, data = _grid_case(tmp_path, shifted)
+    with pytest.raises(ValueError, match="different voxel grids") as info:
+        load(data)
+    assert "other_label.nii.gz" in str(info.value) and "image.nii.gz" in str(info.value)
+    load, data = _grid_case(tmp_path, np.diag([2.0, 2.0, 5.0, 1.0]), label_shape=(6, 5, 3))
+    with pytest.raises(ValueError, match="spatial shape") as info:
+        load(data)
+    assert "other_label.nii.gz" in str(info.value) and "image.nii.gz" in str(info.value)
+
+
+def test_same_grid_tolerates_a_rounding_difference(tmp_path):
+    nearly = np.diag([2.0, 2.0, 5.0, 1.0])
+    nearly[0, 3] = 1e-4  # well below 1e-3 of the 2 mm voxel
+    load, data = _grid_case(tmp_path, nearly)
+    assert load(data)["support_label"].shape == (1, 6, 5, 4)

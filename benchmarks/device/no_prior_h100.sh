@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# Issue 5's measurement in one device call: every fold of the no-prior benchmark at once, one process
-# per fold on the one GPU, stopped in time for the results to come back.
+# The no-prior benchmark on a lent GPU, one fold per device call by default, alone on the GPU, so that
+# its training time measures something (folds side by side each get a share of the GPU); stopped in
+# time for the results to come back. Fold 0 first; later calls run FOLDS=1, 2, ... and
+# `python benchmarks/no_prior_protocol.py --merge DIR...` joins folds measured in different calls.
 #
 # Prepared here with `bash benchmarks/device/stage.sh`, then run through the device tool as
 #   run(command="bash benchmarks/device/no_prior_h100.sh", carry=[".whl", ".data"], timeout_s=600)
+#   run(command="FOLDS=1 bash benchmarks/device/no_prior_h100.sh", carry=[".whl", ".data"], timeout_s=600)
 # The merged results.json / results.md, a nvidia-smi listing and runs.tar.gz (per-fold logs, results and
 # per-case CSVs; no weights) land in $OUT. Settings (environment variables, defaults in brackets):
-#   DATASET_DIR [.data/chaos_t2spir]   FOLDS ["0 1 2 3 4"]   AE_SECONDS [120]   SEG_SECONDS [300]
-#   DEADLINE [540]: seconds after the start at which unfinished folds are stopped (they report nothing)
+#   DATASET_DIR [.data/chaos_t2spir]   FOLDS ["0"] (several: trained side by side)   AE_SECONDS [150]
+#   SEG_SECONDS [330] (at most 8 min of training per call; the schedules run over these seconds)
+#   DEADLINE [560]: seconds after the start at which unfinished folds are stopped (they report nothing)
 #   EXTRA_ARGS: more arguments for benchmarks/no_prior_protocol.py (later ones win)
 #   RUN_DIR [/tmp/no_prior_runs]   WHEEL_DIR [.whl]: wheels installed first, when there are any
 set -uo pipefail
@@ -16,10 +20,10 @@ start=$SECONDS
 
 OUT=${OUT:-outputs/device}
 DATASET_DIR=${DATASET_DIR:-.data/chaos_t2spir}
-FOLDS=${FOLDS:-"0 1 2 3 4"}
-AE_SECONDS=${AE_SECONDS:-120}
-SEG_SECONDS=${SEG_SECONDS:-300}
-DEADLINE=${DEADLINE:-540}
+FOLDS=${FOLDS:-"0"}
+AE_SECONDS=${AE_SECONDS:-150}
+SEG_SECONDS=${SEG_SECONDS:-330}
+DEADLINE=${DEADLINE:-560}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 RUN_DIR=${RUN_DIR:-/tmp/no_prior_runs}
 WHEEL_DIR=${WHEEL_DIR:-.whl}
@@ -41,7 +45,11 @@ cores=$(nproc)
 # Each fold gets an equal share of the cores: one for its training loop, the rest for data loading.
 workers=$((cores / ${#folds[@]} - 1))
 [ "$workers" -lt 1 ] && workers=1
-note="${#folds[@]} fold(s) trained at the same time, one process each, on one device; $cores CPU cores shared"
+if [ "${#folds[@]}" -eq 1 ]; then
+    note="fold ${folds[0]} trained alone on the device; $cores CPU cores"
+else
+    note="${#folds[@]} fold(s) trained at the same time, one process each, on one device; $cores CPU cores shared"
+fi
 limit=$((DEADLINE - (SECONDS - start)))
 echo "folds ${folds[*]}: stage 1 ${AE_SECONDS}s + stage 2 ${SEG_SECONDS}s each, $workers loader workers each, stop after ${limit}s"
 

@@ -14,6 +14,7 @@ __all__ = [
     "slice_label_counts",
     "supervoxel_slice_counts",
     "ALPNET_LABEL_GROUPS",
+    "LATENT_KEY_SUFFIX",
 ]
 
 import warnings
@@ -39,6 +40,8 @@ _EXCLUSION_MODES = ("or", "and", "groups")
 # uniform choice among the valid pairs, so that a volume with very few valid pairs cannot stall a worker.
 _MAX_TRIES = 10_000
 _MAX_AUGMENT_TRIES = 8
+#: ``episode[name + LATENT_KEY_SUFFIX]`` names the content of ``episode[name]`` for a latent cache.
+LATENT_KEY_SUFFIX = "_key"
 
 
 def slices_to_exclude(label_volume: np.ndarray, labels: Sequence[int], mode: str = "or") -> np.ndarray:
@@ -184,7 +187,10 @@ class EpisodeDataset(Dataset):
     dict
         ``support_image``, ``query_image``: float32 ``[3, H, W]`` in ``[-1, 1]``;
         ``support_label``, ``query_label``: float32 ``[1, H, W]`` in ``{0, 1}``;
-        ``volume_id`` (str), ``supervoxel_id``, ``support_slice``, ``query_slice`` (int).
+        ``volume_id`` (str), ``supervoxel_id``, ``support_slice``, ``query_slice`` (int);
+        ``support_image_key``, ``support_label_key``, ``query_image_key``, ``query_label_key`` (str): what each
+        tensor is (``"volume/slice"``, ``"volume/slice/supervoxel"``), or ``""`` where augmentation changed it,
+        the keys of a :class:`~monai_sdfsmis.networks.latent_cache.LatentCache`.
     """
 
     def __init__(
@@ -383,12 +389,20 @@ class EpisodeDataset(Dataset):
             "query_image": torch.from_numpy(image[None, :, :, query_z].copy()),
             "query_label": torch.from_numpy((sv[None, :, :, query_z] == sv_id).astype(np.float32)),
         }
+        keys = {
+            "support_image": f"{table.volume_id}/{support_z}", "support_label": f"{table.volume_id}/{support_z}/{sv_id}",
+            "query_image": f"{table.volume_id}/{query_z}", "query_label": f"{table.volume_id}/{query_z}/{sv_id}",
+        }
         if self.augment is not None:
+            original = episode
             episode = self._augmented(episode, rng)
+            # A side that augmentation changed is no longer the stored slice: it must be encoded afresh.
+            keys = {k: (v if torch.equal(episode[k], original[k]) else "") for k, v in keys.items()}
         for key in ("support_image", "query_image"):
             if episode[key].shape[0] == 1:
                 episode[key] = torch.from_numpy(np.repeat(episode[key].numpy(), 3, axis=0))
         episode.update(
-            volume_id=table.volume_id, supervoxel_id=sv_id, support_slice=int(support_z), query_slice=int(query_z)
+            volume_id=table.volume_id, supervoxel_id=sv_id, support_slice=int(support_z), query_slice=int(query_z),
+            **{f"{k}{LATENT_KEY_SUFFIX}": v for k, v in keys.items()},
         )
         return episode

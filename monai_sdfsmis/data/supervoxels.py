@@ -463,9 +463,25 @@ def _header_spacing(img: nib.Nifti1Image) -> tuple[float, float, float]:
     return tuple(float(np.format_float_positional(np.float32(z))) for z in zooms)  # type: ignore[return-value]
 
 
-def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
-    if not path.is_file():
+def _check_image_path(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(
+            f"{path} is a folder (a DICOM series?); supervoxels reads NIfTI files (.nii/.nii.gz) only, convert it first"
+        )
+    if not path.exists():
         raise FileNotFoundError(f"image file not found: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a regular file")
+
+
+def _os_error(what: str, path: Path, err: OSError) -> ValueError:
+    cause = err.strerror or str(err)
+    where = f" ({err.filename})" if err.filename and str(err.filename) != str(path) else ""
+    return ValueError(f"cannot {what} {path}: {cause}{where}")
+
+
+def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    _check_image_path(path)
     try:
         nii = nib.load(str(path))
         data = np.asarray(nii.dataobj, dtype=np.float64)
@@ -481,8 +497,11 @@ def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float,
 def _atomic_save(labels: np.ndarray, affine: np.ndarray, out_path: Path) -> None:
     nii = nib.Nifti1Image(labels.astype(np.int16), affine)
     nii.set_data_dtype(np.int16)
-    with atomic_path(out_path) as tmp:
-        nib.save(nii, str(tmp))
+    try:
+        with atomic_path(out_path) as tmp:
+            nib.save(nii, str(tmp))
+    except OSError as err:
+        raise _os_error("write", out_path, err) from err
 
 
 def write_supervoxels(
@@ -528,10 +547,14 @@ def write_supervoxels(
     if duplicates:
         raise ValueError(f"several images map to the same output file(s): {', '.join(duplicates)}")
     for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"image file not found: {p}")
+        _check_image_path(p)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"cannot write supervoxels to {out}: it is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _os_error("create the output folder", out, err) from err
 
     written = []
     with tqdm(total=len(paths), desc="supervoxels", unit="vol", disable=not progress) as bar:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from monai_sdfsmis.utils import atomic_write
 
-from .autoencoder import AutoencoderTrainingStep, TrainingBudget, build_autoencoder_trainer, freeze_and_calibrate
+from .autoencoder import AutoencoderTrainingStep, build_autoencoder_trainer, freeze_and_calibrate
+from .budget import TrainingBudget, attach_budget
 from .checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint
 from .evaluator import (
     PROTOCOL_EXTRA_KEYS,
@@ -19,9 +20,19 @@ from .metrics import (
     SpacedHausdorffDistanceMetric,
     SpacedSurfaceDistance,
     SpacedSurfaceDistanceMetric,
+    empty_prediction_distance,
     spacing_of,
     volume_metrics,
 )
 from .overlays import OverlaySaver, overlay_png, overlay_slices, save_overlay
-from .tables import ORGAN_COLUMNS, ROW_FIELDS, format_table, rows_to_csv, summarize, write_json, write_rows_csv
+from .tables import (
+    ORGAN_COLUMNS,
+    ROW_FIELDS,
+    folds_title,
+    format_table,
+    rows_to_csv,
+    summarize,
+    write_json,
+    write_rows_csv,
+)
 from .trainer import EPISODE_KEYS, EpisodeTrainer, EpisodeTrainingStep

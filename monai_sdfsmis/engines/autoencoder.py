@@ -11,7 +11,6 @@ from __future__ import annotations
 
 __all__ = [
     "AutoencoderTrainingStep",
-    "TrainingBudget",
     "build_autoencoder_trainer",
     "freeze_and_calibrate",
     "save_autoencoder",
@@ -19,7 +18,6 @@ __all__ = [
 ]
 
 import math
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -28,14 +26,13 @@ from diffusers import AutoencoderKL
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 
+from monai_sdfsmis.engines.budget import TrainingBudget, attach_budget
 from monai_sdfsmis.networks.autoencoder import (
     autoencoder_loss,
     estimate_scaling_factor,
     load_autoencoder,
     save_autoencoder,
 )
-
-_SCHEDULES = ("constant", "cosine", "linear")
 
 
 class AutoencoderTrainingStep:
@@ -111,112 +108,6 @@ class AutoencoderTrainingStep:
         return {"loss": loss.detach(), "l1": parts["l1"], "kl": parts["kl"]}
 
 
-class TrainingBudget:
-    """Ignite handler: stop training after an iteration and/or time budget, and schedule the learning rate.
-
-    Progress is ``max(iterations / max_iterations, seconds / max_seconds)``, so the learning-rate
-    schedule (cosine or linear decay after a linear warm-up) reaches its end exactly when the first
-    budget runs out, whichever it is. Attach with ``budget.attach(trainer)``.
-
-    Parameters
-    ----------
-    max_iterations
-        Iteration budget (``None``: unlimited).
-    max_seconds
-        Wall-clock budget counted from the first iteration (``None``: unlimited).
-    schedule
-        ``"constant"``, ``"cosine"`` or ``"linear"`` decay of every parameter group's initial ``lr``.
-    warmup_iterations
-        Linear warm-up from 0.
-    min_lr_ratio
-        Final learning rate as a fraction of the initial one (decaying schedules).
-
-    Attributes
-    ----------
-    iterations, elapsed
-        Iterations run and seconds spent (training loop only) once training stops.
-    """
-
-    def __init__(
-        self,
-        max_iterations: int | None = None,
-        max_seconds: float | None = None,
-        schedule: str = "constant",
-        warmup_iterations: int = 0,
-        min_lr_ratio: float = 0.0,
-    ) -> None:
-        if max_iterations is None and max_seconds is None:
-            raise ValueError("TrainingBudget needs max_iterations, max_seconds or both.")
-        if max_iterations is not None and int(max_iterations) < 1:
-            raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
-        if max_seconds is not None and not max_seconds > 0:
-            raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
-        if schedule not in _SCHEDULES:
-            raise ValueError(f"Unknown schedule {schedule!r}; expected one of {_SCHEDULES}.")
-        if warmup_iterations < 0 or not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"warmup_iterations must be >= 0 and min_lr_ratio in [0, 1], got {warmup_iterations}, {min_lr_ratio}.")
-        self.max_iterations = None if max_iterations is None else int(max_iterations)
-        self.max_seconds = None if max_seconds is None else float(max_seconds)
-        self.schedule = schedule
-        self.warmup_iterations = int(warmup_iterations)
-        self.min_lr_ratio = float(min_lr_ratio)
-        self.iterations = 0
-        self.elapsed = 0.0
-        self._start: float | None = None
-        self._base_lrs: list[float] = []
-        self._optimizer: torch.optim.Optimizer | None = None
-
-    def progress(self) -> float:
-        """Fraction of the budget used, in [0, 1]."""
-        parts = [0.0]
-        if self.max_iterations is not None:
-            parts.append(self.iterations / self.max_iterations)
-        if self.max_seconds is not None and self._start is not None:
-            parts.append((time.perf_counter() - self._start) / self.max_seconds)
-        return min(max(parts), 1.0)
-
-    def lr_factor(self) -> float:
-        """Multiplier of the initial learning rates for the next iteration."""
-        warm = min(1.0, (self.iterations + 1) / self.warmup_iterations) if self.warmup_iterations else 1.0
-        p = self.progress()
-        if self.schedule == "cosine":
-            decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        elif self.schedule == "linear":
-            decay = 1 - (1 - self.min_lr_ratio) * p
-        else:
-            decay = 1.0
-        return warm * decay
-
-    def attach(self, engine: Engine, optimizer: torch.optim.Optimizer | None = None) -> TrainingBudget:
-        self._optimizer = optimizer or getattr(engine, "optimizer", None)
-        if self._optimizer is None:
-            raise ValueError("TrainingBudget.attach needs an optimizer (engine.optimizer or the optimizer argument).")
-        engine.add_event_handler(Events.STARTED, self._started)
-        engine.add_event_handler(Events.ITERATION_STARTED, self._set_lr)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._check)
-        engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self._stopped)
-        return self
-
-    def _started(self, engine: Engine) -> None:
-        self._start = time.perf_counter()
-        self.iterations = 0
-        self._base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in self._optimizer.param_groups]
-
-    def _set_lr(self, engine: Engine) -> None:
-        factor = self.lr_factor()
-        for group, base in zip(self._optimizer.param_groups, self._base_lrs):
-            group["lr"] = base * factor
-
-    def _check(self, engine: Engine) -> None:
-        self.iterations += 1
-        if self.progress() >= 1.0:
-            engine.terminate()
-
-    def _stopped(self, engine: Engine) -> None:
-        if self._start is not None:
-            self.elapsed = time.perf_counter() - self._start
-
-
 def build_autoencoder_trainer(
     vae: AutoencoderKL,
     train_loader: Iterable,
@@ -247,7 +138,8 @@ def build_autoencoder_trainer(
     lr, weight_decay
         AdamW settings (from scratch: higher than SD-FSMIS's fine-tuning rate 1e-5).
     max_iterations, max_seconds, schedule, warmup_iterations
-        Budget and learning-rate schedule (:class:`TrainingBudget`).
+        Budget and learning-rate schedule (:func:`~monai_sdfsmis.engines.budget.attach_budget`; a decaying
+        schedule runs over ``max_iterations``, ``max_seconds`` is a hard stop on top).
     kl_weight, grad_clip, amp
         :class:`AutoencoderTrainingStep` settings.
     train_handlers
@@ -265,7 +157,6 @@ def build_autoencoder_trainer(
     vae.to(device)
     vae.requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
-    budget = TrainingBudget(max_iterations, max_seconds, schedule, warmup_iterations)
     try:
         epoch_length = len(train_loader)  # type: ignore[arg-type]
     except TypeError:
@@ -290,7 +181,7 @@ def build_autoencoder_trainer(
         decollate=False,
         amp=False,  # bf16 autocast is done in the step; no GradScaler needed for bf16
     )
-    budget.attach(trainer)
+    budget = attach_budget(trainer, optimizer, max_iterations, max_seconds, schedule, warmup_iterations)
     dataset = getattr(train_loader, "dataset", None)
     if hasattr(dataset, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch - 1))
@@ -302,7 +193,11 @@ def build_autoencoder_trainer(
 
 
 def freeze_and_calibrate(
-    vae: AutoencoderKL, data: torch.Tensor | Iterable, max_batches: int | None = None, batch_size: int = 16
+    vae: AutoencoderKL,
+    data: torch.Tensor | Iterable,
+    max_batches: int | None = None,
+    batch_size: int = 16,
+    sample_posterior: bool = False,
 ) -> AutoencoderKL:
     """Freeze the trained autoencoder and write the data-derived latent scaling factor into its config.
 
@@ -316,6 +211,9 @@ def freeze_and_calibrate(
         :func:`~monai_sdfsmis.networks.autoencoder.estimate_scaling_factor`).
     max_batches, batch_size
         How much of ``data`` to use.
+    sample_posterior
+        Measure the scale on posterior samples (for a stage 2 with ``vae_sample_in_training=True``) instead
+        of posterior means (the no-prior default, DECISIONS.md #2).
 
     Returns
     -------
@@ -324,7 +222,12 @@ def freeze_and_calibrate(
         ``sdfsmis_calibration`` recording the factor (saved by ``save_autoencoder``).
     """
     vae.requires_grad_(False).eval()
-    factor = estimate_scaling_factor(vae, data, max_batches=max_batches, batch_size=batch_size)
+    factor = estimate_scaling_factor(
+        vae, data, max_batches=max_batches, batch_size=batch_size, sample_posterior=sample_posterior
+    )
     vae.register_to_config(scaling_factor=factor)
-    vae.sdfsmis_calibration = {"scaling_factor": factor, "latent_std": 1.0 / factor, "source": "data"}
+    vae.sdfsmis_calibration = {
+        "scaling_factor": factor, "latent_std": 1.0 / factor, "source": "data",
+        "latents": "posterior samples" if sample_posterior else "posterior means",
+    }
     return vae

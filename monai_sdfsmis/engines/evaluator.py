@@ -6,6 +6,9 @@ query mask to :class:`~monai_sdfsmis.inferers.SlidingSupportInferer` through
 ``PrepareBatchExtraInput``; Dice, HD95 and ASSD are computed per query volume (HD95/ASSD in mm from
 the items' affines). In protocol mode the prediction and the ground truth are both zero outside the
 query's organ slices, so the Dice over the whole volume is the Dice over the stacked organ slices.
+An empty prediction is scored (Dice 0, HD95/ASSD the volume's diagonal,
+:func:`~monai_sdfsmis.engines.metrics.empty_prediction_distance`) and flagged in its row
+(``empty_prediction``), so the summaries and tables count it.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from monai_sdfsmis.data.protocol import CHAOS_ORGANS, protocol_cases
 from monai_sdfsmis.data.volumes import VolumeStore
 from monai_sdfsmis.engines.metrics import SpacedHausdorffDistance, SpacedSurfaceDistance
 from monai_sdfsmis.engines.overlays import OverlaySaver, _slug
-from monai_sdfsmis.engines.tables import format_table, summarize, write_json, write_rows_csv
+from monai_sdfsmis.engines.tables import folds_title, format_table, summarize, write_json, write_rows_csv
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, _network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
 from monai_sdfsmis.utils import atomic_write
@@ -234,9 +237,10 @@ def _scalar(value: Any) -> Any:
 class ProtocolResultsSaver:
     """Ignite handler turning an evaluator run into per-case rows and the protocol summary.
 
-    Records each case's ``fold``/``organ``/ids from ``engine.state.batch`` and, when the epoch completes,
-    reads the per-case values of the metrics from ``engine.state.metric_details`` (MONAI metric handlers
-    with ``save_details=True``). Under ``torch.distributed`` (a ``DistributedSampler`` per process) the
+    Records each case's ``fold``/``organ``/ids from ``engine.state.batch`` and ``empty_prediction`` (the
+    prediction is empty while the ground truth is not) from ``engine.state.output``, and, when the epoch
+    completes, reads the per-case values of the metrics from ``engine.state.metric_details`` (MONAI metric
+    handlers with ``save_details=True``). Under ``torch.distributed`` (a ``DistributedSampler`` per process) the
     case records of all processes are gathered in rank order, the order in which MONAI gathers the metric
     details, so every process holds all rows; only rank 0 writes files. The result is stored in
     ``engine.state.protocol = {"rows": [...], "summary": {...}}`` and, when ``output_dir`` is given, written
@@ -281,8 +285,12 @@ class ProtocolResultsSaver:
     def _record(self, engine: Any) -> None:
         batch = engine.state.batch
         items = batch if isinstance(batch, list) else [batch]
-        for item in items:
-            self._cases.append({k: _scalar(item[k]) for k in _CASE_FIELDS if k in item})
+        empty = _empty_predictions(engine.state.output, len(items))
+        for item, flag in zip(items, empty):
+            case = {k: _scalar(item[k]) for k in _CASE_FIELDS if k in item}
+            if flag is not None:
+                case["empty_prediction"] = flag
+            self._cases.append(case)
 
     def _complete(self, engine: Any) -> None:
         details = getattr(engine.state, "metric_details", {}) or {}
@@ -301,6 +309,25 @@ class ProtocolResultsSaver:
             stem = f"{self.prefix}_{_slug(self.method)}"
             write_rows_csv(self.output_dir / f"{stem}_cases.csv", rows)
             write_json(self.output_dir / f"{stem}.json", {"method": self.method, "rows": rows, "summary": self.summary})
+
+
+def _empty_predictions(output: Any, n_items: int) -> list[bool | None]:
+    """Per item of an iteration: is ``pred`` empty while ``label`` is not (``None`` if the output lacks them)?
+
+    ``output`` is the evaluator's ``engine.state.output``: a list of per-item dicts (decollated) or one dict
+    of batch-first ``[B, C, H, W, D]`` tensors.
+    """
+    if isinstance(output, Mapping):
+        if "pred" not in output or "label" not in output:
+            return [None] * n_items
+        preds, labels = list(torch.as_tensor(output["pred"])), list(torch.as_tensor(output["label"]))
+    elif isinstance(output, list) and all(isinstance(o, Mapping) and "pred" in o and "label" in o for o in output):
+        preds, labels = [o["pred"] for o in output], [o["label"] for o in output]
+    else:
+        return [None] * n_items
+    flags: list[bool | None] = [bool(torch.as_tensor(y).any()) and not bool(torch.as_tensor(p).any())
+                                for p, y in zip(preds, labels)]
+    return flags + [None] * (n_items - len(flags))
 
 
 def _gather_cases(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -445,10 +472,10 @@ def evaluate_protocol(
             overlay_files.extend(str(p) for p in overlay.written)
 
     summaries = {name: r["summary"] for name, r in results["methods"].items()}
-    table = format_table(summaries, metric="dice", title="Dice (%), mean over folds")
+    table = format_table(summaries, metric="dice", title=folds_title("Dice (%)", summaries))
     if surface_metrics:
-        table += "\n" + format_table(summaries, metric="hd95", title="HD95 (mm)")
-        table += "\n" + format_table(summaries, metric="assd", title="ASSD (mm)")
+        table += "\n" + format_table(summaries, metric="hd95", title=folds_title("HD95 (mm)", summaries))
+        table += "\n" + format_table(summaries, metric="assd", title=folds_title("ASSD (mm)", summaries))
     results["table"] = table
     if out_dir is not None:
         all_rows = [row for r in results["methods"].values() for row in r["rows"]]

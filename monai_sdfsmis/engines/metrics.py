@@ -4,12 +4,19 @@ MONAI's ignite metric handlers call their metric without the voxel spacing, whic
 mm need. The metrics here read it from the ``MetaTensor`` affine of the prediction or label (the
 protocol dataset builds those affines from the volume's spacing), so they plug into a
 ``SupervisedEvaluator`` like any MONAI metric.
+
+Surface distances are infinite when exactly one of the two masks is empty (MONAI returns inf or NaN).
+Dropping such a case from the means would make a method that predicts nothing look better, so it gets a
+stated penalty instead, :func:`empty_prediction_distance`: the diagonal of the volume's physical extent,
+larger than any distance measured inside the volume. Only a case whose prediction and label are both
+empty stays NaN (undefined); :func:`monai_sdfsmis.engines.tables.summarize` counts both kinds.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "spacing_of",
+    "empty_prediction_distance",
     "SpacedHausdorffDistanceMetric",
     "SpacedSurfaceDistanceMetric",
     "SpacedHausdorffDistance",
@@ -31,6 +38,7 @@ from monai.metrics import (
     compute_average_surface_distance,
     compute_hausdorff_distance,
 )
+from monai.metrics.utils import prepare_spacing
 from monai.utils import MetricReduction
 
 
@@ -47,9 +55,50 @@ def spacing_of(tensor: Any, spatial_dims: int) -> list[tuple[float, ...]] | None
     ]
 
 
-def _finite_or_nan(values: torch.Tensor) -> torch.Tensor:
-    # An empty prediction gives an infinite distance; NaN lets MONAI's reductions skip it.
-    return torch.where(torch.isfinite(values), values, torch.full_like(values, float("nan")))
+def empty_prediction_distance(shape: Sequence[int], spacing: float | Sequence[float] | None = None) -> float:
+    """HD95 and ASSD given to an empty prediction (or an empty label): the diagonal of the volume's extent.
+
+    The volume spans ``shape[i] * spacing[i]`` along axis ``i``; no two of its voxels are farther apart
+    than the diagonal of that box, so the penalty is larger than the HD95/ASSD of any non-empty
+    prediction of the same volume, whatever it is.
+
+    Parameters
+    ----------
+    shape
+        Spatial shape of the volume, ``(H, W, D)`` (no channel axis).
+    spacing
+        Voxel size per spatial axis (mm), one number for isotropic voxels, or ``None`` for 1.
+
+    Returns
+    -------
+    float
+        ``sqrt(sum_i (shape[i] * spacing[i]) ** 2)`` in the units of ``spacing`` (Euclidean, also for the
+        ``"chessboard"``/``"taxicab"`` distance metrics).
+    """
+    extent = np.asarray([int(n) for n in shape], dtype=float)
+    step = np.ones(1) if spacing is None else np.asarray(spacing, dtype=float).ravel()
+    if step.size not in (1, extent.size):
+        raise ValueError(f"spacing {tuple(step)} must have one value per spatial axis of shape {tuple(shape)}.")
+    return float(np.sqrt(np.sum((extent * step) ** 2)))
+
+
+def _penalize_empty(
+    values: torch.Tensor, y_pred: torch.Tensor, y: torch.Tensor, spacing: Any, include_background: bool
+) -> torch.Tensor:
+    """Distances ``[B, C]``: :func:`empty_prediction_distance` where one mask is empty, NaN where both are.
+
+    MONAI gives inf (ASSD) or NaN (HD95 percentile of inf) when one mask is empty, so the masks decide,
+    not the values.
+    """
+    first = 0 if include_background else 1
+    pred_any = (y_pred[:, first:] != 0).flatten(2).any(-1)
+    label_any = (y[:, first:] != 0).flatten(2).any(-1)
+    spatial = tuple(y.shape[2:])
+    per_item = prepare_spacing(spacing=spacing, batch_size=y.shape[0], img_dim=len(spatial))
+    penalty = torch.tensor([empty_prediction_distance(spatial, s) for s in per_item], dtype=values.dtype)
+    penalty = penalty.to(values.device)[:, None].expand_as(values)
+    values = torch.where(pred_any ^ label_any, penalty, values)
+    return torch.where(pred_any | label_any, values, torch.full_like(values, float("nan")))
 
 
 def _plain(x: torch.Tensor) -> torch.Tensor:
@@ -65,18 +114,25 @@ def _spacing(y_pred: torch.Tensor, y: torch.Tensor, kwargs: dict) -> Any:
 
 
 class _SpacedDistance:
-    """Mixin: call MONAI's distance metric with the spacing of the inputs, and report inf (empty prediction) as NaN."""
+    """Mixin: call MONAI's distance metric with the spacing of the inputs; an empty mask gets the penalty."""
+
+    include_background: bool
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # type: ignore[override]
         spacing = _spacing(y_pred, y, kwargs)
-        return _finite_or_nan(super()._compute_tensor(_plain(y_pred), _plain(y), spacing=spacing))  # type: ignore[misc]
+        y_pred, y = _plain(y_pred), _plain(y)
+        values = super()._compute_tensor(y_pred, y, spacing=spacing)  # type: ignore[misc]
+        return _penalize_empty(values, y_pred, y, spacing, self.include_background)
 
 
 class SpacedHausdorffDistanceMetric(_SpacedDistance, HausdorffDistanceMetric):
     """MONAI's Hausdorff distance (95th percentile by default) in the units of the input's affine (mm).
 
     Inputs ``[B, C, *spatial]`` binary; the spacing comes from ``spacing=`` when given, otherwise from the
-    ``MetaTensor`` affine of ``y`` (then ``y_pred``), otherwise 1. Infinite values (empty prediction) become NaN.
+    ``MetaTensor`` affine of ``y`` (then ``y_pred``), otherwise 1. Output ``[B, C]``. When exactly one of
+    prediction and label is empty (an infinite distance), the value is :func:`empty_prediction_distance` of
+    ``y``'s spatial shape and that spacing; when both are empty it is NaN (undefined, skipped by MONAI's
+    mean reductions).
     """
 
     def __init__(
@@ -160,7 +216,7 @@ class SpacedSurfaceDistance(IgniteMetricHandler):
 
 def volume_metrics(
     pred: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray, spacing: Sequence[float] | None = None
-) -> dict[str, float]:
+) -> dict[str, float | bool]:
     """Dice, HD95 and ASSD of one binary volume prediction.
 
     Parameters
@@ -173,8 +229,10 @@ def volume_metrics(
     Returns
     -------
     dict
-        ``dice`` = 2TP / (2TP + FP + FN) (NaN when both are empty), ``hd95`` and ``assd`` in the units of
-        ``spacing`` (NaN when either mask is empty).
+        ``dice`` = 2TP / (2TP + FP + FN) (0 when exactly one mask is empty, NaN when both are); ``hd95`` and
+        ``assd`` in the units of ``spacing``: :func:`empty_prediction_distance` of the volume when exactly one
+        mask is empty, NaN (undefined) when both are; ``empty_prediction``: the prediction is empty while the
+        label is not.
     """
     p = torch.as_tensor(np.asarray(pred) if not isinstance(pred, torch.Tensor) else pred).bool()
     g = torch.as_tensor(np.asarray(label) if not isinstance(label, torch.Tensor) else label).bool()
@@ -182,13 +240,20 @@ def volume_metrics(
         raise ValueError(f"pred {tuple(p.shape)} and label {tuple(g.shape)} must have the same shape.")
     if p.ndim == 4 and p.shape[0] == 1:
         p, g = p[0], g[0]
+    # A plain count is all Dice needs on one binary volume; MONAI's DiceMetric would add a batch/channel
+    # wrapper and its own empty-label convention for the same number.
     tp = int((p & g).sum())
     denominator = int(p.sum()) + int(g.sum())
     dice = 2.0 * tp / denominator if denominator else float("nan")
-    if not bool(p.any()) or not bool(g.any()):
-        return {"dice": dice, "hd95": float("nan"), "assd": float("nan")}
+    pred_any, label_any = bool(p.any()), bool(g.any())
+    empty = {"empty_prediction": label_any and not pred_any}
+    if not pred_any and not label_any:
+        return {"dice": dice, "hd95": float("nan"), "assd": float("nan"), **empty}
+    if not pred_any or not label_any:
+        penalty = empty_prediction_distance(tuple(p.shape), spacing)
+        return {"dice": dice, "hd95": penalty, "assd": penalty, **empty}
     batch_p, batch_g = p[None, None].float(), g[None, None].float()
     space = None if spacing is None else [float(s) for s in spacing]
     hd95 = compute_hausdorff_distance(batch_p, batch_g, include_background=True, percentile=95, spacing=space)
     assd = compute_average_surface_distance(batch_p, batch_g, include_background=True, symmetric=True, spacing=space)
-    return {"dice": dice, "hd95": float(hd95.item()), "assd": float(assd.item())}
+    return {"dice": dice, "hd95": float(hd95.item()), "assd": float(assd.item()), **empty}

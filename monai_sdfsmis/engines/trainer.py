@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __all__ = ["EPISODE_KEYS", "EpisodeTrainingStep", "EpisodeTrainer"]
 
+import inspect
 import math
 import warnings
 from collections.abc import Iterable, Sequence
@@ -24,8 +25,18 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
+from monai_sdfsmis.data.episodes import LATENT_KEY_SUFFIX
+from monai_sdfsmis.networks.latent_cache import LatentCache
+
 #: Batch keys handed to ``network.compute_loss``, in argument order.
 EPISODE_KEYS: tuple[str, ...] = ("support_image", "support_label", "query_image", "query_label")
+
+
+def _accepts(function: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
@@ -66,12 +77,17 @@ class EpisodeTrainingStep:
     skip_non_finite
         Skip the optimizer step (with a warning) when the loss is NaN/inf instead of corrupting the weights;
         the number of skipped steps is kept in ``engine.state.skipped_steps``.
+    latent_cache
+        A :class:`~monai_sdfsmis.networks.latent_cache.LatentCache`: the frozen VAE's posteriors of the four
+        inputs are looked up by the batch's ``<key>_key`` entries (:class:`~monai_sdfsmis.data.episodes.EpisodeDataset`)
+        and only the misses are encoded; ``None`` encodes every input.
 
     Returns (from ``__call__``)
     ---------------------------
     list[dict]
-        ``[{"loss": detached scalar tensor}] * B`` (one per episode, as MONAI's decollated output), stored
-        by ignite in ``engine.state.output``.
+        ``[{"loss": ..., "loss_mean_target": ...}] * B`` (detached scalars, one dict per episode, as MONAI's
+        decollated output), stored by ignite in ``engine.state.output``. ``loss_mean_target`` is the MSE
+        against the posterior-mean target, which differs from ``loss`` only when the posterior is sampled.
     """
 
     def __init__(
@@ -80,6 +96,7 @@ class EpisodeTrainingStep:
         amp: bool = True,
         keys: Sequence[str] = EPISODE_KEYS,
         skip_non_finite: bool = True,
+        latent_cache: LatentCache | None = None,
     ) -> None:
         if grad_clip is not None and grad_clip < 0:
             raise ValueError(f"grad_clip must be positive (or None to disable), got {grad_clip}.")
@@ -89,6 +106,19 @@ class EpisodeTrainingStep:
         self.amp = amp
         self.keys = tuple(keys)
         self.skip_non_finite = skip_non_finite
+        self.latent_cache = latent_cache
+
+    def _cached_posteriors(self, model: torch.nn.Module, batch: dict[str, Any], inputs: list[torch.Tensor]) -> Any:
+        """The four inputs' posteriors through ``latent_cache``, or ``None`` when there is no cache or no keys."""
+        names = [f"{k}{LATENT_KEY_SUFFIX}" for k in self.keys]
+        if self.latent_cache is None or len(inputs) != 4 or not all(n in batch for n in names):
+            return None
+        support_image, support_label, query_image, query_label = inputs
+        images = torch.cat(
+            [support_image, model.mask_to_image(support_label), query_image, model.mask_to_image(query_label)]
+        )
+        keys = [key for n in names for key in batch[n]]
+        return self.latent_cache.posteriors(model, images, keys).chunk(4)
 
     def __call__(self, engine: Any, batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
         if not isinstance(batch, dict):
@@ -107,8 +137,17 @@ class EpisodeTrainingStep:
         network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
+        extra: dict[str, Any] = {}
+        if _accepts(compute_loss, "return_parts"):
+            extra["return_parts"] = True
+        posteriors = self._cached_posteriors(model, batch, inputs)
+        if posteriors is not None:
+            extra["posteriors"] = posteriors
         with autocast:
-            loss = compute_loss(*inputs)
+            loss = compute_loss(*inputs, **extra)
+        parts: dict[str, torch.Tensor] = {}
+        if isinstance(loss, tuple):
+            loss, parts = loss
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = loss.float().mean()
@@ -116,7 +155,7 @@ class EpisodeTrainingStep:
             engine.state.skipped_steps = getattr(engine.state, "skipped_steps", 0) + 1
             warnings.warn(f"Non-finite loss {float(loss.detach()):g} at iteration {engine.state.iteration}; step skipped.")
             engine.optimizer.zero_grad(set_to_none=True)
-            return self._output(loss, inputs[0])
+            return self._output(loss, inputs[0], parts)
         loss.backward()
         if model is not network:
             _average_gradients(engine.optimizer)
@@ -126,12 +165,14 @@ class EpisodeTrainingStep:
             torch.nn.utils.clip_grad_norm_(params, max_norm=float(self.grad_clip))
         engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return self._output(loss, inputs[0])
+        return self._output(loss, inputs[0], parts)
 
     @staticmethod
-    def _output(loss: torch.Tensor, first_input: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        value = loss.detach()
-        return [{"loss": value} for _ in range(max(int(first_input.shape[0]), 1))]
+    def _output(
+        loss: torch.Tensor, first_input: torch.Tensor, parts: dict[str, torch.Tensor] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        item = {"loss": loss.detach(), **{k: v.detach().float() for k, v in (parts or {}).items()}}
+        return [dict(item) for _ in range(max(int(first_input.shape[0]), 1))]
 
 
 class EpisodeTrainer(SupervisedTrainer):
@@ -150,8 +191,8 @@ class EpisodeTrainer(SupervisedTrainer):
         Network with ``compute_loss(support_image, support_label, query_image, query_label)``.
     optimizer
         E.g. ``torch.optim.AdamW(network.parameter_groups(...))``.
-    grad_clip, amp
-        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, DECISIONS.md #9).
+    grad_clip, amp, latent_cache
+        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, DECISIONS.md #9; no cache).
     epoch_length, train_handlers, key_train_metric, non_blocking, optim_set_to_none
         As ``SupervisedTrainer``.
     """
@@ -170,6 +211,7 @@ class EpisodeTrainer(SupervisedTrainer):
         key_train_metric: dict | None = None,
         non_blocking: bool = False,
         optim_set_to_none: bool = True,
+        latent_cache: LatentCache | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -181,7 +223,7 @@ class EpisodeTrainer(SupervisedTrainer):
             loss_function=_no_loss_function,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            iteration_update=EpisodeTrainingStep(grad_clip=grad_clip, amp=amp),
+            iteration_update=EpisodeTrainingStep(grad_clip=grad_clip, amp=amp, latent_cache=latent_cache),
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,
             amp=False,  # bf16 autocast is handled by the step; no GradScaler needed

@@ -143,6 +143,14 @@ class SlidingSupportInferer(Inferer):
         return volume
 
     @staticmethod
+    def _check_finite(name: str, volume: torch.Tensor) -> None:
+        # min/max comparisons are False for NaN, so the range and mask checks alone let NaN volumes through.
+        finite = torch.isfinite(volume)
+        if not bool(finite.all()):
+            n_bad = int(finite.numel() - int(finite.sum()))
+            raise ValueError(f"{name} contains {n_bad} non-finite (NaN or infinite) voxels; fix or mask the input volume.")
+
+    @staticmethod
     def _check_range(name: str, volume: torch.Tensor) -> None:
         low, high = float(volume.min()), float(volume.max())
         if low < -1.0 - _RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
@@ -300,6 +308,12 @@ class SlidingSupportInferer(Inferer):
         )
         if isinstance(query_label, MetaTensor):
             query_label = query_label.as_tensor()
+        self._check_finite("inputs (query volume)", query)
+        self._check_finite("support_image", support_image)
+        if support_label.is_floating_point():
+            self._check_finite("support_label", support_label)
+        if query_label is not None and query_label.is_floating_point():
+            self._check_finite("query_label", query_label)
         self._check_range("inputs (query volume)", query)
         self._check_range("support_image", support_image)
         self._check_mask("support_label", support_label)

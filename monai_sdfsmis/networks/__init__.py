@@ -8,6 +8,7 @@ from .autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
+from .latent_cache import LatentCache
 from .no_prior import UNET_WIDTHS, build_no_prior_sdfsmis, build_no_prior_unet
 from .one_step import one_step_scheduler, predict_original_sample
 from .pretrained import (
@@ -61,4 +62,5 @@ __all__ = [
     "UNET_WIDTHS",
     "build_no_prior_unet",
     "build_no_prior_sdfsmis",
+    "LatentCache",
 ]

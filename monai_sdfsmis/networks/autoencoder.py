@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from monai.metrics import MSEMetric, PSNRMetric, compute_dice
 
 from monai_sdfsmis.utils import atomic_folder
 
@@ -217,8 +218,10 @@ def estimate_scaling_factor(
     max_batches: int | None = None,
     batch_size: int = 16,
     key: str = "image",
+    sample_posterior: bool = False,
+    generator: torch.Generator | None = None,
 ) -> float:
-    """Latent scaling factor measured on data: ``1 / std`` of the posterior-mean latents.
+    """Latent scaling factor measured on data: ``1 / std`` of the posterior-mean (or sampled) latents.
 
     SD's 0.18215 is this quantity for SD's VAE on its training images; a VAE trained from scratch
     has its own latent scale, and the UNet's target (the mask latent, METHOD.md 5.7) should have
@@ -237,6 +240,11 @@ def estimate_scaling_factor(
         Batch size when ``data`` is a tensor.
     key
         Dictionary key of the images.
+    sample_posterior
+        Measure posterior samples instead of means: use the quantity stage 2 trains on
+        (``vae_sample_in_training``), so that its inputs and target have unit variance.
+    generator
+        Random generator of the samples.
 
     Returns
     -------
@@ -248,7 +256,8 @@ def estimate_scaling_factor(
     count, total, total_sq = 0, 0.0, 0.0
     for batch in iter_image_batches(data, batch_size=batch_size, key=key, max_batches=max_batches):
         _check_images(batch, "calibration images", channels=vae.config.in_channels)
-        latents = vae.encode(batch.to(device=param.device, dtype=param.dtype)).latent_dist.mean.double()
+        posterior = vae.encode(batch.to(device=param.device, dtype=param.dtype)).latent_dist
+        latents = (posterior.sample(generator=generator) if sample_posterior else posterior.mean).double()
         count += latents.numel()
         total += latents.sum().item()
         total_sq += latents.square().sum().item()
@@ -276,7 +285,8 @@ def reconstruction_metrics(
 ) -> dict[str, float]:
     """Reconstruction quality of the autoencoder (cf. [P] Supp. Tab. 5 for SD's VAE).
 
-    Latents are posterior means (evaluation convention, D#2); outputs are clipped to [-1, 1].
+    Latents are posterior means (evaluation convention, D#2); outputs are clipped to [-1, 1]. PSNR, MSE and
+    Dice are MONAI's (``PSNRMetric``, ``MSEMetric``, ``compute_dice``).
 
     Parameters
     ----------
@@ -292,7 +302,7 @@ def reconstruction_metrics(
     Returns
     -------
     dict
-        ``image_psnr`` (dB, data range 2, mean over slices of the per-slice PSNR), ``image_mse``
+        ``image_psnr`` (dB, data range 2, mean over slices of the per-slice PSNR, capped at 100), ``image_mse``
         (on [-1, 1]), ``mask_psnr``, ``mask_mse``, ``mask_dice`` (decoded mask binarised as the
         network does: channel mean > 0; Dice pooled over all slices, 1.0 if both are empty),
         ``num_images``, ``num_masks``. Keys of a missing input are absent.
@@ -307,44 +317,42 @@ def reconstruction_metrics(
         latents = vae.encode(batch).latent_dist.mean
         return vae.decode(latents).sample.float().clamp(-1, 1)
 
-    def psnr_and_mse(targets: torch.Tensor) -> tuple[list[float], list[float]]:
-        psnrs, mses = [], []
-        for batch in targets.split(batch_size):
-            recon = reconstruct(batch)
-            mse = (recon - batch.to(recon.device).float()).square().flatten(1).mean(1)
-            mses += mse.tolist()
-            # Data range 2 for [-1, 1]; a perfect slice is capped at 100 dB instead of inf.
-            psnrs += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).clamp_max(100.0).tolist()
-        return psnrs, mses
+    def psnr_and_mse(recons: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, int]:
+        """Mean over slices of MONAI's per-slice PSNR (data range 2 for [-1, 1]) and MSE, and the slice count."""
+        psnr, mse = PSNRMetric(max_val=2.0, reduction="none"), MSEMetric(reduction="none")
+        for recon, target in recons:
+            psnr(y_pred=recon, y=target)
+            mse(y_pred=recon, y=target)
+        # A perfect slice has an infinite PSNR: cap it at 100 dB so that one slice cannot make the mean inf.
+        per_slice = psnr.get_buffer().clamp_max(100.0)
+        return float(per_slice.mean()), float(mse.get_buffer().mean()), int(per_slice.numel())
 
     out: dict[str, float] = {}
     if images is not None:
         _check_images(images, "images", channels=vae.config.in_channels)
-        psnrs, mses = psnr_and_mse(images)
-        out.update(image_psnr=float(sum(psnrs) / len(psnrs)), image_mse=float(sum(mses) / len(mses)),
-                   num_images=float(len(psnrs)))
+        pairs = ((reconstruct(batch), batch.to(param.device).float()) for batch in images.split(batch_size))
+        image_psnr, image_mse, count = psnr_and_mse(pairs)
+        out.update(image_psnr=image_psnr, image_mse=image_mse, num_images=float(count))
     if masks is not None:
         _check_images(masks, "masks", channels=1)
         if not torch.all((masks == 0) | (masks == 1)):
             raise ValueError("masks must be binary {0, 1} [N, 1, H, W] tensors.")
-        intersection, total = 0.0, 0.0
-        mses, psnrs = [], []
-        for batch in masks.split(batch_size):
-            target = _masks_to_vae(batch)
-            recon = reconstruct(target)
-            mse = (recon - target.to(recon.device)).square().flatten(1).mean(1)
-            mses += mse.tolist()
-            psnrs += (10 * torch.log10(4.0 / mse.clamp_min(1e-10))).clamp_max(100.0).tolist()
-            predicted = recon.mean(dim=1, keepdim=True) > 0
-            truth = batch.to(predicted.device) > 0.5
-            intersection += (predicted & truth).sum().item()
-            total += predicted.sum().item() + truth.sum().item()
-        out.update(
-            mask_dice=float(2 * intersection / total) if total > 0 else 1.0,
-            mask_psnr=float(sum(psnrs) / len(psnrs)),
-            mask_mse=float(sum(mses) / len(mses)),
-            num_masks=float(len(psnrs)),
-        )
+        predicted: list[torch.Tensor] = []
+
+        def mask_pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch in masks.split(batch_size):
+                target = _masks_to_vae(batch).to(param.device)
+                recon = reconstruct(target)
+                predicted.append((recon.mean(dim=1, keepdim=True) > 0).cpu())  # the network's binarisation
+                yield recon, target
+
+        mask_psnr, mask_mse, count = psnr_and_mse(mask_pairs())
+        # Dice pooled over all slices (not a mean of per-slice Dice): MONAI's Dice of the slices stacked into
+        # one [1, 1, N, H, W] volume; ignore_empty=False gives 1 when both are empty.
+        stack = torch.cat(predicted).permute(1, 0, 2, 3)[None].float()
+        truth = (masks > 0.5).permute(1, 0, 2, 3)[None].float()
+        dice = compute_dice(stack, truth, include_background=True, ignore_empty=False)
+        out.update(mask_dice=float(dice), mask_psnr=mask_psnr, mask_mse=mask_mse, num_masks=float(count))
     return out
 
 

@@ -178,13 +178,18 @@ def build_no_prior_sdfsmis(
         ``use_vtct``, ``sii_mode``, ``timestep``, ...). ``image_encoder`` is always ``None``: VTCT
         uses its learned condition embedding. When a constant "empty prompt" is needed
         (``use_vtct=False`` or ``support_condition="empty"``) it is an all-zero ``[1, 77, D]`` tensor,
-        since there is no text encoder.
+        since there is no text encoder. ``vae_sample_in_training`` defaults to ``False`` here (posterior
+        means in training too, DECISIONS.md #2); when it is set, calibrate the autoencoder on posterior
+        samples as well (``freeze_and_calibrate(..., sample_posterior=True)``).
 
     Returns
     -------
     SDFSMIS
         On the autoencoder's device, UNet in float32.
     """
+    # DECISIONS.md #2: a from-scratch autoencoder's posterior sigma is a large share of its latent std, so a
+    # posterior sample puts noise into the inputs and the target that no model can predict.
+    sdfsmis_settings.setdefault("vae_sample_in_training", False)
     for key in ("image_encoder", "empty_prompt_embedding", "vae", "unet"):
         if key in sdfsmis_settings:
             raise ValueError(f"build_no_prior_sdfsmis builds '{key}' itself; do not pass it.")

@@ -17,7 +17,7 @@ __all__ = ["SDFSMIS", "SupportContext", "DualConvIn", "BINARIZE_MODES", "SUPPORT
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
@@ -498,16 +499,39 @@ class SDFSMIS(nn.Module):
         """``[B, 1, H, W]`` mask in ``{0, 1}`` -> ``[B, 3, H, W]`` in ``{-1, 1}`` (the VAE's image range)."""
         return (label.float() * 2.0 - 1.0).expand(-1, 3, -1, -1)
 
+    def encode_posterior(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen VAE encoder: ``[B, 3, H, W]`` in ``[-1, 1]`` -> posterior parameters ``[B, 2C, h, w]`` (mean, log-variance).
+
+        The unscaled output of the encoder (diffusers' ``DiagonalGaussianDistribution.parameters``); it does not
+        depend on the training mode, so it is what a latent cache stores (:class:`~monai_sdfsmis.networks.latent_cache.LatentCache`).
+        """
+        with torch.no_grad():
+            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters
+
+    def latents_from_posterior(self, parameters: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
+        """Posterior parameters ``[B, 2C, h, w]`` -> scaled latent ``[B, C, h, w]``.
+
+        Parameters
+        ----------
+        parameters
+            From :meth:`encode_posterior`.
+        sample
+            Draw a posterior sample (``True``) or take the mean (``False``); ``None``: sample in ``train()``
+            mode when ``vae_sample_in_training`` (DECISIONS.md #2), mean otherwise.
+        """
+        if sample is None:
+            sample = self.training and self.vae_sample_in_training
+        dist = DiagonalGaussianDistribution(parameters)
+        z = dist.sample() if sample else dist.mode()
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * self.vae.config.scaling_factor
+
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen VAE: ``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latent ``[B, 4, H/8, W/8]``.
 
         Posterior sample in ``train()`` mode when ``vae_sample_in_training``, posterior mean otherwise.
         """
-        with torch.no_grad():
-            dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-            z = dist.sample() if self.training and self.vae_sample_in_training else dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
+        return self.latents_from_posterior(self.encode_posterior(images))
 
     def decode_mask(self, latent: torch.Tensor) -> torch.Tensor:
         """Mask latent ``[B, 4, h, w]`` -> soft mask ``[B, 1, 8h, 8w]`` float32 in ``[-1, 1]`` (decode, clip, channel mean)."""
@@ -584,7 +608,9 @@ class SDFSMIS(nn.Module):
         support_label: torch.Tensor,
         query_image: torch.Tensor,
         query_label: torch.Tensor,
-    ) -> torch.Tensor:
+        posteriors: Sequence[torch.Tensor] | None = None,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of a batch of ``B`` episodes: ``MSE(x0, z_qm)`` in float32 (paper Eq. 5).
 
         Parameters
@@ -593,11 +619,18 @@ class SDFSMIS(nn.Module):
             ``[B, 3, H, W]`` in ``[-1, 1]``.
         support_label, query_label
             ``[B, 1, H, W]`` in ``{0, 1}``; every support mask needs a foreground pixel.
+        posteriors
+            Optional VAE posterior parameters of the four inputs, in the order above, each ``[B, 2C, h, w]``
+            (:meth:`encode_posterior`, e.g. from a :class:`~monai_sdfsmis.networks.latent_cache.LatentCache`);
+            ``None`` encodes the four images here.
+        return_parts
+            Also return ``{"loss_mean_target": ...}``: the MSE against the posterior-mean query-mask latent
+            (equal to the loss unless the posterior is sampled; comparable across settings, so it is what to log).
 
         Returns
         -------
-        torch.Tensor
-            Scalar float32 loss.
+        torch.Tensor or (torch.Tensor, dict)
+            Scalar float32 loss (and its parts).
         """
         self._check_pair(support_image, support_label, "support")
         self._check_pair(query_image, query_label, "query")
@@ -605,14 +638,27 @@ class SDFSMIS(nn.Module):
             raise ValueError(
                 f"support_image {tuple(support_image.shape)} and query_image {tuple(query_image.shape)} must match."
             )
-        # One VAE call for the four images of every episode.
-        latents = self.encode_latents(
-            torch.cat([support_image, self.mask_to_image(support_label), query_image, self.mask_to_image(query_label)])
-        )
-        z_si, z_sm, z_qi, z_qm = latents.chunk(4)
+        if posteriors is None:
+            # One VAE call for the four images of every episode.
+            posterior = self.encode_posterior(
+                torch.cat([support_image, self.mask_to_image(support_label), query_image, self.mask_to_image(query_label)])
+            )
+        else:
+            if len(posteriors) != 4:
+                raise ValueError(f"posteriors must hold the 4 episode posteriors, got {len(posteriors)}.")
+            posterior = torch.cat(list(posteriors))
+        z_si, z_sm, z_qi, z_qm = self.latents_from_posterior(posterior).chunk(4)
         context = self._support_context(support_image, support_label, z_si, z_sm)
         x0 = self.predict_mask_latent(z_qi, context)
-        return F.mse_loss(x0.float(), z_qm.float())
+        loss = F.mse_loss(x0.float(), z_qm.float())
+        if not return_parts:
+            return loss
+        if self.training and self.vae_sample_in_training:
+            target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
+            mean_target = F.mse_loss(x0.detach().float(), target.float())
+        else:
+            mean_target = loss.detach()
+        return loss, {"loss_mean_target": mean_target}
 
     @torch.no_grad()
     def encode_support(self, support_image: torch.Tensor, support_label: torch.Tensor) -> SupportContext:

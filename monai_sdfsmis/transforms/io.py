@@ -20,10 +20,13 @@ __all__ = [
     "CheckLabelIdsd",
     "CheckLabelIdsD",
     "CheckLabelIdsDict",
+    "check_output_folder",
+    "SaveVolumed",
 ]
 
 import functools
 import os
+import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,9 +36,11 @@ import torch
 from monai.config import DtypeLike, KeysCollection
 from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.data.image_reader import ImageReader
-from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Orientation
+from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Orientation, SaveImaged
 from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import ImageMetaKey, ensure_tuple, get_equivalent_dtype
+
+from monai_sdfsmis.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -235,9 +240,16 @@ def check_label_ids(label: Any, required_ids: Iterable[int] = (), path: str | os
     Raises
     ------
     ValueError
-        ``label`` holds no foreground voxel, or a required id is absent.
+        A required id is not a positive integer (0 is the background), ``label`` holds no foreground voxel, or a
+        required id is absent.
     """
     name = _name_of(label, path)
+    required_ids = list(required_ids)
+    bad_ids = [i for i in required_ids if int(i) != i or int(i) < 1]
+    if bad_ids:
+        raise ValueError(
+            f"organ id {bad_ids[0]} is not valid for {name}: organ ids are positive integers (0 is the background)"
+        )
     tensor = label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(np.asarray(label))
     present = _present_ids(tensor)
     if not any(v != 0 for v in present):
@@ -251,7 +263,11 @@ def check_label_ids(label: Any, required_ids: Iterable[int] = (), path: str | os
 
 
 def check_same_grid(
-    reference: MetaTensor, other: MetaTensor, ref_name: str = "reference", other_name: str = "other", atol: float = 1e-3
+    reference: MetaTensor,
+    other: MetaTensor,
+    ref_name: str = "reference",
+    other_name: str = "other",
+    rtol: float = 1e-3,
 ) -> None:
     """Raise ``ValueError`` unless ``other`` lies on ``reference``'s voxel grid (spatial shape and affine).
 
@@ -261,8 +277,9 @@ def check_same_grid(
         Channel-first MetaTensors ``[C, H, W, D]``.
     ref_name, other_name
         Names used in the message (file names).
-    atol
-        Absolute tolerance on the affine entries (millimetres).
+    rtol
+        Tolerance as a fraction of the reference's smallest voxel size: every affine entry (origin, direction
+        times spacing) may differ by at most ``rtol * min(spacing)`` millimetres.
     """
     if tuple(reference.shape[1:]) != tuple(other.shape[1:]):
         raise ValueError(
@@ -270,10 +287,16 @@ def check_same_grid(
             f"{tuple(reference.shape[1:])}; they must share one voxel grid"
         )
     a, b = np.asarray(reference.affine, dtype=float), np.asarray(other.affine, dtype=float)
-    if not np.allclose(a, b, atol=atol):
+    n = a.shape[0] - 1
+    spacing = np.linalg.norm(a[:n, :n], axis=0)
+    tol = float(rtol) * float(spacing.min()) if spacing.size and spacing.min() > 0 else float(rtol)
+    diff = np.abs(a - b)
+    if float(diff.max()) > tol:
+        origin = float(np.abs(a[:n, n] - b[:n, n]).max())
         raise ValueError(
-            f"{other_name} and {ref_name} have different affines (max difference {np.abs(a - b).max():.4g} mm); "
-            "they must share one voxel grid"
+            f"{other_name} and {ref_name} have different affines: they lie on different voxel grids (origins {origin:.4g} mm apart, largest affine "
+            f"difference {float(diff.max()):.4g} mm, tolerance {tol:.3g} mm); they must share one voxel grid "
+            "(is the label from another volume?)"
         )
 
 
@@ -298,6 +321,9 @@ class LoadVolumed(MapTransform):
     grid_key
         If given, every other loaded key must lie on this key's voxel grid (shape and affine), e.g.
         ``grid_key="image"`` to check that the labels belong to the image.
+    same_grid
+        ``{key: reference_key}``: each ``key`` must lie on its ``reference_key``'s voxel grid, e.g.
+        ``{"support_label": "support_image"}`` when the query has another grid than the support.
     allow_missing_keys
         Skip keys that are absent instead of raising ``KeyError``.
     """
@@ -312,9 +338,14 @@ class LoadVolumed(MapTransform):
         label_dtype: DtypeLike | torch.dtype = np.int32,
         require_3d: bool = True,
         grid_key: Hashable | None = None,
+        same_grid: Mapping[Hashable, Hashable] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.same_grid = dict(same_grid or {})
+        for key, ref in self.same_grid.items():
+            if key not in self.keys or ref not in self.keys:
+                raise ValueError(f"same_grid entry {key!r}: {ref!r} must name two of keys {self.keys}")
         self.reader = reader
         self.orientation = orientation
         self.dtype = dtype
@@ -345,6 +376,9 @@ class LoadVolumed(MapTransform):
             for key in self.key_iterator(d):
                 if key != self.grid_key:
                     check_same_grid(ref, d[key], _name_of(ref, None), _name_of(d[key], None))
+        for key, ref_key in self.same_grid.items():
+            if key in d and ref_key in d:
+                check_same_grid(d[ref_key], d[key], _name_of(d[ref_key], None), _name_of(d[key], None))
         return d
 
 
@@ -372,6 +406,100 @@ class CheckLabelIdsd(MapTransform):
         for key in self.key_iterator(d):
             check_label_ids(d[key], self.required_ids)
         return d
+
+
+def check_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` if needed and check that files can be written in it; returns it as a ``Path``.
+
+    Raises ``ValueError`` naming the folder (and the cause) when it is a file, cannot be created or is not writable.
+    """
+    path = Path(folder).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
+            pass
+    except OSError as err:
+        raise ValueError(f"output folder {path} is not writable: {err.strerror or err}") from err
+    return path
+
+
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
+    except (TypeError, ValueError):
+        return False
+
+
+def _atomic_writer(writer_cls: type) -> type:
+    """A subclass of a MONAI ``ImageWriter`` whose ``write`` goes to a temporary file beside the target, renamed last."""
+
+    class _Atomic(writer_cls):  # type: ignore[misc, valid-type]
+        def write(self, filename_or_obj, *args, **kwargs):  # noqa: D102
+            if not isinstance(filename_or_obj, (str, os.PathLike)):
+                return super().write(filename_or_obj, *args, **kwargs)
+            with atomic_path(filename_or_obj) as tmp:
+                return super().write(str(tmp), *args, **kwargs)
+
+    _Atomic.__name__ = _Atomic.__qualname__ = f"Atomic{writer_cls.__name__}"
+    return _Atomic
+
+
+class SaveVolumed(SaveImaged):
+    """MONAI ``SaveImaged`` that never leaves a half-written file, never writes over an input and never replaces an
+    existing output unless ``overwrite``.
+
+    Each file is written under a temporary name in the output folder and renamed to its final name once complete
+    (:func:`monai_sdfsmis.utils.atomic_path`), so a crash or ``SIGKILL`` while saving leaves no truncated file under
+    the final name. The output folder is checked when the transform is built, i.e. before any inference.
+
+    Parameters
+    ----------
+    keys, output_dir, **kwargs
+        As ``monai.transforms.SaveImaged``.
+    overwrite
+        Replace outputs that already exist; with ``False`` (default) an existing output raises ``ValueError``.
+    protected
+        Input files that must never be written over, whatever ``overwrite`` says (e.g. the query image, the support
+        image and label). The file each saved volume was loaded from (its ``filename_or_obj``) is always protected.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_dir: str | os.PathLike = "./",
+        overwrite: bool = False,
+        protected: Sequence[str | os.PathLike] | str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> None:
+        check_output_folder(output_dir)
+        super().__init__(keys, output_dir=output_dir, **kwargs)
+        self.overwrite = bool(overwrite)
+        self.protected = [os.fspath(p) for p in ensure_tuple(protected) if p is not None]
+        self.saver.writers = tuple(_atomic_writer(w) for w in self.saver.writers)
+
+    def _target(self, img: Any, meta_data: Mapping | None) -> str:
+        meta = img.meta if isinstance(img, MetaTensor) else meta_data
+        kw = self.saver.fname_formatter(meta, self.saver)
+        return str(self.saver.folder_layout.filename(**kw))
+
+    def __call__(self, data):
+        d = dict(data)
+        for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
+            if meta_key is None and meta_key_postfix is not None:
+                meta_key = f"{key}_{meta_key_postfix}"
+            meta_data = d.get(meta_key) if meta_key is not None else None
+            target = self._target(d[key], meta_data)
+            meta = d[key].meta if isinstance(d[key], MetaTensor) else (meta_data or {})
+            inputs = [*self.protected, *(p for p in ensure_tuple(meta.get(_FILENAME_KEY)) if isinstance(p, str))]
+            if any(_same_file(target, p) for p in inputs):
+                raise ValueError(f"refusing to write {target}: it is an input file; choose another output_dir")
+            if os.path.lexists(target) and not self.overwrite:
+                raise ValueError(
+                    f"output {target} already exists; remove it, choose another output_dir or set overwrite=True"
+                )
+        return super().__call__(d)
 
 
 LoadVolumeD = LoadVolumeDict = LoadVolumed

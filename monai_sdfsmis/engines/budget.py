@@ -1,0 +1,192 @@
+"""Iteration and wall-clock budgets of a training run, from library parts.
+
+The learning-rate schedule is a ``transformers``-style warm-up schedule from
+``diffusers.optimization`` (a ``torch.optim.lr_scheduler.LambdaLR`` that scales each parameter
+group's own learning rate), stepped every iteration by MONAI's
+:class:`~monai.handlers.LrScheduleHandler`; the wall-clock limit is ignite's
+:class:`~ignite.handlers.TimeLimit`, started when training starts.
+
+A decaying schedule runs over ``max_iterations``. With only ``max_seconds`` (a GPU run measured in
+minutes, whose speed is not known beforehand) its length is estimated from the measured seconds per
+iteration and re-estimated every ``horizon_every`` iterations (the same diffusers schedule, rebuilt
+for the new length), so that it ends when the time does. With both, the iterations set the schedule
+and the seconds are a hard stop (a run stopped by them has not finished its schedule, which
+:attr:`TrainingBudget.stopped_by` tells).
+"""
+
+from __future__ import annotations
+
+__all__ = ["SCHEDULES", "TrainingBudget", "attach_budget"]
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import TimeLimit
+
+SCHEDULES = ("constant", "cosine", "linear")
+
+
+@dataclass
+class TrainingBudget:
+    """What a budgeted run spent; filled in by the handlers :func:`attach_budget` installs.
+
+    Attributes
+    ----------
+    max_iterations, max_seconds
+        The budget (``None``: unlimited).
+    iterations
+        Iterations run in this call of ``engine.run()`` (after a resume: since the resume).
+    elapsed
+        Training-loop seconds, without the time spent inside :meth:`paused`.
+    stopped_by
+        ``"iterations"``, ``"time"`` or ``None`` (ran to the end of its data or has not stopped yet).
+    """
+
+    max_iterations: int | None = None
+    max_seconds: float | None = None
+    iterations: int = 0
+    elapsed: float = 0.0
+    stopped_by: str | None = None
+    _time_limit: TimeLimit | None = field(default=None, repr=False)
+    _start: float | None = field(default=None, repr=False)
+    _paused_seconds: float = field(default=0.0, repr=False)
+
+    def seconds(self) -> float:
+        """Training seconds so far (pauses excluded)."""
+        if self._start is None:
+            return 0.0
+        return time.perf_counter() - self._start - self._paused_seconds
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the clocks (this record's and the ``TimeLimit``'s) inside the block, e.g. for a mid-run evaluation."""
+        t0 = time.perf_counter()
+        wall0 = time.time()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.perf_counter() - t0
+            if self._time_limit is not None:
+                self._time_limit.start_time += time.time() - wall0
+
+
+def _lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int | None):
+    from diffusers.optimization import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    if schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    factory = get_cosine_schedule_with_warmup if schedule == "cosine" else get_linear_schedule_with_warmup
+    return factory(optimizer, num_warmup_steps=warmup, num_training_steps=max(int(total), warmup + 1))
+
+
+def _set_horizon(scheduler: torch.optim.lr_scheduler.LambdaLR, schedule: str, warmup: int, total: int) -> None:
+    """Give ``scheduler`` the factors of the same diffusers schedule over ``total`` iterations, keeping its step."""
+    optimizer = scheduler.optimizer
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    fresh = _lr_scheduler(optimizer, schedule, warmup, total)  # builds the lambdas; resets lr, restored below
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler.lr_lambdas = fresh.lr_lambdas
+
+
+def attach_budget(
+    engine: Engine,
+    optimizer: torch.optim.Optimizer | None = None,
+    max_iterations: int | None = None,
+    max_seconds: float | None = None,
+    schedule: str = "constant",
+    warmup_iterations: int = 0,
+    horizon_every: int = 25,
+) -> TrainingBudget:
+    """Stop ``engine`` after ``max_iterations`` and/or ``max_seconds`` and schedule the learning rate.
+
+    Parameters
+    ----------
+    engine
+        An ignite engine (e.g. a MONAI ``SupervisedTrainer``).
+    optimizer
+        Whose parameter groups' learning rates are scheduled (default ``engine.optimizer``).
+    max_iterations
+        Iteration budget; also the length of a decaying schedule (``None``: unlimited).
+    max_seconds
+        Wall-clock budget counted from the start of training (``None``: unlimited); rounded up to whole seconds.
+    schedule
+        ``"constant"``, ``"cosine"`` or ``"linear"`` decay to 0 of every group's initial ``lr`` (after warm-up).
+    warmup_iterations
+        Linear warm-up from 0.
+    horizon_every
+        Time-only budgets with a decaying schedule: iterations between estimates of the schedule's length.
+
+    Returns
+    -------
+    TrainingBudget
+        Filled in as the run goes.
+    """
+    if max_iterations is None and max_seconds is None:
+        raise ValueError("a training budget needs max_iterations, max_seconds or both.")
+    if max_iterations is not None and int(max_iterations) < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
+    if horizon_every < 1:
+        raise ValueError(f"horizon_every must be >= 1, got {horizon_every}.")
+    if warmup_iterations < 0:
+        raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
+    optimizer = optimizer or getattr(engine, "optimizer", None)
+    if optimizer is None:
+        raise ValueError("attach_budget needs an optimizer (engine.optimizer or the optimizer argument).")
+    from monai.handlers import LrScheduleHandler
+
+    budget = TrainingBudget(None if max_iterations is None else int(max_iterations), max_seconds)
+    warmup = int(warmup_iterations)
+    timed_horizon = schedule != "constant" and budget.max_iterations is None
+    # A first guess until the speed is measured: the warm-up plus as many iterations again.
+    horizon = budget.max_iterations if not timed_horizon else 2 * max(warmup, horizon_every)
+    scheduler = _lr_scheduler(optimizer, schedule, warmup, horizon)
+    LrScheduleHandler(scheduler, print_lr=False, epoch_level=False).attach(engine)
+
+    def reestimate_horizon() -> None:
+        seconds = budget.seconds()
+        if seconds <= 0:
+            return
+        left = max(float(max_seconds) - seconds, 0.0)
+        _set_horizon(scheduler, schedule, warmup, budget.iterations + int(left * budget.iterations / seconds) + 1)
+
+    def started(engine: Engine) -> None:
+        budget._start = time.perf_counter()
+        budget._paused_seconds = 0.0
+        budget.iterations = 0
+        budget.stopped_by = None
+        if max_seconds is not None:
+            budget._time_limit = TimeLimit(max(1, int(-(-max_seconds // 1))))  # ceil: TimeLimit takes whole seconds
+
+    def completed_iteration(engine: Engine) -> None:
+        budget.iterations += 1
+        if timed_horizon and budget.iterations % horizon_every == 0:
+            reestimate_horizon()
+        if budget.max_iterations is not None and budget.iterations >= budget.max_iterations:
+            budget.stopped_by = "iterations"
+            engine.terminate()
+        elif budget._time_limit is not None:
+            budget._time_limit(engine)
+            if engine.should_terminate:
+                budget.stopped_by = "time"
+
+    def stopped(engine: Engine) -> None:
+        if budget._start is not None:
+            budget.elapsed = budget.seconds()
+
+    engine.add_event_handler(Events.STARTED, started)
+    engine.add_event_handler(Events.ITERATION_COMPLETED, completed_iteration)
+    engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, stopped)
+    return budget

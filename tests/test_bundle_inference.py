@@ -1,0 +1,197 @@
+"""Bundle inference (``configs/inference.json``) on tiny synthetic volumes: bad inputs and safe writing of masks.
+
+Runs in-process through ``monai.bundle.run`` with the support-mask copy network (no weights), 16x16 slices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tests.utils import REPO_ROOT
+
+BUNDLE = REPO_ROOT / "bundles" / "sd_fsmis"
+INFERENCE = str(BUNDLE / "configs" / "inference.json")
+COPY = {"_target_": "monai_sdfsmis.networks.support_copy.SupportMaskCopy"}
+AFFINE = np.diag([2.0, 2.0, 5.0, 1.0])
+
+
+def _write(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _image(shape=(12, 12, 6)) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.uniform(0, 100, size=shape).astype(np.float32)
+
+
+def _label(shape=(12, 12, 6)) -> np.ndarray:
+    label = np.zeros(shape, dtype=np.uint8)
+    label[3:8, 3:8, 1:5] = 1
+    label[8:10, 8:10, 2:4] = 2
+    return label
+
+
+@pytest.fixture()
+def case(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    return {
+        "query_image": str(_write(data / "query.nii.gz", _image())),
+        "support_image": str(_write(data / "support.nii.gz", _image())),
+        "support_label": str(_write(data / "support_label.nii.gz", _label())),
+    }
+
+
+def _run(output_dir: Path, case: dict, **overrides) -> Path:
+    from monai.bundle import run
+
+    settings = {"organ_id": 1, "spatial_size": 16, "progress": False, "network_def": COPY, "load_checkpoint": False}
+    settings.update(overrides)
+    run(
+        config_file=INFERENCE,
+        logging_file=False,
+        bundle_root=str(BUNDLE),
+        output_dir=str(output_dir),
+        **case,
+        **settings,
+    )
+    return output_dir / "query_seg.nii.gz"
+
+
+def _text(error: BaseException) -> str:
+    parts = []
+    while error is not None:
+        parts.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(parts)
+
+
+def test_inference_writes_the_mask(case, tmp_path):
+    written = _run(tmp_path / "out", case)
+    assert written.is_file()
+    assert [p.name for p in written.parent.iterdir()] == ["query_seg.nii.gz"]  # no temporary file left
+    values = np.asarray(nib.load(str(written)).dataobj)
+    assert values.shape == (12, 12, 6) and set(np.unique(values)) == {0, 1}
+
+
+@pytest.mark.parametrize("organ_id", [0, -1])
+def test_organ_id_zero_or_negative_is_refused(case, tmp_path, organ_id):
+    with pytest.raises(Exception) as info:
+        _run(tmp_path / "out", case, organ_id=organ_id)
+    text = _text(info.value)
+    assert f"organ id {organ_id} is not valid" in text and "support_label.nii.gz" in text
+    assert not (tmp_path / "out" / "query_seg.nii.gz").exists()
+
+
+def test_organ_id_absent_names_the_file_and_the_present_ids(case, tmp_path):
+    with pytest.raises(Exception) as info:
+        _run(tmp_path / "out", case, organ_id=5)
+    text = _text(info.value)
+    assert "organ id 5 absent from" in text and "support_label.nii.gz" in text and "[0, 1, 2]" in text
+
+
+def test_support_label_of_another_grid_is_refused(case, tmp_path):
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 51.0  # same shape, another patient's grid 51 mm away
+    other = _write(tmp_path / "data" / "other_label.nii.gz", _label(), shifted)
+    with pytest.raises(Exception) as info:
+        _run(tmp_path / "out", {**case, "support_label": str(other)})
+    text = _text(info.value)
+    assert "different voxel grids" in text and "other_label.nii.gz" in text and "support.nii.gz" in text
+
+
+def test_support_label_of_another_shape_names_both_files(case, tmp_path):
+    other = _write(tmp_path / "data" / "small_label.nii.gz", _label((10, 12, 6)))
+    with pytest.raises(Exception) as info:
+        _run(tmp_path / "out", {**case, "support_label": str(other)})
+    text = _text(info.value)
+    assert "spatial shape" in text and "small_label.nii.gz" in text and "support.nii.gz" in text
+
+
+def test_a_failing_save_leaves_no_file_under_the_final_name(case, tmp_path, monkeypatch):
+    """Stands in for a SIGKILL while saving: the writer dies after writing half of the file.
+
+    ``Killed`` is a ``BaseException`` so that MONAI's ``SaveImage`` does not fall back to its next writer.
+    """
+    real_save = nib.save
+
+    class Killed(BaseException):
+        pass
+
+    def half_save(img, filename, *args, **kwargs):
+        real_save(img, filename, *args, **kwargs)
+        with open(filename, "r+b") as handle:
+            handle.truncate(os.path.getsize(filename) // 2)
+        raise Killed("killed while writing")
+
+    monkeypatch.setattr(nib, "save", half_save)
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        _run(out, case)
+    assert not (out / "query_seg.nii.gz").exists()
+    assert list(out.iterdir()) == []  # the temporary file is removed too
+
+
+def test_an_existing_output_is_not_replaced_unless_overwrite(case, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    annotation = out / "query_seg.nii.gz"
+    annotation.write_bytes(b"an annotation, not to be lost")
+    with pytest.raises(Exception) as info:
+        _run(out, case)
+    assert "query_seg.nii.gz already exists" in _text(info.value)
+    assert annotation.read_bytes() == b"an annotation, not to be lost"
+    _run(out, case, overwrite=True)
+    assert np.asarray(nib.load(str(annotation)).dataobj).shape == (12, 12, 6)
+
+
+def test_an_input_is_never_written_over(case, tmp_path):
+    data = Path(case["query_image"]).parent
+    label = _write(data / "query_seg.nii.gz", _label())  # the support label happens to be named like the output
+    before = label.read_bytes()
+    with pytest.raises(Exception) as info:
+        _run(data, {**case, "support_label": str(label)}, overwrite=True)
+    assert "it is an input file" in _text(info.value) and "query_seg.nii.gz" in _text(info.value)
+    assert label.read_bytes() == before
+
+
+def test_an_unwritable_output_folder_fails_before_inference(case, tmp_path, monkeypatch):
+    from monai_sdfsmis.inferers import SlidingSupportInferer
+
+    def no_inference(*args, **kwargs):
+        raise AssertionError("inference ran before the output folder was checked")
+
+    monkeypatch.setattr(SlidingSupportInferer, "__call__", no_inference)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for folder in (blocker, blocker / "sub"):
+        with pytest.raises(Exception) as info:
+            _run(folder, case)
+        text = _text(info.value)
+        assert f"output folder {folder}" in text and "inference ran" not in text
+
+
+def test_bundle_command_line_overwrite_flag(case, tmp_path):
+    """``--overwrite True`` on the bundle command line replaces an existing output; without it: exit 1, one line."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "query_seg.nii.gz").write_bytes(b"old")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+            "--output_dir", str(out), "--network_def", json.dumps(COPY), "--load_checkpoint", "False",
+            "--spatial_size", "16", "--progress", "False"]
+    for key, value in case.items():
+        args += [f"--{key}", value]
+    proc = subprocess.run([*args, "--overwrite", "True"], cwd=BUNDLE, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.asarray(nib.load(str(out / "query_seg.nii.gz")).dataobj).shape == (12, 12, 6)
