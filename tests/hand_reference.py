@@ -44,7 +44,8 @@ def one_step_alpha_bar(scheduler: Any, timestep: int) -> float:
     config = scheduler.config
     assert config.beta_schedule == "scaled_linear" and config.prediction_type == "v_prediction"
     assert config.beta_start == config.beta_end == 1.0  # DiffewS scheduler_1.0_1.0
-    betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, config.num_train_timesteps, dtype=torch.float64) ** 2
+    steps = config.num_train_timesteps
+    betas = torch.linspace(config.beta_start**0.5, config.beta_end**0.5, steps, dtype=torch.float64) ** 2
     alpha_bar = torch.cumprod(1.0 - betas, dim=0)
     torch.testing.assert_close(alpha_bar.float(), scheduler.alphas_cumprod.float(), rtol=0, atol=1e-7)
     return float(alpha_bar[timestep])

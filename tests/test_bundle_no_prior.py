@@ -1,4 +1,5 @@
-"""The no-prior mode's two bundle stages, run as a user types them: autoencoder, then segmenter."""
+"""The no-prior mode through the bundle, run as a user types it: the README's quick start (both stages in one
+command), and the two stages as separate commands (autoencoder, then segmenter)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,39 @@ from diffusers import AutoencoderKL
 
 from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
 from tests.test_bundle import _bundle_cli, _overrides
+from tests.utils import REPO_ROOT
 
 STAGE1 = "['configs/train.json','configs/quickstart.json','configs/train_autoencoder.json']"
 STAGE2 = "['configs/train.json','configs/quickstart.json','configs/network_no_prior.json','configs/train_no_prior.json']"
+# The README's main job: both stages, then one evaluation, from one command.
+QUICKSTART = (
+    "['configs/train.json','configs/quickstart.json','configs/train_autoencoder.json',"
+    "'configs/network_no_prior.json','configs/train_no_prior.json','configs/quickstart_no_prior.json']"
+)
+
+
+def test_no_prior_quickstart_as_the_readme_runs_it_ends_in_its_table(tmp_path):
+    """The README command at reduced size (fewer iterations, output in tmp): stage 1, stage 2, one evaluation."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = f'(cd bundles/sd_fsmis && python -m monai.bundle run training --config_file "{QUICKSTART}")'
+    assert command in readme, "the README's main job is not this quick start"
+    out = tmp_path / "run"
+    proc = _bundle_cli(
+        "run", "training", "--config_file", QUICKSTART,
+        *_overrides({"output_dir": str(out), "ae_iterations": 3, "calibration_slices": 8, "iterations": 3}),
+    )
+    assert proc.returncode == 0
+    # Evaluated once: the training-time ValidationHandler (whose StatsHandler logs val_mean_dice) stays off.
+    assert "val_mean_dice" not in proc.stdout + proc.stderr
+    # The run ends by printing the table it wrote: Dice, HD95 and ASSD, each with the baseline row, then the model's.
+    table = (out / "evaluation" / "protocol_table.md").read_text()
+    assert proc.stdout.replace("\r", "").rstrip().endswith(table.rstrip())
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if "(folds 0) |" in line]
+    assert rows == ["support-mask copy (folds 0)", "SD-FSMIS no-prior (folds 0)"] * 3
+    assert (out / "models" / "autoencoder" / "calibration.json").is_file()
+    assert sorted(p.name for p in (out / "models").glob("*.pt")) == ["checkpoint_iteration=3.pt", "model.pt"]
+    results = json.loads((out / "evaluation" / "protocol_results.json").read_text())
+    assert set(results["methods"]) == {"support-mask copy", "SD-FSMIS no-prior"}
 
 
 def test_two_stage_no_prior_training_on_phantoms(tmp_path):

@@ -59,7 +59,8 @@ def _distinct_support_episodes(store, n):
 
 def _images(episodes):
     """Support images and support masks (as the VAE sees them) of a list of episodes, with their keys."""
-    images = torch.stack([e["support_image"] for e in episodes] + [SDFSMIS.mask_to_image(e["support_label"][None])[0] for e in episodes])
+    masks = [SDFSMIS.mask_to_image(e["support_label"][None])[0] for e in episodes]
+    images = torch.stack([e["support_image"] for e in episodes] + masks)
     keys = [e["support_image_key"] for e in episodes] + [e["support_label_key"] for e in episodes]
     return images, keys
 
@@ -125,9 +126,10 @@ def test_episode_keys_are_empty_exactly_where_augmentation_changed_the_tensor(st
         for name in ("volume_id", "supervoxel_id", "support_slice", "query_slice"):
             assert plain[name] == augmented[name]
         vid, sv = plain["volume_id"], plain["supervoxel_id"]
+        s, q = plain["support_slice"], plain["query_slice"]
         expected = {
-            "support_image_key": f"{vid}/{plain['support_slice']}", "support_label_key": f"{vid}/{plain['support_slice']}/{sv}",
-            "query_image_key": f"{vid}/{plain['query_slice']}", "query_label_key": f"{vid}/{plain['query_slice']}/{sv}",
+            "support_image_key": f"{vid}/{s}", "support_label_key": f"{vid}/{s}/{sv}",
+            "query_image_key": f"{vid}/{q}", "query_label_key": f"{vid}/{q}/{sv}",
         }
         assert {k: plain[k] for k in KEYS} == expected  # without augmentation every tensor is the stored slice
         for tensor_key, key in zip(EPISODE_KEYS, KEYS):
@@ -155,8 +157,9 @@ def test_cached_training_gives_the_uncached_losses(store, augment):
     def run(cache):
         net = SDFSMIS.tiny(seed=0, vae_sample_in_training=False)
         optimizer = torch.optim.AdamW(net.parameter_groups(lr_unet=1e-3, lr_new=1e-3))
-        trainer = EpisodeTrainer(device="cpu", max_epochs=2, train_data_loader=batches, network=net, optimizer=optimizer,
-                                 latent_cache=cache)
+        trainer = EpisodeTrainer(
+            device="cpu", max_epochs=2, train_data_loader=batches, network=net, optimizer=optimizer, latent_cache=cache
+        )
         losses: list[float] = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: losses.append(float(e.state.output[0]["loss"])))
         trainer.run()

@@ -150,7 +150,7 @@ def test_no_prior_sdfsmis_options(vae, tmp_path):
         build_no_prior_sdfsmis(42, "tiny")
 
 
-# --------------------------------------------------------------------------------------------- learning, measured in Dice
+# ------------------------------------------------------------------------------------------ learning, measured in Dice
 def _pooled_dice(net: SDFSMIS, episodes: list[dict], support_shift: int = 0) -> tuple[float, float]:
     """(Dice pooled over the episodes, predicted / true foreground area) of ``binarize(segment(query))``.
 
@@ -173,7 +173,7 @@ def _pooled_dice(net: SDFSMIS, episodes: list[dict], support_shift: int = 0) -> 
 def _train_no_prior_on_phantoms(tmp_path, seed: int = 0) -> dict[str, float]:
     """Both stages of the no-prior mode at CI size on 3 phantoms; Dice on 24 episodes of a 4th one.
 
-    Stage 1: the tiny autoencoder, 150 iterations of 8 slices (90 % supervoxel masks), then frozen and calibrated.
+    Stage 1: the tiny autoencoder, 200 iterations of 8 slices (90 % supervoxel masks), then frozen and calibrated.
     Stage 2: the tiny no-prior SD-FSMIS, 120 EpisodeTrainer iterations of 8 supervoxel episodes with a LatentCache.
     """
     from monai.data import DataLoader
@@ -193,10 +193,11 @@ def _train_no_prior_on_phantoms(tmp_path, seed: int = 0) -> dict[str, float]:
     train_ids, test_ids = ["1", "2", "3"], ["4"]
 
     # Stage 1. A constant, high learning rate: at 64 px the supervoxel masks are small, and with cosine decay or
-    # lr <= 3e-3 the tiny autoencoder still decodes every mask as empty after 150-200 iterations.
+    # lr <= 3e-3 the tiny autoencoder still decoded (nearly) every mask as empty after 100-200 iterations (measured
+    # mask Dice 0.00-0.10); at a constant 1e-2 it stayed at 0.00, at a constant 5e-3 it reaches 0.72-0.80 here.
     torch.manual_seed(seed)
     vae = build_autoencoder("tiny", sample_size=SIZE)
-    ae_iters, ae_batch = 150, 8
+    ae_iters, ae_batch = 200, 8
     slices = SliceDataset(store, train_ids, mask_fraction=0.9, length=ae_iters * ae_batch, seed=seed)
     trainer, _ = build_autoencoder_trainer(vae, DataLoader(slices, batch_size=ae_batch), lr=5e-3, schedule="constant",
                                            max_iterations=ae_iters, warmup_iterations=10, progress=False)
@@ -230,14 +231,18 @@ def _train_no_prior_on_phantoms(tmp_path, seed: int = 0) -> dict[str, float]:
 def test_no_prior_pipeline_learns_to_segment_held_out_phantoms(tmp_path):
     """Learning judged by Dice, not by the loss: the trained network segments episodes of an unseen phantom.
 
-    Measured (this 2-core machine, 1 thread, seeds 0 / 1 / 2): untrained Dice 0.00 / 0.05 / ..., trained
-    0.22 / 0.53 / ..., with shuffled supports 0.06 / 0.14 / ...; the adjacent-slice support-mask copy scores 0.77.
+    Measured on the 2-core CI machine (1 thread), seeds 0 / 1 / 2 / 3 of ``_train_no_prior_on_phantoms``:
+    autoencoder mask Dice 0.72 / 0.80 / 0.77 / 0.80; segmenter Dice untrained 0.08 / 0.00 / 0.00 / 0.00,
+    trained 0.48 / 0.54 / 0.59 / 0.60, the trained network with shuffled supports 0.13 / 0.13 / 0.14 / 0.16
+    (copying the adjacent slice's support mask: 0.77); 57-65 s of CPU each. With 150 autoencoder iterations
+    instead of 200, one seed in four (seed 0) decoded masks at Dice 0.24 and its segmenter ended at 0.00.
     """
     r = _train_no_prior_on_phantoms(tmp_path, seed=0)
     print("\nno-prior phantoms, Dice on a held-out phantom: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()))
-    assert r["ae_mask_dice"] > 0.2  # stage 1 decodes masks at all (the premise of any Dice in stage 2)
-    assert r["trained"] > r["untrained"] + 0.1 and r["trained"] > 0.15
-    assert r["trained"] > r["shuffled"] + 0.05  # the prediction follows the support, not only the query image
+    assert r["ae_mask_dice"] > 0.5  # stage 1 decodes masks (the premise of any Dice in stage 2)
+    assert r["trained"] > 0.3 and r["trained"] > r["untrained"] + 0.2
+    assert r["trained"] > r["shuffled"] + 0.15  # the prediction follows the support, not only the query image
+    assert r["hit_rate"] > 0.8  # stage 2 ran on the LatentCache (un-augmented episodes repeat their slices)
 
 
 # --------------------------------------------------------------------------------------------- benchmark

@@ -5,7 +5,6 @@ import json
 import statistics
 import time
 
-import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -13,7 +12,6 @@ from diffusers import UNet2DConditionModel
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, DualConvIn, SupportContext
 from monai_sdfsmis.networks.sqi import KVConcatAttnProcessor, SupportQueryAttnProcessor, sii_blocks
 from tests import hand_reference
-from tests.utils import chaos_dir, requires_chaos
 
 SIZE = 64  # latent 8x8: fast; the timing test uses the real 256
 
@@ -275,9 +273,8 @@ def test_segment_is_the_hand_decoded_channel_mean():
     query = calls.only("query")
     z_si = hand_reference.scaled_mean_latent(model.vae, si[:1]).expand(2, -1, -1, -1)
     z_qi = hand_reference.scaled_mean_latent(model.vae, qi)
-    torch.testing.assert_close(
-        query.sample, hand_reference.hand_query_enhancement(z_si, sl[:1].expand(2, -1, -1, -1), z_qi), rtol=1e-5, atol=1e-6
-    )
+    expected_input = hand_reference.hand_query_enhancement(z_si, sl[:1].expand(2, -1, -1, -1), z_qi)
+    torch.testing.assert_close(query.sample, expected_input, rtol=1e-5, atol=1e-6)
     x0 = hand_reference.v_prediction_x0(
         query.output, z_qi, hand_reference.one_step_alpha_bar(model.scheduler, model.timestep)
     )
@@ -520,31 +517,9 @@ def test_tiny_training_step_time_at_256():
     assert step < 3.0
 
 
-@requires_chaos
-def test_tiny_model_learns_on_real_chaos_episodes():
-    from monai_sdfsmis.data.episodes import EpisodeDataset
-    from monai_sdfsmis.data.layouts import find_alpnet_volumes
-    from monai_sdfsmis.data.volumes import VolumeStore
-
-    size, steps = 64, 160
-    store = VolumeStore(find_alpnet_volumes(chaos_dir())[:2], spatial_size=size)
-    episodes = EpisodeDataset(store, length=steps, seed=0, min_size=20)
-    # Posterior mean targets: the random tiny VAE's posterior noise is larger than what its mask latents carry.
-    model = SDFSMIS.tiny(seed=0, vae_sample_in_training=False).train()
-    optimizer = torch.optim.AdamW(model.parameter_groups(lr_unet=1e-3, lr_new=1e-3))
-    keys = ("support_image", "support_label", "query_image", "query_label")
-    losses = []
-    for i in range(steps):
-        episode = episodes[i]
-        loss = model.compute_loss(*(episode[k][None] for k in keys))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-    first, last = float(np.mean(losses[:20])), float(np.mean(losses[-20:]))
-    print(f"\nCHAOS episodes, tiny model: mean loss first 20 = {first:.4f}, last 20 = {last:.4f}")
-    assert last < 0.5 * first
+# Learning is checked by Dice on held-out episodes, not by a falling loss:
+# tests/test_no_prior.py::test_no_prior_pipeline_learns_to_segment_held_out_phantoms (a tiny random VAE, as
+# SDFSMIS.tiny has, cannot decode masks, so no Dice check is possible with it).
 
 
 def test_full_size_architecture_on_meta():
