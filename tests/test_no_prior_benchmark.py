@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
-from tests.utils import REPO_ROOT, link_chaos_subset, requires_chaos
+from tests.test_no_prior import _load_benchmark as _load
+from tests.utils import link_chaos_subset, requires_chaos
 
 SIZE = 64
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @requires_chaos
