@@ -111,7 +111,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--setting", type=int, choices=(1, 2), default=1)
     p.add_argument("--organs", choices=("chaos", "sabs"), default="chaos", help="label ids/names of the 4 test organs")
     p.add_argument("--supervoxel_dir", default="supervoxels_5000")
-    p.add_argument("--intensity", default="minmax", help="VolumeStore intensity preset (DECISIONS.md #1)")
+    p.add_argument("--intensity", default="minmax", help="intensity to [-1, 1]: minmax (each volume's min..max; for already-preprocessed volumes such as the published CHAOS/SABS), ct (window [-125, 275] HU), mr (0.5..99.5th percentiles), zscore")
     p.add_argument("--spatial_size", type=int, default=256, help="in-plane size (256 as the paper; smaller for smoke runs)")
     p.add_argument("--width", choices=sorted(WIDTHS), default="default", help="sets --ae_width and --unet_width")
     p.add_argument("--ae_width", help="autoencoder width (default from --width)")
@@ -417,9 +417,9 @@ def run_fold(
 
         seg_trainer.add_event_handler(Events.ITERATION_COMPLETED, evaluate_on_schedule)
     if progress:
-        from ignite.handlers import ProgressBar
+        from monai_sdfsmis.progress import attach_progress
 
-        ProgressBar(desc="segmenter", persist=False).attach(seg_trainer, output_transform=lambda out: {"loss": _loss_of(out)})
+        attach_progress(seg_trainer, "segmenter", output_transform=lambda out: {"loss": _loss_of(out)})
     seg_trainer.run()
     _sync(device)
     stage2_loop_seconds = seg_budget.elapsed

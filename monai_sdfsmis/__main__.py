@@ -83,19 +83,32 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--folds", type=int, nargs="+", help="fold indices (default: all)")
     parser.add_argument("--organs", type=int, nargs="+", default=[1, 2, 3, 4], help="organ label ids (CHAOS ids)")
     parser.add_argument("--organ_set", choices=("chaos", "sabs"), default="chaos", help="organ names and label ids")
-    parser.add_argument("--intensity", default="minmax", help="intensity preset: minmax, mr, ct or zscore")
+    parser.add_argument(
+        "--intensity", help="intensity preset: minmax, mr, ct or zscore (default: the model's, else minmax)"
+    )
     parser.add_argument(
         "--checkpoint",
         type=Path,
         help="trained SD-FSMIS weights (bundle models/model.pt or save_trained .safetensors); omit for the baseline only",
     )
-    parser.add_argument("--network", choices=("pretrained", "tiny"), default="pretrained", help="architecture")
-    parser.add_argument("--sd_weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="SD id or path")
-    parser.add_argument("--image_encoder_weights", default="facebook/dinov2-small", help="DINOv2 id or path")
-    parser.add_argument("--local_files_only", action="store_true", help="never contact the Hugging Face hub")
+    _add_network_arguments(parser)
+    parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's, else 256)")
     parser.add_argument("--overlays", type=int, default=2, help="PNG overlays per query volume (0 for none)")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run_protocol)
+
+
+def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--network",
+        choices=("pretrained", "no_prior", "tiny"),
+        help="network type: pretrained (SD-1.5 + DINOv2), no_prior (the model folder's own autoencoder and UNet) or "
+        "tiny (demo only); default: the model folder's model_config.json, else pretrained",
+    )
+    parser.add_argument("--sd_weights", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="SD id or path")
+    parser.add_argument("--image_encoder_weights", default="facebook/dinov2-small", help="DINOv2 id or path")
+    parser.add_argument("--local_files_only", action="store_true", help="never contact the Hugging Face hub")
+    parser.add_argument("--num_threads", type=int, help="CPU threads (default: $SDFSMIS_NUM_THREADS, else min(CPUs, 8))")
 
 
 def _run_protocol(args: argparse.Namespace) -> int:
@@ -108,19 +121,19 @@ def _run_protocol(args: argparse.Namespace) -> int:
 
     from monai_sdfsmis.data.protocol import CHAOS_ORGANS, SABS_ORGANS
     from monai_sdfsmis.engines import evaluate_protocol
+    from monai_sdfsmis.engines import inference as infer
+    from monai_sdfsmis.inferers import SlidingSupportInferer
+    from monai_sdfsmis.utils import configure_cpu_threads
 
-    network = None
+    configure_cpu_threads(args.num_threads)
+    network, config = None, {}
     if args.checkpoint is not None:
-        from monai_sdfsmis.networks import SDFSMIS
-
-        if args.network == "tiny":
-            network = SDFSMIS.tiny()
-        else:
-            network = SDFSMIS.from_pretrained(
-                args.sd_weights, args.image_encoder_weights, local_files_only=args.local_files_only or None
-            )
-        network.load_trained(args.checkpoint)
+        config = infer.read_model_config(args.checkpoint)
+        kind = infer.resolve_network_type(args.network, config)
+        network = infer.build_network(kind, args.checkpoint, **_network_kwargs(args))
+        infer.load_network_weights(network, args.checkpoint, kind, config)
         network = network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    inferer = SlidingSupportInferer(spatial_size=infer.resolve_spatial_size(args.spatial_size, config))
     result = evaluate_protocol(
         network,
         args.dataset_dir,
@@ -130,19 +143,131 @@ def _run_protocol(args: argparse.Namespace) -> int:
         baseline=True,
         overlays=args.overlays,
         organ_names=SABS_ORGANS if args.organ_set == "sabs" else CHAOS_ORGANS,
-        intensity=args.intensity,
+        intensity=infer.resolve_intensity(args.intensity, config),
         progress=not args.no_progress,
+        inferer=inferer,
     )
     print(result["table"])
     print(f"protocol: results written to {args.output_dir}")
     return 0
 
 
-_COMMANDS = (_add_supervoxels, _add_protocol)
+def _network_kwargs(args: argparse.Namespace) -> dict:
+    return {
+        "sd": args.sd_weights,
+        "image_encoder": args.image_encoder_weights,
+        "local_files_only": args.local_files_only or None,
+    }
+
+
+def _add_infer(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "infer",
+        help="segment query volumes from one annotated support volume with a trained model folder",
+        description=(
+            "Write QUERY_seg.nii.gz (uint8, on the query's own grid and orientation) for each query volume, the organ "
+            "given by --organ_id in --support_label. The same code path as the bundle's configs/inference.json."
+        ),
+    )
+    parser.add_argument(
+        "--query", type=Path, nargs="+", required=True,
+        help="query volume(s): NIfTI/NRRD files, a DICOM series folder, a folder of volumes or a JSON datalist",
+    )
+    parser.add_argument("--support", type=Path, required=True, help="the annotated support volume")
+    parser.add_argument("--support_label", type=Path, required=True, help="the support volume's label map")
+    parser.add_argument("--organ_id", type=int, required=True, help="label id of the organ in --support_label")
+    parser.add_argument(
+        "--model", type=Path, required=True,
+        help="model folder (model.pt, model_config.json and for no_prior autoencoder/), or a checkpoint file in it",
+    )
+    parser.add_argument("--output_dir", type=Path, default=Path("segmentations"), help="where masks are written")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
+    parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's training size)")
+    parser.add_argument("--intensity", help="intensity preset (default: the model's, else minmax)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress lines")
+    _add_network_arguments(parser)
+    parser.set_defaults(func=_run_infer)
+
+
+def _run_infer(args: argparse.Namespace) -> int:
+    from monai_sdfsmis.engines.inference import segment_volumes
+    from monai_sdfsmis.utils import configure_cpu_threads
+
+    for what, path in (("support volume", args.support), ("support label", args.support_label)):
+        if not path.exists():
+            raise FileNotFoundError(f"{what} not found: {path}")
+    if not args.model.exists():
+        raise FileNotFoundError(f"model folder not found: {args.model}")
+    model_dir, ckpt = (args.model, None) if args.model.is_dir() else (args.model.parent, args.model)
+    configure_cpu_threads(args.num_threads)
+    written = segment_volumes(
+        [str(q) for q in args.query],
+        args.support,
+        args.support_label,
+        args.organ_id,
+        model_dir,
+        ckpt_path=ckpt,
+        output_dir=args.output_dir,
+        network_type=args.network,
+        spatial_size=args.spatial_size,
+        intensity=args.intensity,
+        overwrite=args.overwrite,
+        device=args.device,
+        progress=not args.no_progress,
+        **_network_kwargs(args),
+    )
+    print(f"infer: {len(written)} mask{'s' if len(written) != 1 else ''} written to {args.output_dir}")
+    return 0
+
+
+def _add_package(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "package",
+        help="package the bundle as the MONAI model zoo ships one: NAME_vVERSION.zip, weights in large_files.yml",
+        description=(
+            "Write OUTPUT_DIR/NAME_vVERSION.zip (version from configs/metadata.json) with one top-level NAME/ folder: "
+            "configs, docs, LICENSE and large_files.yml, no models/ or eval/. With --weights_dir and --base_url, "
+            "large_files.yml lists every file of the trained model folder with its URL and hash; upload the folder "
+            "there. Users then run: python -m monai.bundle download --name NAME --url URL_OF_ZIP, and "
+            "python -m monai.bundle download_large_files --bundle_path NAME."
+        ),
+    )
+    parser.add_argument("--bundle_dir", type=Path, required=True, help="the bundle folder (bundles/sd_fsmis)")
+    parser.add_argument("--output_dir", type=Path, default=Path("dist"), help="where the zip is written (dist)")
+    parser.add_argument("--weights_dir", type=Path, help="trained model folder to list (model.pt, autoencoder/)")
+    parser.add_argument("--base_url", help="URL the weights folder is hosted at (each file: BASE_URL/PATH)")
+    parser.add_argument("--hash_type", default="sha256", choices=("md5", "sha1", "sha256", "sha512"))
+    parser.add_argument("--name", help="bundle name (default: the bundle folder's name)")
+    parser.add_argument("--schema", type=Path, help="local metadata schema to validate configs/metadata.json against")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing zip")
+    parser.set_defaults(func=_run_package)
+
+
+def _run_package(args: argparse.Namespace) -> int:
+    from monai_sdfsmis.zoo import package_bundle
+
+    package_bundle(
+        args.bundle_dir,
+        args.output_dir,
+        weights_dir=args.weights_dir,
+        base_url=args.base_url,
+        hash_type=args.hash_type,
+        name=args.name,
+        overwrite=args.overwrite,
+        schema=args.schema,
+    )
+    return 0
+
+
+_COMMANDS = (_add_supervoxels, _add_protocol, _add_infer, _add_package)
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from monai_sdfsmis import __version__
+
     parser = argparse.ArgumentParser(prog="python -m monai_sdfsmis", description="SD-FSMIS tools for MONAI.")
+    parser.add_argument("--version", action="version", version=f"monai-sdfsmis {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         add(subparsers)
@@ -152,12 +277,15 @@ def _build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``) and run the chosen command; returns the exit code.
 
-    Argument errors exit through ``argparse`` (code 2); data errors print ``error: ...`` to stderr and return 1.
+    Argument errors exit through ``argparse`` (code 2); data errors and a missing optional dependency (the message
+    names the extra to install) print ``error: ...`` to stderr and return 1.
     """
+    from monai_sdfsmis.extras import MissingExtraError
+
     args = _build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, MissingExtraError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except OSError as err:  # read-only file system, permissions, a path that is a file...

@@ -3,7 +3,7 @@
 Nothing here calls the network's own composition (``compute_loss``, ``encode_latents``, ``decode_mask``,
 ``predict_mask_latent``, ``mask_to_image``, ``QueryEnhancement``, ``predict_original_sample``): only the
 frozen VAE's diffusers calls, the scheduler's ``alphas_cumprod`` table and the UNet's recorded in- and
-outputs, combined with the formulas of METHOD.md / the paper written out by hand.
+outputs, combined with the formulas of the paper (and DiffewS's code) written out by hand.
 """
 
 from __future__ import annotations

@@ -145,6 +145,20 @@ def test_check_properties_finds_no_missing_property(files, workflow_type, extra,
     assert workflow.check_properties() == []
 
 
+def test_quickstart_evaluates_once_unless_validation_is_asked_for():
+    """The quick start's one evaluation is its final table: train.json's ValidationHandler is off by default."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([TRAIN, QUICK]))
+    # quickstart.json addresses the handler by its index in train.json's list: it must still be the validator.
+    assert parser["train::handlers::1::_target_"] == "ValidationHandler"
+    assert parser.get_parsed_content("val_interval") is None
+    assert parser.get_parsed_content("train::handlers::1::_disabled_") is True
+    parser["val_interval"] = 20  # --val_interval 20 turns validation during training back on
+    parser.parse(reset=True)
+    assert parser.get_parsed_content("train::handlers::1::_disabled_") is False
+
+
 def test_quickstart_trains_validates_saves_and_prints_table(trained):
     out, log = trained
     models = out / "models"
@@ -161,10 +175,10 @@ def test_quickstart_trains_validates_saves_and_prints_table(trained):
     assert not any(k.startswith("vae.") for k in state)
     SDFSMIS.tiny(seed=0).load_state_dict(state, strict=True)
     full = torch.load(models / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
-    assert set(full) == {"model", "optimizer", "trainer"} and full["trainer"]["iteration"] == 2
+    assert set(full) == {"model", "optimizer", "trainer", "rng"} and full["trainer"]["iteration"] == 2
     assert "val_mean_dice" in log  # ValidationHandler ran the protocol evaluator
     assert "| support-mask copy (folds 0) |" in log and "| SD-FSMIS (folds 0) |" in log
-    results = json.loads((out / "evaluation" / "protocol_results.json").read_text())
+    results = json.loads((out / "evaluation" / "fold_0" / "protocol_results.json").read_text())
     assert set(results["methods"]) == {"support-mask copy", "SD-FSMIS"}
     assert list((out).glob("events.out.tfevents.*")), "TensorBoard logs missing"
 

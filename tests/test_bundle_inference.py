@@ -1,6 +1,7 @@
 """Bundle inference (``configs/inference.json``) on tiny synthetic volumes: bad inputs and safe writing of masks.
 
-Runs in-process through ``monai.bundle.run`` with the support-mask copy network (no weights), 16x16 slices.
+Runs in-process through ``monai.bundle.run`` with the support-mask copy network (no weights), 16x16 slices; the
+``network_type`` tests build a tiny no-prior model folder and segment a real (LAS) CHAOS volume with it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from tests.utils import REPO_ROOT
+from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
 
 BUNDLE = REPO_ROOT / "bundles" / "sd_fsmis"
 INFERENCE = str(BUNDLE / "configs" / "inference.json")
@@ -56,6 +57,8 @@ def _run(output_dir: Path, case: dict, **overrides) -> Path:
 
     settings = {"organ_id": 1, "spatial_size": 16, "progress": False, "network_def": COPY, "load_checkpoint": False}
     settings.update(overrides)
+    if settings["network_def"] is None:  # the bundle's own network_def (chosen by network_type)
+        del settings["network_def"]
     run(
         config_file=INFERENCE,
         logging_file=False,
@@ -195,3 +198,65 @@ def test_bundle_command_line_overwrite_flag(case, tmp_path):
                           timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.asarray(nib.load(str(out / "query_seg.nii.gz")).dataobj).shape == (12, 12, 6)
+
+
+# ------------------------------------------------------------------------------------------------ network_type
+@pytest.fixture(scope="module")
+def no_prior_model(tmp_path_factory):
+    from tests.test_cli import build_no_prior_model_folder
+
+    return build_no_prior_model_folder(tmp_path_factory.mktemp("no_prior_model"))
+
+
+@requires_chaos
+def test_network_type_no_prior_segments_a_chaos_volume_at_the_models_resolution(no_prior_model, tmp_path):
+    """The bundle command as a user types it (no --spatial_size), and the config-file list with
+    network_no_prior.json, both give the independently recomputed mask (at the stored 64 px) on the LAS grid."""
+    from monai.bundle import run
+
+    from tests.test_cli import _independent_mask
+
+    chaos = chaos_dir()
+    case = ["--query_image", str(chaos / "image_1.nii.gz"), "--support_image", str(chaos / "image_2.nii.gz"),
+            "--support_label", str(chaos / "label_2.nii.gz"), "--organ_id", "1"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--network_type", "no_prior", "--model_dir", str(no_prior_model), "--output_dir", str(out),
+         "--num_threads", "1", *case],
+        cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "inference: 1/1" in proc.stderr
+    mask = nib.load(str(out / "image_1_seg.nii.gz"))
+    assert mask.get_data_dtype() == np.uint8 and nib.aff2axcodes(mask.affine) == ("L", "A", "S")
+    np.testing.assert_allclose(mask.affine, nib.load(str(chaos / "image_1.nii.gz")).affine, atol=1e-5)
+    expected = _independent_mask(no_prior_model, chaos / "image_1.nii.gz", chaos / "image_2.nii.gz",
+                                 chaos / "label_2.nii.gz", 1, 64)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
+
+    # the config-file list (it used to fail on '@seed'); the UNet width is then the one given
+    listed = tmp_path / "listed"
+    run(config_file=[INFERENCE, str(BUNDLE / "configs" / "network_no_prior.json")], logging_file=False,
+        bundle_root=str(BUNDLE), model_dir=str(no_prior_model), unet_width="tiny", output_dir=str(listed),
+        progress=False, query_image=str(chaos / "image_1.nii.gz"), support_image=str(chaos / "image_2.nii.gz"),
+        support_label=str(chaos / "label_2.nii.gz"), organ_id=1)
+    np.testing.assert_array_equal(np.asarray(nib.load(str(listed / "image_1_seg.nii.gz")).dataobj), expected)
+
+
+def test_network_type_that_contradicts_the_model_folder_is_one_clear_line(no_prior_model, case, tmp_path):
+    with pytest.raises(Exception) as info:
+        _run(tmp_path / "out", case, network_def=None, network_type="pretrained", model_dir=str(no_prior_model),
+             load_checkpoint=True)
+    text = _text(info.value)
+    assert str(no_prior_model / "model_config.json") in text and "'no_prior' network, not 'pretrained'" in text
+    assert not (tmp_path / "out" / "query_seg.nii.gz").exists()
+
+
+def test_the_tiny_demo_network_is_announced_loudly(case, tmp_path, capsys, caplog):
+    written = _run(tmp_path / "out", case, network_def=None, network_type="tiny", model_dir=str(tmp_path / "none"))
+    assert written.is_file()
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "tiny demo model" in r.getMessage()]
+    assert warnings and "meaningless on real scans" in warnings[0].getMessage()
+    assert "tiny demo model" in capsys.readouterr().err  # also on stderr, whatever the logging set-up

@@ -32,14 +32,16 @@ def test_no_prior_quickstart_as_the_readme_runs_it_ends_in_its_table(tmp_path):
         *_overrides({"output_dir": str(out), "ae_iterations": 3, "calibration_slices": 8, "iterations": 3}),
     )
     assert proc.returncode == 0
+    # SD-FSMIS is evaluated once: two protocol runs (the baseline, then the model), no validation during training.
+    assert (proc.stdout + proc.stderr).count("ProtocolEvaluator - INFO - Engine run finished") == 2
     # The run ends by printing the table it wrote: Dice, HD95 and ASSD, each with the baseline row, then the model's.
-    table = (out / "evaluation" / "protocol_table.md").read_text()
+    table = (out / "evaluation" / "fold_0" / "protocol_table.md").read_text()
     assert proc.stdout.replace("\r", "").rstrip().endswith(table.rstrip())
     rows = [line.split("|")[1].strip() for line in table.splitlines() if "(folds 0) |" in line]
     assert rows == ["support-mask copy (folds 0)", "SD-FSMIS no-prior (folds 0)"] * 3
     assert (out / "models" / "autoencoder" / "calibration.json").is_file()
     assert sorted(p.name for p in (out / "models").glob("*.pt")) == ["checkpoint_iteration=3.pt", "model.pt"]
-    results = json.loads((out / "evaluation" / "protocol_results.json").read_text())
+    results = json.loads((out / "evaluation" / "fold_0" / "protocol_results.json").read_text())
     assert set(results["methods"]) == {"support-mask copy", "SD-FSMIS no-prior"}
 
 

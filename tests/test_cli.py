@@ -204,3 +204,257 @@ def test_supervoxels_dicom_folder_is_not_reported_missing(tmp_path, capsys):
     rc = main(["supervoxels", "--images", str(dicom), "--out_dir", str(tmp_path / "out"), "--no_progress"])
     line = _one_line_error(capsys)
     assert rc == 1 and str(dicom) in line and "not found" not in line and "folder" in line
+
+
+# ------------------------------------------------------------------------------------------------ infer and version
+def build_no_prior_model_folder(folder, spatial_size: int = 64):
+    """A tiny no-prior model folder written as training writes it: stage-1 ``autoencoder/`` (calibrated), then
+    ``model_config.json`` (``ModelConfigSaver``, at the start) and ``model.pt`` (``AtomicCheckpointSaver``'s final
+    save) from an engine run. Random weights: the tests check plumbing and geometry, not accuracy."""
+    import torch
+    from ignite.engine import Engine
+
+    from monai_sdfsmis.engines import AtomicCheckpointSaver
+    from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
+    from monai_sdfsmis.engines.inference import ModelConfigSaver
+    from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
+    from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = build_autoencoder("tiny", sample_size=spatial_size)
+        freeze_and_calibrate(vae, torch.rand(4, 3, spatial_size, spatial_size) * 2 - 1)
+    save_autoencoder(vae, folder / "autoencoder")
+    net = build_no_prior_sdfsmis(folder / "autoencoder", unet_channels="tiny", seed=0)
+    engine = Engine(lambda engine, batch: None)
+    engine.network = net
+    ModelConfigSaver(folder, network_type="no_prior", spatial_size=spatial_size, intensity="minmax").attach(engine)
+    AtomicCheckpointSaver(str(folder), {"model": net}, save_final=True, final_filename="model.pt").attach(engine)
+    engine.run([0], max_epochs=1)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def no_prior_model(tmp_path_factory):
+    return build_no_prior_model_folder(tmp_path_factory.mktemp("no_prior_model"))
+
+
+def test_version_flag_prints_the_installed_version():
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version("monai-sdfsmis")
+    except PackageNotFoundError:
+        pytest.skip("monai-sdfsmis is not installed (pip install -e .)")
+    res = subprocess.run([sys.executable, "-m", "monai_sdfsmis", "--version"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == f"monai-sdfsmis {installed}"
+
+
+def test_model_folder_records_the_training_network(no_prior_model):
+    import json
+
+    import torch
+
+    config = json.loads((no_prior_model / "model_config.json").read_text())
+    assert config["network_type"] == "no_prior" and config["spatial_size"] == 64 and config["intensity"] == "minmax"
+    assert config["unet"]["block_out_channels"] == [16, 32, 32, 32]  # UNET_WIDTHS["tiny"]
+    state = torch.load(no_prior_model / "model.pt", map_location="cpu", weights_only=True)
+    assert "unet.conv_in.query.weight" in state and not any(k.startswith("vae.") for k in state)
+
+
+def _independent_mask(model_dir, query, support, support_label, organ_id, spatial_size):
+    """The mask recomputed outside the inference code: nibabel reads and reorients (to RAS, and back to the file's
+    own axes), the same network and inferer segment."""
+    import torch
+
+    from monai_sdfsmis.engines.inference import build_network
+    from monai_sdfsmis.inferers import SlidingSupportInferer
+    from monai_sdfsmis.transforms.intensity import ScaleToUnitRanged
+
+    def ras(path):
+        return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj).astype(np.float32)
+
+    def unit(volume):
+        return ScaleToUnitRanged(keys="x", preset="minmax")({"x": torch.from_numpy(volume)[None]})["x"]
+
+    net = build_network("no_prior", model_dir)
+    net.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    organ = torch.from_numpy((ras(support_label) == organ_id).astype(np.float32))[None, None]
+    inferer = SlidingSupportInferer(spatial_size=spatial_size, query_range="all")
+    with torch.no_grad():
+        pred = inferer(unit(ras(query))[None], net, support_image=unit(ras(support))[None], support_label=organ)
+    pred_ras = np.asarray(pred[0, 0]).astype(np.uint8)
+    query_img = nib.load(str(query))
+    to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
+                                              nib.orientations.io_orientation(query_img.affine))
+    return nib.orientations.apply_orientation(pred_ras, to_file)
+
+
+@requires_chaos
+def test_infer_on_a_las_chaos_volume_matches_an_independent_recomputation(no_prior_model, tmp_path, capsys,
+                                                                          monkeypatch):
+    from monai_sdfsmis.inferers import SlidingSupportInferer
+
+    sizes = []
+    real_call = SlidingSupportInferer.__call__
+
+    def spy(self, *args, **kwargs):
+        sizes.append(self.spatial_size)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(SlidingSupportInferer, "__call__", spy)
+    chaos = chaos_dir()
+    out = tmp_path / "masks"
+    rc = main(["infer", "--query", str(chaos / "image_1.nii.gz"), "--support", str(chaos / "image_2.nii.gz"),
+               "--support_label", str(chaos / "label_2.nii.gz"), "--organ_id", "1", "--model", str(no_prior_model),
+               "--output_dir", str(out), "--num_threads", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert sizes == [64]  # the model's own training resolution, not 256, without --spatial_size
+    assert [p.name for p in out.iterdir()] == ["image_1_seg.nii.gz"]
+    assert "inference: 1/1" in captured.err and "1 mask written" in captured.out
+
+    mask = nib.load(str(out / "image_1_seg.nii.gz"))
+    label = nib.load(str(chaos / "label_1.nii.gz"))
+    assert mask.get_data_dtype() == np.uint8 and np.asarray(mask.dataobj).dtype == np.uint8
+    assert mask.shape == label.shape
+    np.testing.assert_allclose(mask.affine, nib.load(str(chaos / "image_1.nii.gz")).affine, atol=1e-5)
+    assert nib.aff2axcodes(mask.affine) == nib.aff2axcodes(label.affine) == ("L", "A", "S")
+
+    expected = _independent_mask(no_prior_model, chaos / "image_1.nii.gz", chaos / "image_2.nii.gz",
+                                 chaos / "label_2.nii.gz", 1, 64)
+    ours = np.asarray(mask.dataobj)
+    assert 0 < expected.sum() < expected.size  # not empty nor full ...
+    assert (expected != expected[::-1]).mean() > 0.01  # ... nor left-right symmetric, so a flip shows
+    np.testing.assert_array_equal(ours, expected)
+
+
+@requires_chaos
+def test_infer_takes_a_folder_or_a_datalist_and_refuses_existing_outputs_first(no_prior_model, tmp_path, capsys):
+    import json
+
+    chaos = chaos_dir()
+    queries = tmp_path / "queries"
+    queries.mkdir()
+    for n in (1, 3):
+        (queries / f"image_{n}.nii.gz").symlink_to(chaos / f"image_{n}.nii.gz")
+    (queries / "label_1.nii.gz").symlink_to(chaos / "label_1.nii.gz")  # an ALPNet folder: labels are not queries
+    support = ["--support", str(chaos / "image_2.nii.gz"), "--support_label", str(chaos / "label_2.nii.gz"),
+               "--organ_id", "2", "--model", str(no_prior_model / "model.pt"), "--num_threads", "1"]
+    out = tmp_path / "out"
+    assert main(["infer", "--query", str(queries), "--output_dir", str(out), *support]) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["image_1_seg.nii.gz", "image_3_seg.nii.gz"]
+    assert "inference: 1/2" in err and "inference: 2/2" in err
+    for n in (1, 3):
+        assert nib.load(str(out / f"image_{n}_seg.nii.gz")).shape == nib.load(str(chaos / f"image_{n}.nii.gz")).shape
+
+    # a datalist (relative paths) whose second output already exists: refused before the first is segmented
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [{"image": "queries/image_3.nii.gz"}, "queries/image_1.nii.gz"]}))
+    out2 = tmp_path / "out2"
+    out2.mkdir()
+    (out2 / "image_1_seg.nii.gz").write_bytes(b"an annotation")
+    assert main(["infer", "--query", str(datalist), "--output_dir", str(out2), *support]) == 1
+    line = _one_line_error(capsys)
+    assert line.startswith("error: ") and "image_1_seg.nii.gz already exists" in line
+    assert sorted(p.name for p in out2.iterdir()) == ["image_1_seg.nii.gz"]
+    assert (out2 / "image_1_seg.nii.gz").read_bytes() == b"an annotation"
+    assert main(["infer", "--query", str(datalist), "--output_dir", str(out2), "--overwrite", *support]) == 0
+    capsys.readouterr()
+    for n in (1, 3):
+        np.testing.assert_array_equal(np.asarray(nib.load(str(out2 / f"image_{n}_seg.nii.gz")).dataobj),
+                                      np.asarray(nib.load(str(out / f"image_{n}_seg.nii.gz")).dataobj))
+
+
+def test_infer_errors_are_one_line(no_prior_model, tmp_path, capsys):
+    vol = tmp_path / "v.nii.gz"
+    _write_nifti(vol, _synthetic_volume(0))
+    base = ["infer", "--query", str(vol), "--support", str(vol), "--support_label", str(vol), "--organ_id", "1"]
+    assert main([*base, "--model", str(tmp_path / "nowhere")]) == 1
+    assert "model folder not found" in _one_line_error(capsys)
+    assert main([*base, "--model", str(no_prior_model), "--network", "pretrained"]) == 1
+    line = _one_line_error(capsys)
+    assert "model_config.json" in line and "'no_prior' network, not 'pretrained'" in line
+    assert main(["infer", "--query", str(tmp_path / "missing.nii.gz"), *base[3:], "--model", str(no_prior_model)]) == 1
+    assert "missing.nii.gz not found" in _one_line_error(capsys)
+
+
+@requires_chaos
+def test_protocol_command_evaluates_a_no_prior_model(no_prior_model, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "results"
+    rc = main(["protocol", "--dataset_dir", str(chaos_dir()), "--folds", "0", "--organs", "2", "--overlays", "0",
+               "--checkpoint", str(no_prior_model / "model.pt"), "--network", "no_prior", "--output_dir", str(out),
+               "--no_progress", "--num_threads", "1"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.err
+    results = json.loads((out / "protocol_results.json").read_text())
+    rows = results["methods"]["SD-FSMIS"]["rows"]
+    cases = sorted((r["support_id"], r["query_id"]) for r in rows)
+    assert len(rows) == 4 and cases == sorted((r["support_id"], r["query_id"]) for r in
+                                              results["methods"]["support-mask copy"]["rows"])
+    assert all(r["organ"] == "right_kidney" and 0.0 <= r["dice"] <= 1.0 for r in rows)
+
+
+def test_a_checkpoint_of_another_network_is_one_line_naming_the_file(no_prior_model, tmp_path, capsys):
+    import shutil
+
+    # the weights of a no-prior model, in a folder without model_config.json, loaded as the tiny demo network
+    folder = tmp_path / "unlabelled"
+    folder.mkdir()
+    shutil.copy(no_prior_model / "model.pt", folder / "model.pt")
+    rc = main(["protocol", "--dataset_dir", str(tmp_path), "--checkpoint", str(folder / "model.pt"),
+               "--network", "tiny", "--num_threads", "1"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "tiny demo model" in err  # the demo network is announced
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and len(err.strip().splitlines()[-1]) < 800
+    assert str(folder / "model.pt") in errors[0] and "weights do not match the tiny network" in errors[0]
+    assert "of another shape" in errors[0] and "unet.conv_in.query.weight" in errors[0]
+
+
+def _uninstalled(folder):
+    """A folder that, first on ``sys.path``, makes numba, itk and tensorboard fail to import as if not installed."""
+    for name in ("numba", "itk", "tensorboard"):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "__init__.py").write_text(f"raise ModuleNotFoundError({name!r}, name={name!r})\n")
+    return folder
+
+
+def test_core_works_without_the_extras_and_names_the_extra_where_needed(tmp_path):
+    """With numba, itk and tensorboard unimportable: the package imports, NIfTI loads, and the features that need
+    them fail with one line naming the extra."""
+    vol = tmp_path / "image_1.nii.gz"
+    _write_nifti(vol, _synthetic_volume(0))
+    nrrd = tmp_path / "v.nrrd"
+    nrrd.write_bytes(b"NRRD0004\n")
+    blocker = _uninstalled(tmp_path / "uninstalled")
+    script = f"""
+import sys
+sys.path.insert(0, {str(blocker)!r})
+import monai_sdfsmis.data, monai_sdfsmis.engines, monai_sdfsmis.networks
+from monai_sdfsmis.extras import MissingExtraError, tensorboard_available
+from monai_sdfsmis.transforms.io import load_volume
+assert load_volume({str(vol)!r}).shape == (1, 28, 24, 6)
+try:
+    load_volume({str(nrrd)!r})
+except MissingExtraError as err:
+    print('NRRD:', err)
+print('TB:', tensorboard_available())
+from monai_sdfsmis.__main__ import main
+sys.exit(main(['supervoxels', '--dataset_dir', {str(tmp_path)!r}, '--no_progress']))
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert f'NRRD: reading {nrrd} needs itk, which is not installed: pip install "monai-sdfsmis[itk]"' in res.stdout
+    assert "TB: False" in res.stdout and 'pip install "monai-sdfsmis[tensorboard]"' in res.stderr
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        'error: computing supervoxels needs numba, which is not installed: pip install "monai-sdfsmis[supervoxels]"'
+    )
+    assert not (tmp_path / "supervoxels_5000" / "superpix-MIDDLE_1.nii.gz").exists()

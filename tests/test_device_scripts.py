@@ -62,3 +62,25 @@ def test_scripts_name_a_missing_dataset(tmp_path, script):
                                "DATASET_DIR": str(missing), "WHEEL_DIR": str(tmp_path / "no_wheels")})
     assert result.returncode == 2
     assert str(missing) in result.stderr
+
+
+def test_speed_script_rehearsed_on_cpu_keeps_finished_runs_when_one_fails(tmp_path):
+    # Each run of the GPU script, with the tiny network on the CPU; the compile run with the tracing-only backend.
+    out = tmp_path / "out"
+    env = {"OUT": str(out), "WHEEL_DIR": str(tmp_path / "no_wheels"),
+           "COMMON_ARGS": "--cpu --tiny --size 64 --slices 4 --reference_slices 2 --batch 2 --threads 1",
+           "SD15_ARGS": "--train --train_batches 1 --train_iterations 1",
+           "NO_PRIOR_ARGS": "--model bogus",  # rejected by the argument check: this run fails
+           "COMPILE_ARGS": "--compile --compile_backend eager"}
+    result = _run("speed_gpu.sh", env)
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "no_prior: exit 2" in result.stdout
+    for name in ("sd15", "sd15_compile"):
+        saved = json.loads((out / name / "results.json").read_text())
+        assert saved["comparison"]["ok"] and saved["fast_volume"]["slices"] == 4
+    compiled = json.loads((out / "sd15_compile" / "results.json").read_text())
+    assert compiled["config"]["compile"] and compiled["compile_s"] is not None
+    assert json.loads((out / "sd15" / "results.json").read_text())["training"][0]["batch"] == 1
+    summary = (out / "summary.md").read_text()
+    assert summary.count("# SD-FSMIS speed") == 2 and "torch.compile (UNet + VAE, backend eager)" in summary
+    assert not (out / "no_prior").exists() and (out / "nvidia-smi.txt").is_file()

@@ -1,4 +1,4 @@
-"""Training episodes from supervoxels on real CHAOS data (METHOD.md section 3, DECISIONS.md #10)."""
+"""Training episodes from supervoxels on real CHAOS data (RPT's sampler; Setting 2 exclusion)."""
 
 from __future__ import annotations
 
@@ -312,3 +312,22 @@ def test_fallback_draw_stays_valid(tmp_path, monkeypatch):
     for i in range(10):
         ep = ds[i]
         assert ep["supervoxel_id"] == 1 and {ep["support_slice"], ep["query_slice"]} == {0, 1}
+
+
+def test_episode_sampler_resumes_mid_epoch_and_splits_replicas():
+    from monai_sdfsmis.data.episodes import EpisodeSampler
+
+    sampler = EpisodeSampler(10)
+    assert list(sampler) == list(range(10)) and len(sampler) == 10
+    sampler.set_start(4)
+    assert sampler.start == 4
+    assert list(sampler) == [4, 5, 6, 7, 8, 9]
+    assert list(sampler) == list(range(10)), "only the pass after set_start is shortened"
+    replicas = [EpisodeSampler(10, num_replicas=3, rank=r) for r in range(3)]
+    assert [list(s) for s in replicas] == [[0, 3, 6, 9], [1, 4, 7, 0], [2, 5, 8, 1]]  # padded by wrapping around
+    replicas[1].set_start(2)
+    assert list(replicas[1]) == [7, 0]
+    with pytest.raises(ValueError, match="cannot skip 5 of the 4"):
+        replicas[0].set_start(5)
+    with pytest.raises(ValueError, match="rank must be in 0..2"):
+        EpisodeSampler(10, num_replicas=3, rank=3)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -24,13 +23,13 @@ from monai_sdfsmis.engines import (
     SpacedSurfaceDistanceMetric,
     evaluate_protocol,
     format_table,
-    overlay_png,
     protocol_items,
     summarize,
     volume_metrics,
     write_json,
     write_rows_csv,
 )
+from monai_sdfsmis.engines.overlays import overlay_size
 from monai_sdfsmis.inferers import SlidingSupportInferer
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
 from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
@@ -41,7 +40,7 @@ FOLD0_COPY_DICE = {"liver": 0.51478, "right_kidney": 0.44868, "left_kidney": 0.4
 
 
 def _copy_dice(support_label: np.ndarray, query_label: np.ndarray) -> float:
-    """The protocol of METHOD.md 7.1 written out for the copy baseline (independent of the package)."""
+    """RPT's evaluation protocol written out for the copy baseline (independent of the package)."""
     s_slices = np.flatnonzero(support_label.any(axis=(0, 1)))
     picks = [s_slices[int((1 / 6 + k / 3) * len(s_slices))] for k in range(3)]
     q_slices = np.flatnonzero(query_label.any(axis=(0, 1)))
@@ -99,7 +98,7 @@ def test_copy_baseline_fold0_all_organs_and_files(tmp_path):
     pngs = result["files"]["overlays"]
     assert len(pngs) == 16 and all(p.endswith(".png") for p in pngs)
     with Image.open(pngs[0]) as png:
-        assert png.size == (3 * 256, 256) and png.mode == "RGB"
+        assert png.size == overlay_size(256, 256) and png.mode == "RGB"  # tests/test_overlays.py checks the layout
     assert not [p for p in tmp_path.rglob(".*.tmp")]
 
 
@@ -268,17 +267,6 @@ def test_volume_metrics_and_spaced_metrics():
     assert float(penalty) == pytest.approx(diagonal)  # empty prediction: the penalty, not inf/NaN
     nan = SpacedHausdorffDistanceMetric()(torch.zeros_like(y.as_tensor()), torch.zeros_like(y.as_tensor()))
     assert torch.isnan(nan).all()  # both empty: undefined, skipped by mean reductions
-
-
-def test_overlay_png_panels():
-    image = torch.linspace(-1, 1, 30 * 20).reshape(30, 20)
-    label = torch.zeros(30, 20)
-    label[5:10, 2:6] = 1
-    png = Image.open(io.BytesIO(overlay_png(image, label, torch.zeros(30, 20))))
-    assert png.size == (90, 20)
-    pixels = np.asarray(png)
-    assert (pixels[:, 30:60, 1] > pixels[:, 30:60, 0]).any()  # green ground truth in the middle panel
-    assert (pixels[:, 60:, :] == pixels[:, :30, :]).all()  # empty prediction: right panel = plain image
 
 
 def test_bad_requests_raise(tmp_path):

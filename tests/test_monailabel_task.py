@@ -1,45 +1,138 @@
+"""The MONAI Label task pieces that run without a server: support resolution, grid restoration, inference."""
+
 from __future__ import annotations
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.utils import OptionalImportError
 
 from monai_sdfsmis.inferers import SlidingSupportInferer
-from monai_sdfsmis.monailabel import SDFSMISInferTask, resolve_support_request, run_support_inference
+from monai_sdfsmis.monailabel import (
+    RestoreQueryGridd,
+    SDFSMISInferTask,
+    SDFSMISTrainTask,
+    keep_annotated_slices,
+    resolve_support_request,
+    run_support_inference,
+    train_from_records,
+)
 from monai_sdfsmis.monailabel.infer_task import has_monailabel
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
+from monai_sdfsmis.transforms.io import load_volume
+from tests.utils import chaos_dir, requires_chaos
 
 
 class DictDatastore:
-    """The two look-ups of a MONAI Label datastore that the task uses, backed by a dict."""
+    """The look-ups of a MONAI Label ``LocalDatastore`` the task uses: ``""`` for an unknown id, as it returns."""
 
-    def __init__(self, images: dict[str, str], labels: dict[str, str]):
+    def __init__(self, images: dict[str, str], labels: dict[tuple[str, str], str]):
         self.images, self.labels = images, labels
 
     def get_image_uri(self, image_id: str) -> str:
-        return self.images[image_id]
+        return self.images.get(image_id, "")
 
     def get_label_uri(self, label_id: str, tag: str) -> str:
-        assert tag == "final"
-        return self.labels[label_id]
+        return self.labels.get((label_id, tag), "")
 
 
-def test_resolve_support_from_datastore_id():
-    store = DictDatastore({"case1": "/s/case1.nii.gz"}, {"case1": "/s/labels/final/case1.nii.gz"})
-    out = resolve_support_request({"image": "/s/q.nii.gz", "support_image": "case1"}, store)
-    assert out["support_image"] == "/s/case1.nii.gz"
-    assert out["support_label"] == "/s/labels/final/case1.nii.gz"
+@pytest.fixture
+def store(tmp_path):
+    files = {name: tmp_path / f"{name}.nii.gz" for name in ("q", "case1", "case1_label", "case1_draft")}
+    for f in files.values():
+        f.write_bytes(b"")
+    images = {"q": str(files["q"]), "case1": str(files["case1"])}
+    labels = {("case1", "final"): str(files["case1_label"]), ("case1", "draft"): str(files["case1_draft"])}
+    return DictDatastore(images, labels), files
 
 
-def test_resolve_support_from_uploaded_label_and_path():
-    out = resolve_support_request({"support_image": "/a/sup.nii.gz", "label": "/tmp/upload.nii.gz"}, None)
-    assert out == {"support_image": "/a/sup.nii.gz", "label": "/tmp/upload.nii.gz", "support_label": "/tmp/upload.nii.gz"}
+def test_resolve_support_from_datastore_id(store):
+    ds, files = store
+    out = resolve_support_request({"image": "q", "support_image": "case1"}, ds)
+    assert out["support_image"] == str(files["case1"])
+    assert out["support_label"] == str(files["case1_label"])
+    assert out["support_on_query"] is False
+    draft = resolve_support_request({"image": "q", "support_image": "case1", "support_label_tag": "draft"}, ds)
+    assert draft["support_label"] == str(files["case1_draft"])
 
 
-@pytest.mark.parametrize("request_", [{"image": "q"}, {"support_image": "/a/sup.nii.gz"}])
-def test_resolve_support_errors(request_):
-    with pytest.raises(ValueError, match="support"):
-        resolve_support_request(request_, None)
+def test_resolve_support_path_and_uploaded_label(tmp_path):
+    sup, upload = tmp_path / "sup.nii.gz", tmp_path / "upload.nii.gz"
+    sup.write_bytes(b"")
+    upload.write_bytes(b"")
+    out = resolve_support_request({"image": "/q.nii.gz", "support_image": str(sup), "label": str(upload)}, None)
+    assert (out["support_image"], out["support_label"], out["support_on_query"]) == (str(sup), str(upload), False)
+
+
+def test_resolve_one_slice_support_on_the_query(store, tmp_path):
+    ds, files = store
+    drawn = tmp_path / "drawn.nii.gz"
+    out = resolve_support_request({"image": "q", "label": str(drawn)}, ds)
+    assert out["support_image"] == str(files["q"]) and out["support_label"] == str(drawn)
+    assert out["support_on_query"] is True
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        ({"image": "q"}, "names no support"),
+        ({"image": "q", "support_image": "nope"}, "'nope': no such study"),
+        ({"image": "q", "support_image": "q"}, "support study 'q' has no 'final' label"),
+        ({"image": "q", "support_image": "case1", "support_label_tag": "other"}, "no 'other' label"),
+        ({"image": "q", "support_image": "case1", "support_label": "case9"}, "support_label 'case9': the datastore"),
+    ],
+)
+def test_resolve_support_errors_name_the_problem(store, request_, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_support_request(request_, store[0])
+
+
+@requires_chaos
+def test_restore_query_grid_undoes_the_ras_reorientation_of_a_las_file():
+    path = chaos_dir() / "label_1.nii.gz"
+    file_labels = np.asanyarray(nib.load(path).dataobj)  # the file's own voxel order, read by nibabel alone
+    assert nib.aff2axcodes(nib.load(path).affine) == ("L", "A", "S")
+    query = load_volume(chaos_dir() / "image_1.nii.gz")  # RAS, as the bundle loads it
+    ras_mask = (load_volume(path) == 1).float()
+    assert not np.array_equal(ras_mask[0].numpy(), file_labels == 1)  # RAS differs from the file's order
+    out = RestoreQueryGridd(keys="pred")({"image": query, "pred": ras_mask})
+    assert out["pred"].dtype == np.uint8 and out["pred"].shape == file_labels.shape
+    np.testing.assert_array_equal(out["pred"], (file_labels == 1).astype(np.uint8))
+    np.testing.assert_allclose(out["pred_meta_dict"]["affine"], nib.load(path).affine, atol=1e-5)
+
+
+def test_restore_query_grid_on_a_permuted_orientation(tmp_path):
+    rng = np.random.default_rng(0)
+    data = (rng.random((6, 7, 5)) > 0.5).astype(np.float32)
+    affine = np.array([[0, 0, -2.0, 10], [-1.5, 0, 0, 5], [0, 3.0, 0, -7], [0, 0, 0, 1]])  # axes P, S, L
+    nib.save(nib.Nifti1Image(data, affine), tmp_path / "q.nii.gz")
+    assert nib.aff2axcodes(affine) == ("P", "S", "L")
+    query = load_volume(tmp_path / "q.nii.gz")
+    out = RestoreQueryGridd(keys="pred")({"image": query, "pred": query.clone()})
+    np.testing.assert_array_equal(out["pred"], data.astype(np.uint8))
+    np.testing.assert_allclose(out["pred_meta_dict"]["affine"], affine, atol=1e-5)
+
+
+def test_restore_query_grid_rejects_a_mask_of_another_shape():
+    image = MetaTensor(torch.zeros(1, 4, 4, 3), meta={"original_affine": np.eye(4)})
+    with pytest.raises(ValueError, match="shape"):
+        RestoreQueryGridd(keys="pred")({"image": image, "pred": torch.zeros(1, 4, 4, 2)})
+    with pytest.raises(ValueError, match="original_affine"):
+        RestoreQueryGridd(keys="pred")({"image": torch.zeros(1, 4, 4, 3), "pred": torch.zeros(1, 4, 4, 3)})
+
+
+def test_keep_annotated_slices():
+    pred = torch.zeros(1, 5, 5, 4)
+    pred[..., 0] = 1
+    drawn = torch.zeros(1, 5, 5, 4)
+    drawn[0, 1:3, 1:3, 2] = 1
+    out = keep_annotated_slices(pred, drawn)
+    assert torch.equal(out[..., 2], drawn[..., 2])  # the drawn slice comes back as drawn
+    assert torch.equal(out[..., [0, 1, 3]], pred[..., [0, 1, 3]])  # the others as predicted
+    with pytest.raises(ValueError, match="shape"):
+        keep_annotated_slices(pred, drawn[..., :3])
 
 
 def test_run_support_inference_with_support_copy():
@@ -63,7 +156,13 @@ def test_run_support_inference_names_missing_keys():
                               SlidingSupportInferer(), SupportMaskCopy())
 
 
+def test_train_from_records_checks_its_folders(tmp_path):
+    with pytest.raises(ValueError, match="missing"):
+        train_from_records([], tmp_path, tmp_path / "no_bundle")
+
+
 @pytest.mark.skipif(has_monailabel, reason="MONAI Label installed: the placeholder is not used")
-def test_task_without_monailabel_says_how_to_install():
-    with pytest.raises(OptionalImportError, match="monai-sdfsmis\\[label\\]"):
-        SDFSMISInferTask(path="x", conf={})
+@pytest.mark.parametrize("task", [SDFSMISInferTask, SDFSMISTrainTask])
+def test_task_without_monailabel_says_how_to_install(task):
+    with pytest.raises(OptionalImportError, match="monai_sdfsmis.monailabel.environment"):
+        task("x", "y")

@@ -1,4 +1,4 @@
-"""Evaluation protocol: folds, support/query volumes, support slices and query chunks (METHOD.md 7.1)."""
+"""Evaluation protocol: folds, support/query volumes, support slices and query chunks (RPT's protocol)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_rpt_folds_chaos_and_sabs():
         [18, 19, 20, 21, 22, 23, 24],
         [0, 24, 25, 26, 27, 28, 29],
     ]
-    # FAMNet's CT folds: the 5-volume MRI folds applied to the 30 CT volumes (METHOD.md 7.3)
+    # FAMNet's CT folds: the 5-volume MRI folds applied to the 30 CT volumes (FAMNet's get_folds)
     assert rpt_folds(30, scheme="famnet") == rpt_folds(20)
 
 

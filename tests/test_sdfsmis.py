@@ -563,3 +563,45 @@ def test_from_pretrained_local_folders(tmp_path):
     assert no_vtct.vtct is None  # DINOv2 is not even looked for
     si, sl, qi, _ = _episode()
     assert model(si, sl, qi).shape == (1, 1, SIZE, SIZE)
+
+
+def _loss_and_grads(model: SDFSMIS, episode) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model.compute_loss(*episode)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("sii_mode", ["sii", "kv_concat"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(sii_mode):
+    # The recomputation in the backward pass re-runs every transformer block: the support features must reach it
+    # as an argument (a pass switch held in state would be "off" by then).
+    eager = _perturb(SDFSMIS.tiny(seed=0, sii_mode=sii_mode, vae_sample_in_training=False)).train()
+    checkpointed = copy.deepcopy(eager)
+    checkpointed.unet.enable_gradient_checkpointing()
+    episode = _episode(batch=2)
+    loss, grads = _loss_and_grads(eager, episode)
+    loss_ckpt, grads_ckpt = _loss_and_grads(checkpointed, episode)
+    torch.testing.assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    assert grads_ckpt.keys() == grads.keys() and any(".attn_sq." in n for n in grads) == (sii_mode == "sii")
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_unet_compiles_fullgraph_for_training():
+    # aot_eager traces with dynamo and AOTAutograd (graph breaks, functionalised backward) without generating
+    # code, which is the part this package controls; inductor's code generation is timed in benchmarks/speed.py.
+    eager = _perturb(SDFSMIS.tiny(seed=0, vae_sample_in_training=False)).train()
+    compiled = copy.deepcopy(eager)
+    compiled.unet.compile(fullgraph=True, backend="aot_eager")  # in place: state-dict keys unchanged
+    episode = _episode(batch=1)
+    try:
+        loss, grads = _loss_and_grads(compiled, episode)
+        expected_loss, expected_grads = _loss_and_grads(eager, episode)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert set(compiled.state_dict()) == set(eager.state_dict())

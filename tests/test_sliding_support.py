@@ -127,8 +127,9 @@ def test_deployment_mode_keeps_longest_predicted_run_and_rechunks():
     assert fg.nonzero().flatten().tolist() == list(range(6, 18))
     np.testing.assert_array_equal(out[0, 0, ..., 10].numpy(), (query[0, 0, ..., 10] > 0.5).float().numpy())
     # pass 1 over 30 slices in 3 chunks, pass 2 only for slices whose chunk changed
-    # (range 6..17 -> chunks 6-9, 10-13, 14-17; pass-1 chunks 0-9, 10-19, 20-29: 14-17 change chunk)
-    assert net.calls["encode_support"] == 3 + 1
+    # (range 6..17 -> chunks 6-9, 10-13, 14-17; pass-1 chunks 0-9, 10-19, 20-29: 14-17 change chunk);
+    # pass 2 reuses pass 1's support contexts
+    assert net.calls["encode_support"] == 3
     assert sum(net.batch_sizes) == depth + 4
     assert max(net.batch_sizes) <= 5
 
@@ -335,3 +336,61 @@ def test_infinite_query_is_rejected():
     bad[0, 0, 0, 0, :2] = float("inf")
     with pytest.raises(ValueError, match=r"inputs \(query volume\) contains 2 non-finite"):
         SlidingSupportInferer(query_range="all")(bad, SupportMaskCopy(), support_image=query, support_label=label)
+
+
+def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive_path():
+    from monai_sdfsmis.networks.sdfsmis import SDFSMIS
+    from monai_sdfsmis.networks.sqi import sii_blocks
+
+    net = SDFSMIS.tiny(seed=0).eval()
+    with torch.no_grad():  # SII and VTCT away from their zero init, so that the support changes the output
+        for _, block in sii_blocks(net.unet):
+            block.attn_sq.attn.to_out[0].weight.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(2))
+        net.vtct.gate.fill_(0.5)
+    g = torch.Generator().manual_seed(0)
+    size, depth = 64, 7
+    query = torch.rand(1, 1, size, size, depth, generator=g) * 2 - 1
+    support = torch.rand(1, 1, size, size, 6, generator=g) * 2 - 1
+    support_label = torch.zeros(1, 1, size, size, 6)
+    support_label[..., 20:40, 18:44, 1:5] = 1
+    support_label[..., 20:30, 18:24, 2] = 0  # support slices differ, so a wrong pairing shows
+    query_label = torch.zeros(1, 1, size, size, depth)
+    query_label[..., 1:6] = 1  # 5 organ slices -> chunks of 1, 2, 2
+
+    calls: Counter = Counter()
+    hooks = [
+        net.vae.encoder.register_forward_hook(lambda m, i, o: calls.update(["vae_encoder"])),
+        net.unet.register_forward_pre_hook(lambda m, i: calls.update([f"unet_{m.conv_in.branch}"])),
+    ]
+    inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=size)
+    soft_calls: list[torch.Tensor] = []
+    segment = net.segment
+    net.segment = lambda q, c: soft_calls.append(segment(q, c)) or soft_calls[-1]  # keep the soft masks
+    try:
+        out = inferer(query, net, support_image=support, support_label=support_label, query_label=query_label)
+    finally:
+        del net.segment
+        for h in hooks:
+            h.remove()
+    # one support pass per chunk (support + mask in one VAE call), one VAE call and UNet call per query batch
+    assert calls["unet_support"] == 3
+    assert calls["unet_query"] == 3 and calls["vae_encoder"] == 3 + 3
+
+    # naive path: every query slice alone, its support slice re-encoded for it
+    picks = [1 + k for k in _rpt_support_positions(4)]  # the support organ is slices 1-4
+    chunks = [[1], [2, 3], [4, 5]]
+    image = lambda v, d: v[0, :, :, :, d][None].expand(-1, 3, -1, -1)  # noqa: E731
+    naive_soft = {}
+    with torch.no_grad():
+        for j, slices in enumerate(chunks):
+            for d in slices:
+                ctx = net.encode_support(image(support, picks[j]), support_label[0, :, :, :, picks[j]][None])
+                naive_soft[d] = net.segment(image(query, d), ctx)
+    fast_soft = torch.cat(soft_calls)
+    torch.testing.assert_close(fast_soft, torch.cat([naive_soft[d] for d in range(1, 6)]), rtol=1e-4, atol=1e-5)
+    expected = torch.zeros_like(out)
+    for d, soft in naive_soft.items():
+        expected[0, 0, :, :, d] = net.binarize(soft)[0, 0].float()
+    assert bool(out.any())
+    flips = (out != expected).float().mean()
+    assert flips < 1e-3  # binarised at 0: a soft value within rounding of 0 may flip

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -267,3 +268,69 @@ def test_gradients_through_sii():
     for _, block in sii_blocks(unet):
         for name, p in block.attn_sq.named_parameters():
             assert p.grad.abs().sum() > 0, name
+
+
+def _paper_block_output(block, hs, hq, ctx):
+    """The paper's four residual steps, recomputed by hand from the block's weights."""
+    a1, sq, a2 = block.attn1, block.attn_sq.attn, block.attn2
+    f_s = block.norm1(hs)
+    n = block.norm1(hq)
+    h = hq + a1.to_out[0](_mha(a1.to_q(n), a1.to_k(n), a1.to_v(n), 2))
+    n = block.attn_sq.norm(h)
+    h = h + sq.to_out[0](_mha(sq.to_q(n), sq.to_k(f_s), sq.to_v(f_s), 2))
+    n = block.norm2(h)
+    h = h + a2.to_out[0](_mha(a2.to_q(n), a2.to_k(ctx), a2.to_v(ctx), 2))
+    return h + block.ff(block.norm3(h))
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_explicit_support_kwargs_follow_the_paper_order_without_bank_state(positional, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers logs to its own handler
+    holder = _block()
+    bank = SupportBank()
+    install_sii(holder, bank, "sii")
+    block = holder.block
+    with torch.no_grad():
+        for p in block.attn_sq.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    g = torch.Generator().manual_seed(0)
+    hs, hq, ctx = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        store: dict = {}
+        if positional:  # how diffusers' gradient checkpointing calls a block
+            block(hs, None, ctx, None, None, {"support_store": store}, None)
+            got = block(hq, None, ctx, None, None, {"support_features": store}, None)
+        else:
+            block(hs, encoder_hidden_states=ctx, cross_attention_kwargs={"support_store": store})
+            got = block(hq, encoder_hidden_states=ctx, cross_attention_kwargs={"support_features": store})
+        expected = _paper_block_output(block, hs, hq, ctx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert list(store) == ["block"] and bank.mode == "off" and bank.features == {}
+    assert not [r for r in caplog.records if "not expected" in r.getMessage()]  # attn2 drops the support keys
+    processor = block.attn1.processor
+    assert not any(isinstance(v, torch.Tensor) for v in vars(processor).values())  # nothing kept between calls
+
+
+@pytest.mark.parametrize("mode", ["sii", "kv_concat"])
+def test_explicit_kwargs_equal_the_bank_path(mode):
+    unet = _unet()
+    bank = SupportBank()
+    install_sii(unet, bank, mode)
+    if mode == "sii":
+        _randomize_sii(unet)
+    xs, cond = _inputs(1, 0)
+    xq, _ = _inputs(3, 1)
+    with torch.no_grad():
+        with bank.storing() as features:
+            _run(unet, xs, cond)
+        with bank.using(features):
+            expected = _run(unet, xq, cond.expand(3, -1, -1))
+        store: dict = {}
+        unet(xs, 999, encoder_hidden_states=cond, cross_attention_kwargs={"support_store": store})
+        got = unet(xq, 999, encoder_hidden_states=cond.expand(3, -1, -1), cross_attention_kwargs={"support_features": store}).sample
+        plain = _run(unet, xq, cond.expand(3, -1, -1))
+    assert sorted(store) == sorted(features) and all(torch.equal(store[k], features[k]) for k in store)
+    assert torch.equal(got, expected)
+    assert not torch.allclose(got, plain, atol=1e-4)  # the support reached the query pass
+    with pytest.raises(RuntimeError, match="run the support pass"):
+        unet(xq, 999, encoder_hidden_states=cond.expand(3, -1, -1), cross_attention_kwargs={"support_features": {}})

@@ -16,6 +16,7 @@ from monai_sdfsmis.transforms import (
     load_volume,
     select_reader,
 )
+from monai_sdfsmis.transforms.io import list_dicom_series
 from tests.utils import chaos_dir, requires_chaos, requires_totalseg, totalseg_dir
 
 CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -277,3 +278,198 @@ def test_same_grid_tolerates_a_rounding_difference(tmp_path):
     nearly[0, 3] = 1e-4  # well below 1e-3 of the 2 mm voxel
     load, data = _grid_case(tmp_path, nearly)
     assert load(data)["support_label"].shape == (1, 6, 5, 4)
+
+
+# LAS voxel axes in DICOM's LPS patient coordinates: columns run to the patient's left (+x), rows to the anterior
+# (-y), slices to the superior (+z); CHAOS stores its NIfTI files in this orientation.
+LAS_ORIENTATION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+
+
+def write_dicom_series(folder, volume, series_uid, description, spacing=(1.5, 1.25, 4.0), origin=(-20.0, 30.0, 5.0),
+                       orientation=LAS_ORIENTATION, first_file=0):
+    """Write ``volume`` ``[rows, columns, slices]`` (int16) as one MR series of real DICOM files in ``folder``.
+
+    Pixel ``(r, c)`` of slice ``k`` lies at ``origin + c * spacing[1] * row_dir + r * spacing[0] * col_dir +
+    k * spacing[2] * normal`` millimetres (LPS), as DICOM's ImagePositionPatient/ImageOrientationPatient define it.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    row_dir, col_dir = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    for k in range(volume.shape[2]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"IM{first_file + k:05d}.dcm"
+        ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.PatientName = "MR", "TEST01", "Test^Patient"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.99.1", series_uid, "1.2.3"
+        ds.StudyDate = ds.SeriesDate = "20260101"
+        ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, 1, k + 1
+        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[2] * normal]
+        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        ds.PixelSpacing = [spacing[0], spacing[1]]
+        ds.SliceThickness = spacing[2]
+        ds.Rows, ds.Columns = volume.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = np.ascontiguousarray(volume[:, :, k].astype("<i2")).tobytes()
+        ds.save_as(str(path), enforce_file_format=True)
+    return folder
+
+
+def two_series_folder(folder, rng=None):
+    """A folder holding two series of one patient: 8 slices (``"T2 SPIR"``) and 5 slices (``"T1 in-phase"``)."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    first = rng.integers(0, 1000, size=(12, 10, 8)).astype(np.int16)
+    second = rng.integers(0, 1000, size=(12, 10, 5)).astype(np.int16)
+    write_dicom_series(folder, first, "1.2.826.0.1.3680043.99.1.1", "T2 SPIR")
+    write_dicom_series(folder, second, "1.2.826.0.1.3680043.99.1.2", "T1 in-phase", first_file=100)
+    return folder, first, second
+
+
+def test_a_folder_of_two_dicom_series_is_refused_naming_each(tmp_path):
+    folder, _, _ = two_series_folder(tmp_path / "dicom")
+    listed = list_dicom_series(folder)
+    assert sorted((s.uid, s.description, len(s.files)) for s in listed) == [
+        ("1.2.826.0.1.3680043.99.1.1", "T2 SPIR", 8), ("1.2.826.0.1.3680043.99.1.2", "T1 in-phase", 5)
+    ]
+    with pytest.raises(ValueError) as info:
+        load_volume(folder)
+    message = str(info.value)
+    assert "\n" not in message and str(folder) in message and "2 DICOM series" in message and "series_uid" in message
+    assert "1.2.826.0.1.3680043.99.1.1 (T2 SPIR, 8 slices)" in message
+    assert "1.2.826.0.1.3680043.99.1.2 (T1 in-phase, 5 slices)" in message
+    with pytest.raises(ValueError, match=r"series_uid 9\.9 is not in folder .*T2 SPIR"):
+        load_volume(folder, series_uid="9.9")
+
+
+def _dicom_value_at(shape, affine, spacing=(1.5, 1.25, 4.0), origin=(-20.0, 30.0, 5.0),
+                    orientation=LAS_ORIENTATION):
+    """DICOM (row, column, slice) of every voxel of a loaded volume of spatial ``shape``, through world coordinates."""
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), axis=-1).reshape(-1, 3)
+    ras = index @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    lps = ras * np.array([-1.0, -1.0, 1.0]) - np.asarray(origin)
+    row_dir, col_dir = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    normal = np.cross(row_dir, col_dir)
+    c, r, k = lps @ row_dir / spacing[1], lps @ col_dir / spacing[0], lps @ normal / spacing[2]
+    for v in (c, r, k):
+        np.testing.assert_allclose(v, np.round(v), atol=1e-3)  # voxel centres land on DICOM pixel centres
+    return np.round(r).astype(int), np.round(c).astype(int), np.round(k).astype(int)
+
+
+@pytest.mark.parametrize("series, which", [("1.2.826.0.1.3680043.99.1.1", 0), ("1.2.826.0.1.3680043.99.1.2", 1)])
+def test_series_uid_reads_the_chosen_series_with_its_geometry(tmp_path, series, which):
+    folder, first, second = two_series_folder(tmp_path / "dicom")
+    expected = (first, second)[which]
+    image = load_volume(folder, series_uid=series, dtype=None)
+    assert tuple(image.shape) == (1, 10, 12, expected.shape[2])  # RAS: x runs along the DICOM columns
+    r, c, k = _dicom_value_at(image.shape[1:], image.affine)
+    np.testing.assert_array_equal(image[0].numpy().reshape(-1), expected[r, c, k])
+    # The same through the dictionary transform, keyed by the image key.
+    d = LoadVolumed("image", dtype=None, series_uid={"image": series})({"image": folder})
+    assert torch.equal(d["image"].as_tensor(), image.as_tensor())
+
+
+def test_a_single_dicom_series_needs_no_uid(tmp_path):
+    volume = np.random.default_rng(1).integers(0, 500, size=(12, 10, 6)).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "one", volume, "1.2.826.0.1.3680043.99.2", "only")
+    image = load_volume(folder, dtype=None)
+    r, c, k = _dicom_value_at(image.shape[1:], image.affine)
+    np.testing.assert_array_equal(image[0].numpy().reshape(-1), volume[r, c, k])
+
+
+@requires_chaos
+def test_saving_back_to_the_las_file_orientation_is_exact_and_needs_no_resampling(tmp_path, monkeypatch):
+    """A CHAOS label (stored LAS) loaded in RAS and saved with ``resample=True`` is the file's array, voxel for voxel."""
+    import monai.data.image_writer as image_writer
+
+    from monai_sdfsmis.transforms.io import SaveVolumed
+
+    calls = []
+    resample = image_writer.SpatialResample.__call__
+    monkeypatch.setattr(image_writer.SpatialResample, "__call__", lambda *a, **k: calls.append(1) or resample(*a, **k))
+    source = chaos_dir() / "label_2.nii.gz"
+    d = LoadVolumed("label")({"label": source})
+    assert not np.allclose(d["label"].affine.numpy(), nib.load(str(source)).affine)  # really reoriented
+    saver = SaveVolumed("label", output_dir=tmp_path, output_postfix="seg", output_dtype=np.uint8, resample=True,
+                        mode="nearest", separate_folder=False, print_log=False)
+    saver(d)
+    written, original = nib.load(str(tmp_path / "label_2_seg.nii.gz")), nib.load(str(source))
+    np.testing.assert_array_equal(np.asarray(written.dataobj), np.asarray(original.dataobj).astype(np.uint8))
+    np.testing.assert_allclose(written.affine, original.affine, atol=1e-5)
+    assert not calls, "an orientation-only difference must be undone without SpatialResample"
+
+
+def test_axis_reorientation_recognises_only_permutations_and_flips():
+    from monai_sdfsmis.transforms.io import axis_reorientation
+
+    las = np.diag([-1.25, 1.25, 7.7, 1.0])
+    las[:3, 3] = (160.0, -150.0, 10.0)
+    shape = (4, 5, 3)
+    # RAS copy of the LAS grid: x flipped, so index i of the file is 3 - i of the array.
+    ras = las.copy()
+    ras[0, 0], ras[0, 3] = 1.25, 160.0 - 1.25 * (shape[0] - 1)
+    axes, flips = axis_reorientation(ras, las, shape, shape)
+    array = np.arange(np.prod(shape)).reshape(shape)
+    file_view = np.flip(np.transpose(array, axes), flips)
+    world = lambda affine, idx: affine[:3, :3] @ np.asarray(idx, dtype=float) + affine[:3, 3]  # noqa: E731
+    for idx in np.ndindex(*shape):  # the voxel of the file view at idx is the array voxel at the same world point
+        src = np.linalg.solve(ras[:3, :3], world(las, idx) - ras[:3, 3])
+        assert file_view[idx] == array[tuple(np.round(src).astype(int))]
+    shifted = las.copy()
+    shifted[0, 3] += 0.5  # half a voxel: needs interpolation
+    assert axis_reorientation(ras, shifted, shape, shape) is None
+    assert axis_reorientation(ras, np.diag([2.5, 1.25, 7.7, 1.0]), shape, shape) is None
+    assert axis_reorientation(ras, las, shape, (4, 5, 4)) is None
+
+
+# Peak RSS of bundle inference on the 1000-slice query below, measured 2026-12-01 (benchmarks/RESULTS.md, "Memory"):
+# 1780 MB with the transposes and flips, 5205 MB with MONAI's resampling back to the file's orientation.
+PEAK_RSS_BOUND_MB = 2600
+_PEAK_RSS_RUNNER = (
+    "import atexit, resource, runpy, sys\n"
+    "atexit.register(lambda: print(f'PEAK_RSS_MB {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}',"
+    " file=sys.stderr))\n"
+    "sys.argv = ['monai.bundle', *sys.argv[1:]]\n"
+    "runpy.run_module('monai.bundle', run_name='__main__')\n"
+)
+
+
+@requires_chaos
+def test_a_1000_slice_query_is_segmented_in_bounded_memory(tmp_path):
+    """Bundle inference (tiny network, 64x64 slices) on a 256x256x1000 LAS query: peak RSS below the bound."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.utils import REPO_ROOT
+
+    source = nib.load(str(chaos_dir() / "image_3.nii.gz"))
+    array = np.asarray(source.dataobj)
+    query = tmp_path / "query_1000.nii"
+    tiled = np.tile(array, (1, 1, -(-1000 // array.shape[2])))[:, :, :1000].astype(np.int16)
+    nib.save(nib.Nifti1Image(tiled, source.affine), str(query))
+    del tiled
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", SDFSMIS_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    args = {
+        "network_type": "tiny", "load_checkpoint": "False", "query_image": str(query),
+        "support_image": str(chaos_dir() / "image_3.nii.gz"), "support_label": str(chaos_dir() / "label_3.nii.gz"),
+        "organ_id": "1", "spatial_size": "64", "progress": "False", "output_dir": str(tmp_path / "out"),
+    }
+    command = [sys.executable, "-c", _PEAK_RSS_RUNNER, "run", "--config_file", "configs/inference.json"]
+    command += [item for key, value in args.items() for item in (f"--{key}", value)]
+    proc = subprocess.run(command, cwd=REPO_ROOT / "bundles" / "sd_fsmis", env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    peak = int(re.search(r"PEAK_RSS_MB (\d+)", proc.stderr).group(1))
+    print(f"peak RSS {peak} MB")
+    written = nib.load(str(tmp_path / "out" / "query_1000_seg.nii.gz"))
+    assert written.shape == (256, 256, 1000)
+    np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
+    assert peak < PEAK_RSS_BOUND_MB, f"peak RSS {peak} MB exceeds {PEAK_RSS_BOUND_MB} MB"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .episodes import (
     ALPNET_LABEL_GROUPS,
     EpisodeDataset,
+    EpisodeSampler,
     slice_label_counts,
     slices_to_exclude,
     supervoxel_slice_counts,

@@ -1,4 +1,4 @@
-"""Self-supervised training episodes drawn from supervoxel pseudo-labels (METHOD.md section 3, DECISIONS.md #10).
+"""Self-supervised training episodes drawn from supervoxel pseudo-labels (RPT's sampler).
 
 An episode is two **adjacent slices of the same volume** and the binary mask of **one 3-D supervoxel**
 in each: one slice is the support (image + mask), the other the query (image + mask to predict).
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 __all__ = [
     "EpisodeDataset",
+    "EpisodeSampler",
     "slices_to_exclude",
     "slice_label_counts",
     "supervoxel_slice_counts",
@@ -17,19 +18,20 @@ __all__ = [
     "LATENT_KEY_SUFFIX",
 ]
 
+import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from monai.utils import convert_to_numpy
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from monai_sdfsmis.data.volumes import VolumeStore
 
-#: ALPNet's Setting-2 label groups, one training run per group (METHOD.md 3.1): kidneys, then liver + spleen.
+#: ALPNet's Setting-2 label groups, one training run per group: kidneys, then liver + spleen.
 ALPNET_LABEL_GROUPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "chaos": ((2, 3), (1, 4)),
     "sabs": ((2, 3), (1, 6)),
@@ -55,8 +57,8 @@ def slices_to_exclude(label_volume: np.ndarray, labels: Sequence[int], mode: str
         Label ids of the test organs (e.g. ``(1, 2, 3, 4)`` for CHAOS, ``(1, 2, 3, 6)`` for SABS).
     mode
         ``"or"``: a slice is excluded if it contains **any** of ``labels`` (the paper's wording,
-        ALPNet; our default, DECISIONS.md #10). ``"and"``: excluded only if it contains **all** of
-        them (what RPT/ADNet/DIFD/FAMNet code does, METHOD.md 3.1). ALPNet's per-group runs are
+        ALPNet; our default). ``"and"``: excluded only if it contains **all** of
+        them (what RPT/ADNet/DIFD/FAMNet code does). ALPNet's per-group runs are
         ``"or"`` over one group (see :class:`EpisodeDataset` ``exclusion="groups"``).
 
     Returns
@@ -150,7 +152,7 @@ class EpisodeDataset(Dataset):
     contain it (minus the Setting-2 excluded slices), a random maximal run of >= 2 consecutive such
     slices and a random adjacent pair ``(z, z+1)`` inside it; reject and redraw the supervoxel if the
     larger of the two mask areas is below ``min_size`` pixels; swap the two with probability 0.5
-    (METHOD.md section 3). With a ``seed`` the draw depends only on ``(seed, epoch, i)``, so DataLoader
+    (RPT's ``TrainDataset``). With a ``seed`` the draw depends only on ``(seed, epoch, i)``, so DataLoader
     workers and a ``DistributedSampler`` give the same episodes on every run.
 
     Parameters
@@ -187,7 +189,8 @@ class EpisodeDataset(Dataset):
     dict
         ``support_image``, ``query_image``: float32 ``[3, H, W]`` in ``[-1, 1]``;
         ``support_label``, ``query_label``: float32 ``[1, H, W]`` in ``{0, 1}``;
-        ``volume_id`` (str), ``supervoxel_id``, ``support_slice``, ``query_slice`` (int);
+        ``episode_index`` (int, the ``index`` asked for), ``volume_id`` (str), ``supervoxel_id``, ``support_slice``,
+        ``query_slice`` (int);
         ``support_image_key``, ``support_label_key``, ``query_image_key``, ``query_label_key`` (str): what each
         tensor is (``"volume/slice"``, ``"volume/slice/supervoxel"``), or ``""`` where augmentation changed it,
         the keys of a :class:`~monai_sdfsmis.networks.latent_cache.LatentCache`.
@@ -402,7 +405,67 @@ class EpisodeDataset(Dataset):
             if episode[key].shape[0] == 1:
                 episode[key] = torch.from_numpy(np.repeat(episode[key].numpy(), 3, axis=0))
         episode.update(
-            volume_id=table.volume_id, supervoxel_id=sv_id, support_slice=int(support_z), query_slice=int(query_z),
+            episode_index=index, volume_id=table.volume_id, supervoxel_id=sv_id,
+            support_slice=int(support_z), query_slice=int(query_z),
             **{f"{k}{LATENT_KEY_SUFFIX}": v for k, v in keys.items()},
         )
         return episode
+
+
+class EpisodeSampler(Sampler[int]):
+    """Episode indices in order, resumable in the middle of an epoch.
+
+    An ignite engine resumed from a mid-epoch checkpoint counts on from the checkpoint's iteration but iterates
+    its loader from the start again, so the episodes of the interrupted epoch would be trained twice and its
+    last ones never. :class:`~monai_sdfsmis.engines.checkpoints.ResumeFromCheckpoint` calls :meth:`set_start`
+    with the number of samples already consumed; with a seeded :class:`EpisodeDataset` (episode ``i`` a pure
+    function of ``(seed, epoch, i)``) the resumed run then sees exactly the episodes an uninterrupted run sees.
+
+    Parameters
+    ----------
+    data_source
+        The dataset (only its length is used) or the number of episodes per epoch.
+    num_replicas, rank
+        Distributed training: replica ``rank`` of ``num_replicas`` yields indices ``rank, rank + num_replicas,
+        ...`` (padded by wrapping around so every replica yields as many, like ``DistributedSampler`` with
+        ``even_divisible=True``). ``None``: taken from ``torch.distributed`` when it is initialised, else 1 and 0.
+    """
+
+    def __init__(self, data_source: Any, num_replicas: int | None = None, rank: int | None = None) -> None:
+        length = int(data_source) if isinstance(data_source, (int, np.integer)) else len(data_source)
+        if length < 1:
+            raise ValueError(f"EpisodeSampler needs at least one episode, got a length of {length}.")
+        if num_replicas is None or rank is None:
+            dist = torch.distributed
+            initialised = dist.is_available() and dist.is_initialized()
+            num_replicas = (dist.get_world_size() if initialised else 1) if num_replicas is None else num_replicas
+            rank = (dist.get_rank() if initialised else 0) if rank is None else rank
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ValueError(f"rank must be in 0..{int(num_replicas) - 1}, got {rank}.")
+        self.length = length
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.num_samples = math.ceil(length / self.num_replicas)
+        self._start = 0
+
+    def set_start(self, consumed: int) -> None:
+        """Make the next pass skip its first ``consumed`` indices (later passes start at the beginning again)."""
+        consumed = int(consumed)
+        if not 0 <= consumed <= self.num_samples:
+            raise ValueError(f"cannot skip {consumed} of the {self.num_samples} indices of an epoch.")
+        self._start = consumed
+
+    @property
+    def start(self) -> int:
+        """Indices the next pass skips."""
+        return self._start
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._start = self._start, 0
+        total = self.num_samples * self.num_replicas
+        return iter([i % self.length for i in range(self.rank + start * self.num_replicas, total, self.num_replicas)])
+
+    def __len__(self) -> int:
+        # The full epoch, also on a resumed pass: ignite takes the epoch length from the checkpoint anyway, and a
+        # DataLoader whose length changed between passes would confuse progress bars and schedulers.
+        return self.num_samples

@@ -3,7 +3,7 @@
 Both readers return a list of :class:`VolumeRecord` whose order matters: the few-shot folds
 (:func:`monai_sdfsmis.data.protocol.rpt_folds`) index that list, so the ALPNet folder is sorted
 numerically by the volume number ``N`` of ``image_N.nii.gz`` (``image_2`` before ``image_10``,
-METHOD.md section 1.6), and a datalist keeps the order of its JSON entries.
+the order RPT's five-fold split indexes), and a datalist keeps the order of its JSON entries.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def find_alpnet_volumes(
     -------
     list[VolumeRecord]
         One record per ``image_N``, ``id = str(N)``, sorted by ``N`` as an integer: the order the
-        five-fold split indexes (METHOD.md section 1.6).
+        five-fold split (RPT's ``get_folds``) indexes.
 
     Raises
     ------

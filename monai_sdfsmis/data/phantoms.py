@@ -26,10 +26,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from tqdm.auto import tqdm
 
 from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
 from monai_sdfsmis.data.supervoxels import compute_supervoxels
+from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.utils import atomic_path, atomic_write
 
 #: Label ids written by the phantom generator (the CHAOS convention).
@@ -191,7 +191,7 @@ def make_phantom_dataset(
         rewrite = True
 
     affine = np.diag([*params["spacing"], 1.0])
-    for number in tqdm(range(1, params["n_volumes"] + 1), desc="phantoms", disable=not progress):
+    for number in progress_bar(range(1, params["n_volumes"] + 1), desc="phantoms", unit="vol", disable=not progress):
         paths = (out / f"image_{number}.nii.gz", out / f"label_{number}.nii.gz", sv_dir / f"superpix-MIDDLE_{number}.nii.gz")
         if not rewrite and all(p.exists() for p in paths):
             continue

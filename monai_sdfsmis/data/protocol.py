@@ -1,4 +1,4 @@
-"""The few-shot evaluation protocol of RPT/ADNet (METHOD.md section 7.1, DECISIONS.md #12).
+"""The few-shot evaluation protocol of RPT/ADNet (RPT's folds, support = position 2 of the fold, 3 chunks).
 
 For fold ``k`` a model is trained on every volume that is not in fold ``k`` (:func:`fold_split`) and
 tested on the volumes of fold ``k``: the volume at position ``support_position`` (2) of the fold is
@@ -8,10 +8,10 @@ and the organ-containing slices of each query volume are split into 3 contiguous
 (:func:`chunk_bounds`); chunk ``j`` is segmented with support slice ``j``. Dice is computed per query
 volume over its organ slices.
 
-Cross-domain (CD-FSMIS, METHOD.md section 7.3) needs nothing more: it is two dataset roots. For fold
+Cross-domain (CD-FSMIS, as in FAMNet's scripts) needs nothing more: it is two dataset roots. For fold
 ``k`` train on ``fold_split(source_records, k)[0]`` (the source domain's volumes outside its fold
 ``k``) and evaluate ``protocol_cases(target_records, fold_ids=[k], organ_ids=<target ids>)`` on the
-target root (the target domain's RPT folds, DECISIONS.md #12; ``rpt_folds(30, scheme="famnet")`` gives
+target root (the target domain's RPT folds, the default; ``rpt_folds(30, scheme="famnet")`` gives
 FAMNet's 5-volume CT folds as the option).
 """
 
@@ -37,15 +37,15 @@ import numpy as np
 
 from monai_sdfsmis.data.layouts import VolumeRecord
 
-#: Label ids of the four test organs in the CHAOS T2-SPIR (Abd-MRI) label maps (METHOD.md 1.2).
+#: Label ids of the four test organs in the CHAOS T2-SPIR (Abd-MRI) label maps (RPT's ``dataset_specifics.py``).
 CHAOS_ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
-#: Label ids of the four test organs in the Synapse/BTCV (Abd-CT, "SABS") label maps (METHOD.md 1.2).
+#: Label ids of the four test organs in the Synapse/BTCV (Abd-CT, "SABS") label maps (Synapse ids kept as-is).
 SABS_ORGANS: dict[int, str] = {6: "liver", 2: "right_kidney", 3: "left_kidney", 1: "spleen"}
 
 
 def _five_folds(size: int, n_volumes: int) -> list[list[int]]:
     # Each fold k is the inclusive range {k*(size-1) .. (k+1)*(size-1)}, so neighbouring folds share a volume,
-    # and the last one wraps around to volume 0 (ALPNet heritage, METHOD.md 1.6).
+    # and the last one wraps around to volume 0 (ALPNet heritage: one extra volume per fold, as support).
     step = size - 1
     folds = [list(range(k * step, k * step + size)) for k in range(4)]
     folds.append(sorted({0, *range(4 * step, n_volumes)}))
@@ -61,9 +61,9 @@ def rpt_folds(n_volumes: int, scheme: str = "rpt") -> list[list[int]]:
         Number of volumes: 20 (CHAOS T2-SPIR) or 30 (Synapse/BTCV) for ``scheme="rpt"``.
     scheme
         ``"rpt"``: CHAOS ``{0..4},{4..8},{8..12},{12..16},{16..19}+{0}`` and SABS
-        ``{0..6},{6..12},{12..18},{18..24},{24..29}+{0}`` (METHOD.md 1.6).
+        ``{0..6},{6..12},{12..18},{18..24},{24..29}+{0}`` (RPT's ``get_folds``).
         ``"famnet"``: FAMNet's 5-volume folds (the CHAOS ones) for any dataset of at least 20
-        volumes, the option for the MRI->CT direction (METHOD.md 7.3).
+        volumes, the option for the MRI->CT direction (the paper does not say which CT folds it used).
 
     Returns
     -------

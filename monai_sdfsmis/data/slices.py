@@ -2,7 +2,7 @@
 
 The autoencoder of the no-prior mode (``monai_sdfsmis.networks.autoencoder``) has to reconstruct
 the two kinds of input SD-FSMIS encodes: image slices and binary masks replicated to 3 channels in
-{-1, 1} (METHOD.md 5.1). Masks come from the **supervoxel** pseudo-labels (METHOD.md section 2),
+{-1, 1} (as SD's VAE takes them). Masks come from the **supervoxel** pseudo-labels,
 never from the ground truth: this module does not read label maps at all.
 """
 

@@ -1,4 +1,4 @@
-"""3-D Felzenszwalb supervoxels used as self-supervised pseudo-labels (ADNet/RPT, METHOD.md section 2.1).
+"""3-D Felzenszwalb supervoxels used as self-supervised pseudo-labels (ADNet/RPT's ``generate_supervoxels.py``).
 
 The published ``supervoxels_5000`` maps of ADNet/RPT were made by a 3-D extension of scikit-image's Felzenszwalb graph
 segmentation. This module re-implements that algorithm so that it reproduces those maps voxel for voxel:
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from numba import njit
 from scipy import ndimage as ndi
-from tqdm.auto import tqdm
 
+from monai_sdfsmis.extras import numba_njit as njit  # numba is the [supervoxels] extra
+from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.utils import atomic_path
 
 # Edge directions as (dz, dy, dx) in (z, y, x) array order, in the reference's edge order: the edge joins voxel
@@ -409,7 +409,7 @@ def _rescale_to_255(image: np.ndarray) -> np.ndarray:
 def compute_supervoxels(
     image: np.ndarray, spacing: Sequence[float], min_size: int = 5000, fg_threshold: float = 10.0
 ) -> np.ndarray:
-    """Supervoxel pseudo-labels of one volume, background removed (METHOD.md section 2.1).
+    """Supervoxel pseudo-labels of one volume, background removed (as ADNet/RPT).
 
     Parameters
     ----------
@@ -557,7 +557,7 @@ def write_supervoxels(
         raise _os_error("create the output folder", out, err) from err
 
     written = []
-    with tqdm(total=len(paths), desc="supervoxels", unit="vol", disable=not progress) as bar:
+    with progress_bar(total=len(paths), desc="supervoxels", unit="vol", disable=not progress) as bar:
         for path, name in zip(paths, out_names):
             target = out / name
             if overwrite or not target.exists():

@@ -13,9 +13,9 @@ from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
 from monai.transforms import Orientation
 from monai.utils import convert_to_numpy
-from tqdm.auto import tqdm
 
 from monai_sdfsmis.data.layouts import VolumeRecord
+from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.transforms.intensity import ResizeSlicesd, ScaleToUnitRange
 from monai_sdfsmis.transforms.io import load_volume
 
@@ -27,7 +27,7 @@ class VolumeStore:
     """Read-only access to the normalised volumes of a dataset, loading each file at most once.
 
     Every volume is reoriented to ``orientation``, its image mapped to ``[-1, 1]`` with
-    :class:`~monai_sdfsmis.transforms.intensity.ScaleToUnitRange` (``intensity`` preset, DECISIONS.md #1),
+    :class:`~monai_sdfsmis.transforms.intensity.ScaleToUnitRange` (``intensity`` preset),
     and resized in-plane to ``spatial_size x spatial_size`` (bilinear for the image, nearest for the
     label and supervoxel maps); the slice axis ``D`` keeps its length.
 
@@ -155,7 +155,7 @@ class VolumeStore:
         id_list = self.ids if ids is None else [str(i) for i in ids]
         if self.cache:
             id_list = [vid for vid in id_list if any((kind, vid) not in self._arrays for kind in kinds)]
-        for vid in tqdm(id_list, desc="loading volumes", disable=not progress or len(id_list) < 2):
+        for vid in progress_bar(id_list, desc="loading volumes", disable=not progress or len(id_list) < 2):
             for kind in kinds:
                 self._get(kind, vid)
 

@@ -6,7 +6,13 @@ from monai_sdfsmis.utils import atomic_write
 
 from .autoencoder import AutoencoderTrainingStep, build_autoencoder_trainer, freeze_and_calibrate
 from .budget import TrainingBudget, attach_budget
-from .checkpoints import AtomicCheckpointSaver, ResumeFromCheckpoint, latest_checkpoint
+from .checkpoints import (
+    AtomicCheckpointSaver,
+    RandomStates,
+    ResumeFromCheckpoint,
+    latest_checkpoint,
+    remove_stale_temporaries,
+)
 from .evaluator import (
     PROTOCOL_EXTRA_KEYS,
     ProtocolDataset,

@@ -33,6 +33,7 @@ from monai_sdfsmis.networks.autoencoder import (
     load_autoencoder,
     save_autoencoder,
 )
+from monai_sdfsmis.progress import attach_progress
 
 
 class AutoencoderTrainingStep:
@@ -145,7 +146,7 @@ def build_autoencoder_trainer(
     train_handlers
         More MONAI/ignite handlers (e.g. ``StatsHandler``, ``CheckpointSaver``).
     progress
-        Show a tqdm progress bar.
+        Show progress (a bar in a terminal, plain lines in a log: :func:`~monai_sdfsmis.progress.attach_progress`).
 
     Returns
     -------
@@ -186,9 +187,7 @@ def build_autoencoder_trainer(
     if hasattr(dataset, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch - 1))
     if progress:
-        from ignite.handlers import ProgressBar
-
-        ProgressBar(desc="autoencoder", persist=False).attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+        attach_progress(trainer, "autoencoder", output_transform=lambda out: {"loss": out["loss"]})
     return trainer, budget
 
 
@@ -213,7 +212,7 @@ def freeze_and_calibrate(
         How much of ``data`` to use.
     sample_posterior
         Measure the scale on posterior samples (for a stage 2 with ``vae_sample_in_training=True``) instead
-        of posterior means (the no-prior default, DECISIONS.md #2).
+        of posterior means (the no-prior default: posterior means in training and evaluation).
 
     Returns
     -------

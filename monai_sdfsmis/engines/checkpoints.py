@@ -1,38 +1,135 @@
 """Atomic checkpoints and resuming from the latest one, as ignite handlers usable from bundle JSON.
 
-MONAI 1.6.1's ``CheckpointSaver`` builds ignite ``DiskSaver`` objects with ``atomic=False`` (the
-comment there says atomic files lacked group/other read permission; ignite 0.5 now adds it), so an
-interrupted save can leave a truncated ``.pt``. :class:`AtomicCheckpointSaver` switches them to
-ignite's atomic mode (temporary file in the same folder, then ``os.replace``).
+MONAI 1.6.1's ``CheckpointSaver`` builds ignite ``DiskSaver`` objects with ``atomic=False``, so an
+interrupted save can leave a truncated ``.pt``; ignite's own atomic mode names its temporary files
+``tmpXXXXXXXX``, which nothing ever removes after a kill. :class:`AtomicCheckpointSaver` writes each
+checkpoint to ``.<name>.<random>.tmp`` in the same folder and renames it, removes such leftovers (and
+ignite's) when it is attached, and takes the checkpoints already in the folder into its ``n_saved``
+rotation, so that a resumed run keeps ``n_saved`` files instead of leaving the earlier run's behind.
 :class:`ResumeFromCheckpoint` loads the newest checkpoint of a folder, if any, when the engine starts,
-and adds the engine itself to what is restored, so a bundle can resume without a circular reference
-to its trainer.
+adds the engine itself to what is restored, so a bundle can resume without a circular reference to its
+trainer, and moves a resumable sampler (:class:`~monai_sdfsmis.data.episodes.EpisodeSampler`) past the
+samples the interrupted epoch already consumed.
 """
 
 from __future__ import annotations
 
-__all__ = ["AtomicCheckpointSaver", "latest_checkpoint", "ResumeFromCheckpoint"]
+__all__ = [
+    "AtomicCheckpointSaver",
+    "RandomStates",
+    "latest_checkpoint",
+    "remove_stale_temporaries",
+    "ResumeFromCheckpoint",
+]
 
+import logging
+import os
+import random
 import re
+import stat
+import tempfile
+import types
 import warnings
+from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from monai.handlers import CheckpointLoader, CheckpointSaver
+import numpy as np
+import torch
+from monai.handlers import CheckpointSaver
 from monai.utils import optional_import
 
 Events, _ = optional_import("ignite.engine", name="Events")
+Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
 
 _ITERATION = re.compile(r"(?:^|_)(?:final_)?iteration=(\d+)\.pt$")
 _EPOCH = re.compile(r"(?:^|_)epoch=(\d+)\.pt$")
+# Temporary checkpoint files: ours (``.<name>.<random>.tmp``) and ignite's ``NamedTemporaryFile`` names.
+_STALE_TEMP = re.compile(r"^(?:\..+\.pt\.[A-Za-z0-9_]+\.tmp|tmp[a-z0-9_]{8})$")
+_logger = logging.getLogger(__name__)
+
+
+def _atomic_save_func(self: Any, checkpoint: Mapping, path: Path, func: Callable) -> None:
+    """``DiskSaver._save_func`` writing to ``.<name>.<random>.tmp`` beside ``path``, flushed, then renamed."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            func(checkpoint, handle, **self.kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+
+
+def remove_stale_temporaries(folder: str | PathLike) -> list[Path]:
+    """Remove the temporary files an interrupted checkpoint write left in ``folder``; returns those removed.
+
+    Only names no finished checkpoint can have are touched: ``.<checkpoint>.pt.<random>.tmp`` (written by
+    :class:`AtomicCheckpointSaver`) and ``tmpXXXXXXXX`` (ignite's ``DiskSaver(atomic=True)``).
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if _STALE_TEMP.match(path.name) and path.is_file() and not path.is_symlink():
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class RandomStates:
+    """The global random number generators (Python, NumPy, torch CPU and CUDA) as a checkpointable object.
+
+    ``state_dict()`` holds only tensors, numbers and tuples, so that it loads with ``torch.load(weights_only=True)``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "python": random.getstate(),
+            "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            cuda = [t.cpu() for t in state["cuda"]]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
 
 
 class AtomicCheckpointSaver(CheckpointSaver):
     """MONAI ``CheckpointSaver`` whose files are written atomically, and which can save its own engine.
 
-    Every checkpoint is serialised to a temporary file in ``save_dir`` and moved over the target with
-    ``os.replace``, so a crash during saving never leaves a truncated checkpoint (the previous one stays).
+    Every checkpoint is serialised to a temporary file ``.<name>.<random>.tmp`` in ``save_dir``, flushed to
+    disk and moved over the target with ``os.replace``, so a crash during saving never leaves a truncated
+    checkpoint (the previous one stays). When attached it removes the temporary files an earlier run killed
+    while saving left behind (:func:`remove_stale_temporaries`), and it counts the interval and key-metric
+    checkpoints already in ``save_dir`` (same file prefix) against ``n_saved``/``key_metric_n_saved``: after a
+    resume, the oldest files are removed as new ones are written, as in an uninterrupted run.
 
     Parameters
     ----------
@@ -42,28 +139,91 @@ class AtomicCheckpointSaver(CheckpointSaver):
         When given, the engine the saver is attached to is saved too under this key (``"trainer"``), which
         :class:`ResumeFromCheckpoint` restores; a bundle then needs no reference from the trainer's handler
         list back to the trainer.
+    rng_key
+        When given, the global random number generators' states (:class:`RandomStates`) are saved too under this
+        key (``"rng"``), which :class:`ResumeFromCheckpoint` restores.
     """
 
-    def __init__(self, save_dir: str, save_dict: dict, engine_key: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, save_dir: str, save_dict: dict, engine_key: str | None = None, rng_key: str | None = None, **kwargs: Any
+    ) -> None:
         # One dict object shared with ignite's Checkpoint objects, so the engine can be added on attach.
         save_dict = dict(save_dict)
+        if rng_key is not None:
+            save_dict.setdefault(rng_key, RandomStates())
         self.engine_key = engine_key
         super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is None:
                 continue
             handler = checkpoint.save_handler
-            if not hasattr(handler, "_atomic"):
+            if not (hasattr(handler, "_atomic") and callable(getattr(handler, "_save_func", None))):
                 raise RuntimeError(
-                    f"ignite's DiskSaver no longer has the '_atomic' switch ({type(handler).__name__}); "
+                    f"ignite's DiskSaver no longer has '_atomic' and '_save_func' ({type(handler).__name__}); "
                     "AtomicCheckpointSaver needs updating for this ignite version."
                 )
             handler._atomic = True
+            handler._save_func = types.MethodType(_atomic_save_func, handler)
 
     def attach(self, engine: Any) -> None:
         if self.engine_key is not None:
             self.save_dict.setdefault(self.engine_key, engine)
+        if _rank() == 0:
+            for path in remove_stale_temporaries(self.save_dir):
+                _logger.warning(f"Removed '{path}', left by a checkpoint write that was interrupted.")
+            # At the first iteration, when a ResumeFromCheckpoint (attached in any order) has restored the counters.
+            self._adopted = False
+            engine.add_event_handler(Events.ITERATION_STARTED, self._adopt_once)
         super().attach(engine)
+
+    def _adopt_once(self, engine: Any) -> None:
+        if self._adopted:
+            return
+        self._adopted = True
+        state = engine.state
+        done = (state.epoch if self.epoch_level else state.iteration) - 1  # the counter of this iteration is counted
+        if done <= 0:
+            return  # a fresh run: another run's files in the folder are left alone and do not block new saves
+        if self._interval_checkpoint is not None:
+            _adopt_existing(self._interval_checkpoint, Path(self.save_dir), max_priority=done)
+        if self._key_metric_checkpoint is not None:
+            _adopt_existing(self._key_metric_checkpoint, Path(self.save_dir))
+
+
+def _adopt_existing(checkpoint: Any, folder: Path, max_priority: float | None = None) -> None:
+    """Put the files ``checkpoint`` would have written that already exist in ``folder`` into its rotation list.
+
+    ignite keeps the list of saved files in memory only, so a new process never removes the files of the run it
+    resumes. Only files up to ``max_priority`` (the resumed iteration or epoch) are taken. Files beyond ``n_saved``
+    (oldest first) are removed now, since the rotation removes only one file per save.
+    """
+    if getattr(checkpoint.save_handler, "filename", None) is not None:
+        return  # a fixed file name is replaced in place
+    name = "checkpoint" if len(checkpoint.to_save) != 1 else next(iter(checkpoint.to_save))
+    pattern = checkpoint._get_filename_pattern(None)
+    marker = "\x00"
+    fields = dict(
+        filename_prefix=checkpoint.filename_prefix, ext=checkpoint.ext, name=name,
+        score_name=checkpoint.score_name, score=marker, global_step=None,
+    )
+    head, _, tail = pattern.format(**fields).partition(marker)
+    regex = re.compile(re.escape(head) + r"(-?\d+(?:\.\d+)?)" + re.escape(tail) + "$")
+    known = {item.filename for item in checkpoint._saved}
+    found = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        match = regex.match(path.name)
+        if match and path.is_file() and path.name not in known:
+            value = float(match.group(1))
+            if max_priority is not None and value > max_priority:
+                continue
+            found.append(Checkpoint.Item(int(value) if value.is_integer() else value, path.name))
+    saved = sorted([*checkpoint._saved, *found], key=lambda item: item.priority)
+    n_saved = checkpoint.n_saved
+    while n_saved is not None and len(saved) > n_saved:
+        item = saved.pop(0)
+        checkpoint.save_handler.remove(item.filename)
+        _logger.info(f"Removed checkpoint '{folder / item.filename}' of an earlier run (n_saved={n_saved}).")
+    checkpoint._saved = saved
 
 
 def latest_checkpoint(ckpt_dir: str | PathLike, prefix: str = "") -> Path | None:
@@ -110,9 +270,13 @@ class ResumeFromCheckpoint:
         Key under which the engine's own state (iteration, epoch) was saved, added to ``load_dict`` on
         attach; ``None`` to leave the engine's counters alone.
     map_location, strict
-        As MONAI's ``CheckpointLoader``.
+        As MONAI's ``CheckpointLoader`` (the file is read with ``weights_only=True``).
     prefix
         ``file_prefix`` of the ``CheckpointSaver``.
+    rng_key
+        Key of the :class:`RandomStates` saved by ``AtomicCheckpointSaver(rng_key=...)``; when the checkpoint has
+        it, the global random number generators are restored as the first resumed iteration starts, so that
+        random draws during training (noise, posterior samples) continue as in the uninterrupted run.
     """
 
     def __init__(
@@ -123,6 +287,7 @@ class ResumeFromCheckpoint:
         map_location: Any = None,
         strict: bool = True,
         prefix: str = "",
+        rng_key: str | None = "rng",
     ) -> None:
         if not load_dict:
             raise ValueError("ResumeFromCheckpoint needs a non-empty load_dict (objects to restore).")
@@ -132,6 +297,7 @@ class ResumeFromCheckpoint:
         self.map_location = map_location
         self.strict = strict
         self.prefix = prefix
+        self.rng_key = rng_key
         self.loaded_from: Path | None = None
 
     def attach(self, engine: Any) -> None:
@@ -144,11 +310,27 @@ class ResumeFromCheckpoint:
         if path is None:
             engine.logger.info(f"No checkpoint in '{self.ckpt_dir}' to resume from; starting fresh.")
             return
-        CheckpointLoader(
-            load_path=str(path), load_dict=self.load_dict, map_location=self.map_location, strict=self.strict
-        )(engine)
+        checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+        if len(self.load_dict) == 1 and next(iter(self.load_dict)) not in checkpoint:
+            checkpoint = {next(iter(self.load_dict)): checkpoint}  # a bare state_dict, as CheckpointLoader allows
+        missing = [key for key in self.load_dict if key not in checkpoint]
+        if missing:
+            raise ValueError(f"checkpoint {path} holds no {missing} (it has {sorted(checkpoint)}); cannot resume from it")
+        prior_max_epochs = engine.state.max_epochs
+        Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        if prior_max_epochs is not None:
+            if engine.state.epoch > prior_max_epochs:
+                raise ValueError(
+                    f"checkpoint {path} is at epoch {engine.state.epoch}, beyond this run's max_epochs "
+                    f"{prior_max_epochs}; raise max_epochs to train on from it"
+                )
+            engine.state.max_epochs = prior_max_epochs
+        engine.logger.info(f"Restored {sorted(self.load_dict)} from {path}")
         self.loaded_from = path
         state = engine.state
+        self._skip_consumed(engine)
+        if self.rng_key is not None and self.rng_key in checkpoint:
+            self._restore_random_states_later(engine, checkpoint[self.rng_key])
         if self.engine_key is not None and state.max_epochs is not None and state.epoch >= state.max_epochs:
             warnings.warn(
                 f"'{path}' is the end of a finished run (epoch {state.epoch} of {state.max_epochs}, iteration "
@@ -156,3 +338,44 @@ class ResumeFromCheckpoint:
                 "to start again.",
                 stacklevel=2,
             )
+
+    @staticmethod
+    def _restore_random_states_later(engine: Any, state: dict) -> None:
+        """Restore the global RNGs when the first resumed iteration starts, after the loader's iterator is made.
+
+        Making a DataLoader iterator draws its base seed from torch's global RNG; restoring before it would shift
+        every later draw (e.g. the VAE posterior samples) by one with respect to the uninterrupted run.
+        """
+
+        pending = [state]
+
+        def restore(engine: Any) -> None:
+            # A flag, not remove_event_handler: removing a handler while its event fires skips the next one.
+            if pending:
+                RandomStates().load_state_dict(pending.pop())
+
+        engine.add_event_handler(Events.ITERATION_STARTED, restore)
+
+    @staticmethod
+    def _skip_consumed(engine: Any) -> None:
+        """Start the loader's resumable sampler after the batches the restored iteration already consumed."""
+        state = engine.state
+        if not state.epoch_length or state.iteration % state.epoch_length == 0:
+            return
+        done = state.iteration % state.epoch_length
+        loader = state.dataloader
+        sampler = getattr(loader, "sampler", None)
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        if not hasattr(sampler, "set_start") and hasattr(getattr(batch_sampler, "sampler", None), "set_start"):
+            sampler = batch_sampler.sampler
+        if hasattr(sampler, "set_start"):
+            batch_size = getattr(loader, "batch_size", None) or getattr(batch_sampler, "batch_size", 1)
+            sampler.set_start(done * int(batch_size))
+            engine.logger.info(f"Resuming at iteration {state.iteration}: the loader skips its first {done} batches.")
+            return
+        warnings.warn(
+            f"Resuming in the middle of an epoch (iteration {state.iteration}, {done} of {state.epoch_length} done) "
+            f"with a loader whose sampler ({type(sampler).__name__}) cannot skip: the epoch's first {done} batches are "
+            "trained again and its last ones never. Use monai_sdfsmis.data.episodes.EpisodeSampler.",
+            stacklevel=2,
+        )

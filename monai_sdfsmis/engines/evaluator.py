@@ -1,4 +1,4 @@
-"""The few-shot evaluation protocol (METHOD.md 7.1) as a MONAI ``SupervisedEvaluator``.
+"""The few-shot evaluation protocol (RPT's within-domain protocol) as a MONAI ``SupervisedEvaluator``.
 
 One item per (fold, organ, query volume) case: the query volume (``image``), its organ mask
 (``label``), the fold's support volume and its organ mask. The evaluator hands the support and the
@@ -44,10 +44,10 @@ from monai_sdfsmis.engines.overlays import OverlaySaver, _slug
 from monai_sdfsmis.engines.tables import folds_title, format_table, summarize, write_json, write_rows_csv
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, _network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
+from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.utils import atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 #: Inferer keyword -> batch key, for ``PrepareBatchExtraInput``.
 PROTOCOL_EXTRA_KEYS: dict[str, str] = {
@@ -343,7 +343,7 @@ def _gather_cases(cases: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], in
 
 
 class _CaseProgress:
-    """tqdm bar over the evaluator's cases."""
+    """Progress over the evaluator's cases (:func:`~monai_sdfsmis.progress.progress_bar`)."""
 
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.desc, self.bar = total, desc, None
@@ -354,7 +354,7 @@ class _CaseProgress:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._close)
 
     def _start(self, engine: Any) -> None:
-        self.bar = tqdm(total=self.total, desc=self.desc) if has_tqdm else None
+        self.bar = progress_bar(total=self.total, desc=self.desc, unit="case")
 
     def _step(self, engine: Any) -> None:
         if self.bar is not None:
@@ -411,7 +411,7 @@ def evaluate_protocol(
     device
         Device batches are moved to; default the network's device.
     progress
-        tqdm bar over the cases.
+        Progress over the cases (a bar in a terminal, plain lines in a log).
     intensity
         ``VolumeStore`` intensity preset when ``records`` is not a store.
     extra_handlers

@@ -1,4 +1,4 @@
-"""Per-volume metrics of the few-shot protocol: Dice, HD95 and ASSD in millimetres (DECISIONS.md #12).
+"""Per-volume metrics of the few-shot protocol: Dice, HD95 and ASSD in millimetres (MONAI metrics).
 
 MONAI's ignite metric handlers call their metric without the voxel spacing, which HD95 and ASSD in
 mm need. The metrics here read it from the ``MetaTensor`` affine of the prediction or label (the

@@ -1,8 +1,9 @@
 """Aggregate per-case protocol results the way the paper reports them, and write them to disk.
 
 A *row* is one (fold, organ, query volume) case of one method: a dict with the keys of
-:data:`ROW_FIELDS`. Aggregation follows METHOD.md 7.1 step 6: organ score of a fold = mean over the
-fold's query volumes; fold score = mean over organs; the reported score = mean over folds.
+:data:`ROW_FIELDS`. Aggregation follows the RPT/ADNet protocol: organ score of a fold = mean over the
+fold's query volumes; fold score = mean over organs; the reported score = mean over folds (with one fold, that
+fold's score: :func:`folds_title` says which it is).
 
 An empty prediction is scored, not dropped: Dice 0, HD95/ASSD the volume's diagonal
 (:func:`monai_sdfsmis.engines.metrics.empty_prediction_distance`), and every summary and table states how
@@ -148,7 +149,8 @@ def format_table(
     Returns
     -------
     str
-        ``| Method | Spleen | Liver | LK | RK | Mean |`` then one line per method (mean over folds); after a
+        ``| Method | Spleen | Liver | LK | RK | Mean |`` then one line per method (mean over its folds, which
+        the row names unless they are all five); after a
         blank line, one note per method: how many of its predictions were empty and what they were counted
         as, and how many cases had no value (left out of the means) when there were any.
     """

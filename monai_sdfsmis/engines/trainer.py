@@ -2,9 +2,11 @@
 
 An episode batch (``support_image``, ``support_label``, ``query_image``, ``query_label``) does not fit
 the trainer's ``inferer(image) -> loss_function(pred, label)`` pattern: the network computes its own
-loss from all four tensors (``network.compute_loss``). :class:`EpisodeTrainingStep` is that iteration
-(bf16 autocast on CUDA, fp32 on CPU, gradient clipping, DECISIONS.md #9), and :class:`EpisodeTrainer`
-is a ``SupervisedTrainer`` that uses it, so that a bundle only names the trainer. The iteration's
+loss from all four tensors (``network.compute_loss``, called as ``network(..., mode="loss")`` where
+the network's ``forward`` offers that, so that a ``DistributedDataParallel`` wrapper synchronises in
+buckets). :class:`EpisodeTrainingStep` is that iteration (bf16 autocast on CUDA, fp32 on CPU, gradient
+clipping at max-norm 1.0), and :class:`EpisodeTrainer` is a ``SupervisedTrainer`` that uses it, so that
+a bundle only names the trainer. The iteration's
 output has the shape of MONAI's decollated trainer output, one dict per episode of the batch with the
 (replicated) loss, ``[{"loss": tensor}, ...]``, so ``StatsHandler``/``TensorBoardStatsHandler`` read it
 with ``output_transform=monai.handlers.from_engine(["loss"], first=True)`` as in the model-zoo bundles.
@@ -44,10 +46,12 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
 
 
 def _average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average gradients over processes.
+    """Average gradients over processes, one parameter at a time.
 
-    ``compute_loss`` is not the network's ``forward``, so a ``DistributedDataParallel`` wrapper never
-    prepares its reducer and does not synchronise; the step does it explicitly instead.
+    Only for a ``DistributedDataParallel``-wrapped network whose ``forward`` cannot compute the loss (no ``mode``
+    argument): DDP then never sees the call and does not synchronise. Networks with ``forward(..., mode="loss")``
+    (:class:`~monai_sdfsmis.networks.sdfsmis.SDFSMIS`) are called through the wrapper instead, so that DDP
+    all-reduces in buckets, overlapped with the backward pass.
     """
     import torch.distributed as dist
 
@@ -143,8 +147,10 @@ class EpisodeTrainingStep:
         posteriors = self._cached_posteriors(model, batch, inputs)
         if posteriors is not None:
             extra["posteriors"] = posteriors
+        # Through forward (and so through a DDP wrapper's reducer) where the network supports it.
+        through_forward = _accepts(model.forward, "mode")
         with autocast:
-            loss = compute_loss(*inputs, **extra)
+            loss = network(*inputs, mode="loss", **extra) if through_forward else compute_loss(*inputs, **extra)
         parts: dict[str, torch.Tensor] = {}
         if isinstance(loss, tuple):
             loss, parts = loss
@@ -157,7 +163,7 @@ class EpisodeTrainingStep:
             engine.optimizer.zero_grad(set_to_none=True)
             return self._output(loss, inputs[0], parts)
         loss.backward()
-        if model is not network:
+        if model is not network and not through_forward:
             _average_gradients(engine.optimizer)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.grad_clip:
@@ -192,7 +198,7 @@ class EpisodeTrainer(SupervisedTrainer):
     optimizer
         E.g. ``torch.optim.AdamW(network.parameter_groups(...))``.
     grad_clip, amp, latent_cache
-        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, DECISIONS.md #9; no cache).
+        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, fp32 on CPU; no cache).
     epoch_length, train_handlers, key_train_metric, non_blocking, optim_set_to_none
         As ``SupervisedTrainer``.
     """

@@ -1,10 +1,10 @@
 """Segment a query volume slice by slice with support slices taken from an annotated support volume.
 
-The few-shot protocol of RPT/ADNet (METHOD.md section 7.1): the support organ's slices are split into
+The few-shot protocol of RPT/ADNet (RPT's within-domain evaluation): the support organ's slices are split into
 ``n_chunks`` parts and the middle slice of each part is a support slice; the query slices are split
 into as many contiguous chunks, and chunk ``j`` is segmented with support slice ``j`` (1-shot per
-slice). The support is encoded once per chunk, and the chunk's query slices go through the network in
-batches.
+slice). The support is encoded once per chunk and reused by both passes of the deployment mode, and the
+chunk's query slices go through the network in batches (on CUDA under bf16 autocast by default).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type, optional_import
+from monai.utils import convert_to_dst_type
 
 from monai_sdfsmis.data.protocol import chunk_bounds, support_slice_indices
-
-tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
+from monai_sdfsmis.progress import progress_bar
 
 QUERY_RANGES = ("protocol", "all")
 _RANGE_TOLERANCE = 1e-3
@@ -98,7 +97,7 @@ class SlidingSupportInferer(Inferer):
     amp
         bf16 autocast when computing on CUDA (ignored on CPU, which runs fp32).
     progress
-        Show a tqdm progress bar over the query slices.
+        Show progress over the query slices (a bar in a terminal, plain lines in a log).
     """
 
     def __init__(
@@ -216,8 +215,13 @@ class SlidingSupportInferer(Inferer):
         support: tuple[torch.Tensor, torch.Tensor],
         device: torch.device,
         bar: Any,
+        contexts: dict[int, Any],
     ) -> dict[int, torch.Tensor]:
-        """Segment the query slice numbers of each chunk with its support slice -> ``{slice: bool [S, S]}``."""
+        """Segment the query slice numbers of each chunk with its support slice -> ``{slice: bool [S, S]}``.
+
+        ``contexts`` caches ``network.encode_support`` per chunk for the whole call: the support pass (VAE
+        encoder, VTCT, support UNet pass) runs once per support slice, however many query batches and passes use it.
+        """
         support_images, support_labels = support
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
@@ -227,7 +231,9 @@ class SlidingSupportInferer(Inferer):
             for j, index in enumerate(chunks):
                 if index.numel() == 0:
                     continue
-                context = network.encode_support(support_images[j : j + 1], support_labels[j : j + 1])
+                if j not in contexts:
+                    contexts[j] = network.encode_support(support_images[j : j + 1], support_labels[j : j + 1])
+                context = contexts[j]
                 for start in range(0, index.numel(), self.sw_batch_size):
                     batch_index = index[start : start + self.sw_batch_size]
                     queries = self._slices(inputs, batch_index, "image", device)
@@ -335,6 +341,7 @@ class SlidingSupportInferer(Inferer):
         height, width, depth = (int(s) for s in inputs.shape[2:])
         with torch.no_grad():
             support = self._support(support_image, support_label, device)[:2]
+            contexts: dict[int, Any] = {}
             if self.query_range == "protocol":
                 assert query_label is not None
                 present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
@@ -343,14 +350,14 @@ class SlidingSupportInferer(Inferer):
                         "query_label is empty: the query's organ mask has no foreground voxel, so protocol mode has no "
                         "organ slice to segment; use query_range='all' for unannotated queries."
                     )
-                bar = tqdm(total=int(present.numel()), desc="query slices") if self.progress and has_tqdm else None
-                predicted = self._segment_chunks(network, query, self._split(present), support, device, bar)
+                bar = progress_bar(total=int(present.numel()), desc="query slices") if self.progress else None
+                predicted = self._segment_chunks(network, query, self._split(present), support, device, bar, contexts)
                 keep = present.tolist()
             else:
                 every = torch.arange(depth)
-                bar = tqdm(total=depth, desc="query slices (pass 1)") if self.progress and has_tqdm else None
+                bar = progress_bar(total=depth, desc="query slices (pass 1)") if self.progress else None
                 first_chunks = self._split(every)
-                first = self._segment_chunks(network, query, first_chunks, support, device, bar)
+                first = self._segment_chunks(network, query, first_chunks, support, device, bar, contexts)
                 if bar is not None:
                     bar.close()
                 extent = largest_run([bool(first[d].any()) for d in range(depth)])
@@ -364,9 +371,9 @@ class SlidingSupportInferer(Inferer):
                         predicted.update({d: first[d] for d in same})
                         redo.append(torch.tensor([d for d in chunk.tolist() if first_chunk_of[d] != j], dtype=torch.long))
                     n_redo = sum(int(r.numel()) for r in redo)
-                    if self.progress and has_tqdm and n_redo:
-                        bar = tqdm(total=n_redo, desc="query slices (pass 2)")
-                    predicted.update(self._segment_chunks(network, query, redo, support, device, bar))
+                    if self.progress and n_redo:
+                        bar = progress_bar(total=n_redo, desc="query slices (pass 2)")
+                    predicted.update(self._segment_chunks(network, query, redo, support, device, bar, contexts))
                     keep = list(range(*extent))
             if bar is not None:
                 bar.close()

@@ -1,82 +1,128 @@
-"""MONAI Label inference task for the SD-FSMIS bundle: one annotated support volume prompts the query.
+"""MONAI Label inference task for SD-FSMIS: one annotated support prompts the segmentation of the query.
 
-MONAI Label's ``BundleInferTask`` calls ``inferer(inputs, network)`` with the query alone, so the
-support has to be handed over explicitly. :class:`SDFSMISInferTask` overrides ``run_inferer`` to pass
-``support_image`` / ``support_label`` (loaded by the bundle's ``preprocessing``) to the
-:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`. :func:`resolve_support_request` turns the ways
-a client can name the support (datastore ids in ``params``, or an uploaded label) into file paths
-before the pre-transforms run.
+A MONAI Label infer request carries the query only; :func:`resolve_support_request` turns the ways a
+client names the support into file paths before the task runs:
 
-Use in a MONAI Label app (``main.py``)::
+* ``params {"support_image": <datastore id>}``: a labelled study of the datastore (its ``final`` label,
+  or ``support_label`` as another id or tag);
+* ``support_image`` / ``support_label`` as file paths, or ``support_image`` plus an uploaded ``label``;
+* **one-slice support on the query itself**: an uploaded ``label`` and no ``support_image``. The label is
+  drawn on one or a few slices of the query; those slices are the support and the rest of the volume is
+  segmented from them (the annotated slices come back as drawn).
 
-    from monai_sdfsmis.monailabel import SDFSMISInferTask, resolve_support_request
-
-    class MyApp(MONAILabelApp):
-        def init_infers(self):
-            return {"sd_fsmis": SDFSMISInferTask(path="model/sd_fsmis", conf=self.conf)}
-
-        def infer(self, request, datastore=None):
-            request = resolve_support_request(request, datastore or self.datastore())
-            return super().infer(request, datastore)
+:class:`SDFSMISInferTask` builds the network of a model folder (``model.pt``, ``model_config.json``
+and, for the weight-free ``no_prior`` network, ``autoencoder/``) with the bundle's own factories
+(:mod:`monai_sdfsmis.engines.inference`), so no Stable Diffusion weights are needed to serve it. The
+returned mask is uint8 on the query file's own grid and orientation: the bundle works in RAS, and
+:class:`RestoreQueryGridd` undoes that reorientation (MONAI Label's ``Restored`` puts back only the
+affine, which mirrors LAS volumes).
 """
 
 from __future__ import annotations
 
-__all__ = ["SDFSMISInferTask", "resolve_support_request", "run_support_inference", "SUPPORT_KEYS"]
+__all__ = [
+    "SDFSMISInferTask",
+    "RestoreQueryGridd",
+    "resolve_support_request",
+    "run_support_inference",
+    "keep_annotated_slices",
+    "SUPPORT_KEYS",
+]
 
-from collections.abc import Callable
+import logging
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Orientation
 from monai.utils import OptionalImportError, optional_import
 
-BundleInferTask, has_monailabel = optional_import("monailabel.tasks.infer.bundle", name="BundleInferTask")
+BasicInferTask, has_monailabel = optional_import("monailabel.tasks.infer.basic_infer", name="BasicInferTask")
+InferType, _ = optional_import("monailabel.interfaces.tasks.infer_v2", name="InferType")
 
 SUPPORT_KEYS = ("support_image", "support_label")
+#: Request flag set by :func:`resolve_support_request` when the support is a label drawn on the query itself.
+SUPPORT_ON_QUERY = "support_on_query"
+
+_logger = logging.getLogger(__name__)
 
 
-def resolve_support_request(request: dict[str, Any], datastore: Any | None = None) -> dict[str, Any]:
-    """Fill ``support_image`` / ``support_label`` of a MONAI Label request with file paths.
+def _datastore_uri(getter: Callable[..., str], *args: str) -> str:
+    try:
+        return getter(*args) or ""
+    except Exception:  # datastores raise their own error types for unknown ids
+        return ""
+
+
+def resolve_support_request(request: Mapping[str, Any], datastore: Any | None = None) -> dict[str, Any]:
+    """Fill ``support_image`` / ``support_label`` of a MONAI Label infer request with file paths.
 
     Parameters
     ----------
     request
-        The request dict. The support may be named as datastore ids (``{"support_image": "case1"}``; the
-        label then defaults to that case's final label), as paths, or as an uploaded file whose path MONAI
-        Label stores under ``request["label"]``.
+        The request dict: ``image`` (query path or id), optional ``support_image`` / ``support_label``
+        (datastore ids or paths), ``support_label_tag`` (default ``"final"``) and ``label`` (the path MONAI
+        Label stores an uploaded label file under).
     datastore
-        A MONAI Label datastore (``get_image_uri(id)``, ``get_label_uri(id, tag)``); needed only for ids.
+        A MONAI Label datastore (``get_image_uri(id)``, ``get_label_uri(id, tag)``); needed for ids.
 
     Returns
     -------
     dict
-        A copy of ``request`` with ``support_image`` and ``support_label`` as paths.
+        A copy of ``request`` with ``support_image`` and ``support_label`` as paths, and
+        ``support_on_query`` True when the uploaded label is drawn on the query itself.
+
+    Raises
+    ------
+    ValueError
+        One line naming the missing or unknown support.
     """
     out = dict(request)
     support = out.get("support_image")
+    uploaded = out.get("label") if isinstance(out.get("label"), str) and out.get("label") else None
     if not support:
-        raise ValueError(
-            "the request names no support: pass params {'support_image': <datastore id or path>} and a support "
-            "label ('support_label' id/path, or an uploaded 'label' file)."
-        )
-    if "support_label" not in out and out.get("label"):
-        out["support_label"] = out["label"]
-    if datastore is not None and _is_datastore_id(datastore, support):
-        out["support_image"] = datastore.get_image_uri(support)
-        label_id = out.get("support_label", support)
-        out["support_label"] = datastore.get_label_uri(label_id, out.get("support_label_tag", "final"))
-    if not out.get("support_label"):
+        if uploaded is None:
+            raise ValueError(
+                "the request names no support: pass params {'support_image': <datastore id or path>} (a labelled "
+                "study), or upload a 'label' drawn on one or a few slices of the query."
+            )
+        query = out.get("image")
+        if datastore is not None and isinstance(query, str) and not os.path.exists(query):
+            query = _datastore_uri(datastore.get_image_uri, query) or query
+        out["support_image"], out["support_label"], out[SUPPORT_ON_QUERY] = query, uploaded, True
+        return out
+
+    out[SUPPORT_ON_QUERY] = False
+    label = out.get("support_label") or uploaded
+    tag = str(out.get("support_label_tag") or "final")
+    if isinstance(support, str) and not os.path.exists(support):
+        uri = _datastore_uri(datastore.get_image_uri, support) if datastore is not None else ""
+        if not uri:
+            raise ValueError(f"support_image {support!r}: no such study in the datastore and no such file.")
+        out["support_image"] = uri
+        label = label or support  # a datastore study's own label by default
+    if not label:
         raise ValueError(f"no support label for support image {support!r}: pass 'support_label' or upload 'label'.")
+    if isinstance(label, str) and not os.path.exists(label):
+        uri = _datastore_uri(datastore.get_label_uri, label, tag) if datastore is not None else ""
+        if not uri and label == support and not out.get("support_label"):
+            raise ValueError(
+                f"support study {support!r} has no {tag!r} label: label it first, or pass 'support_label' "
+                "(id or file) or upload 'label'."
+            )
+        if not uri:
+            raise ValueError(
+                f"support_label {label!r}: the datastore has no {tag!r} label with this id and there is no such file."
+            )
+        label = uri
+    out["support_label"] = label
     return out
-
-
-def _is_datastore_id(datastore: Any, value: Any) -> bool:
-    if not isinstance(value, str):
-        return False
-    try:
-        return bool(datastore.get_image_uri(value))
-    except Exception:  # a datastore raises its own error types for unknown ids
-        return False
 
 
 def run_support_inference(
@@ -128,14 +174,179 @@ def run_support_inference(
     return data
 
 
+def keep_annotated_slices(pred: torch.Tensor, annotation: torch.Tensor) -> torch.Tensor:
+    """``pred`` with the slices (last axis) where ``annotation`` has foreground replaced by the annotation.
+
+    Parameters
+    ----------
+    pred, annotation
+        ``[1, H, W, D]`` masks on the same grid (the query's).
+    """
+    if tuple(pred.shape) != tuple(annotation.shape):
+        raise ValueError(
+            f"the label drawn on the query has shape {tuple(annotation.shape)}, the query {tuple(pred.shape)}."
+        )
+    drawn = torch.as_tensor(annotation).to(pred.device).flatten(0, 2).any(dim=0)
+    out = pred.clone()
+    out[..., drawn] = torch.as_tensor(annotation).to(device=pred.device, dtype=pred.dtype)[..., drawn]
+    return out
+
+
+class RestoreQueryGridd(MapTransform):
+    """Bring a mask predicted in the loader's orientation back onto the query file's own voxel grid, as uint8.
+
+    The bundle loads every volume reoriented to RAS (``LoadVolumed``); the query's file may be stored in
+    another orientation (CHAOS: LAS). This transform reorients ``key`` (``[1, H, W, D]`` on ``ref_key``'s
+    RAS grid) back to the axis codes of the file's ``original_affine``, checks that the result lies exactly
+    on that grid, and stores it as ``uint8 [H, W, D]`` with ``{key}_meta_dict["affine"]`` set to the file's
+    affine (what MONAI Label's writer saves).
+
+    Parameters
+    ----------
+    keys
+        Mask keys.
+    ref_key
+        The loaded query (a ``MetaTensor`` with ``original_affine`` in its metadata).
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str = "image") -> None:
+        super().__init__(keys)
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        ref = d[self.ref_key]
+        if not isinstance(ref, MetaTensor) or ref.meta.get("original_affine") is None:
+            raise ValueError(f"RestoreQueryGridd: {self.ref_key!r} carries no original_affine; load it with LoadVolumed.")
+        original = np.asarray(ref.meta["original_affine"], dtype=np.float64)
+        for key in self.key_iterator(d):
+            mask = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            mask = mask.detach().cpu()
+            if tuple(mask.shape[-3:]) != tuple(ref.shape[-3:]):
+                raise ValueError(f"{key} has shape {tuple(mask.shape)}, the query {tuple(ref.shape)}.")
+            mask = MetaTensor(mask.reshape(1, *ref.shape[-3:]).float(), affine=ref.affine.clone())
+            restored = Orientation(axcodes="".join(nib.aff2axcodes(original)), labels=None)(mask)
+            affine = np.asarray(restored.affine, dtype=np.float64)
+            if not np.allclose(affine, original, atol=1e-3 * max(1.0, float(np.abs(original).max()))):
+                raise ValueError(f"{key}: could not restore the query's grid (affine {affine.tolist()} vs {original.tolist()}).")
+            d[key] = np.asarray(restored.array[0] > 0.5, dtype=np.uint8)
+            d[f"{key}_meta_dict"] = {"affine": original, "spatial_shape": np.asarray(d[key].shape)}
+        return d
+
+
+def _organ_id(value: Any) -> int:
+    try:
+        organ = int(value)
+    except (TypeError, ValueError):
+        organ = -1
+    if organ < 1 or str(value).strip() not in (str(organ), f"{organ}.0"):
+        raise ValueError(f"organ_id must be a positive integer label id, got {value!r}.")
+    return organ
+
+
 if has_monailabel:
 
-    class SDFSMISInferTask(BundleInferTask):  # type: ignore[misc, valid-type]
-        """``BundleInferTask`` that hands the support volume to the few-shot inferer."""
+    class SDFSMISInferTask(BasicInferTask):  # type: ignore[misc, valid-type]
+        """MONAI Label infer task serving an SD-FSMIS model folder; the support comes with each request.
+
+        Parameters
+        ----------
+        model_dir
+            Model folder: ``model.pt`` (reloaded whenever its file changes, e.g. after ``/train``),
+            ``model_config.json`` and, for ``no_prior``, ``autoencoder/``.
+        network_type
+            ``"no_prior"`` (default: weight-free), ``"pretrained"``, ``"tiny"`` or ``None`` (the model folder's).
+        labels
+            Organ names to label ids shown to clients (default CHAOS: liver 1, kidneys 2 and 3, spleen 4).
+        organ_id
+            Organ selected from the support label when a request gives none (request param ``organ_id``).
+        n_chunks, sw_batch_size, amp
+            As :class:`~monai_sdfsmis.inferers.SlidingSupportInferer`.
+        spatial_size, intensity
+            Slice size and intensity preset; ``None``: the model folder's (``model_config.json``).
+        network_kwargs
+            Further keyword arguments of :func:`~monai_sdfsmis.engines.inference.build_network`
+            (e.g. ``sd``/``image_encoder`` weights for ``pretrained``).
+        """
+
+        def __init__(
+            self,
+            model_dir: str | os.PathLike,
+            network_type: str | None = "no_prior",
+            labels: Mapping[str, int] | None = None,
+            organ_id: int = 1,
+            n_chunks: int = 3,
+            sw_batch_size: int = 16,
+            spatial_size: int | None = None,
+            intensity: str | None = None,
+            amp: bool = True,
+            description: str = "SD-FSMIS few-shot segmentation from one annotated support (study id or slices)",
+            network_kwargs: Mapping[str, Any] | None = None,
+        ) -> None:
+            from monai_sdfsmis.data.protocol import CHAOS_ORGANS
+
+            self.model_dir = Path(model_dir)
+            self.network_type = network_type
+            self.n_chunks, self.sw_batch_size, self.amp = int(n_chunks), int(sw_batch_size), bool(amp)
+            self.spatial_size, self.intensity = spatial_size, intensity
+            self.network_kwargs = dict(network_kwargs or {})
+            if labels is None:
+                labels = {name: int(i) for i, name in CHAOS_ORGANS.items()}
+            super().__init__(
+                path=str(self.model_dir / "model.pt"),
+                network=None,
+                type=InferType.SEGMENTATION,
+                labels=dict(labels),
+                dimension=3,
+                description=description,
+                config={"organ_id": int(organ_id), "support_image": "", "support_label": ""},
+            )
+
+        def _model_config(self) -> dict[str, Any]:
+            from monai_sdfsmis.engines.inference import read_model_config
+
+            return read_model_config(self.model_dir)
+
+        def _get_network(self, device: Any, data: Any) -> torch.nn.Module:
+            from monai_sdfsmis.engines.inference import build_network, load_network_weights
+
+            path = Path(self.get_path(validate=False) or self.model_dir / "model.pt")
+            if not path.is_file():
+                raise FileNotFoundError(f"model checkpoint {path} not found: train the model first (POST /train).")
+            key = str(device)
+            mtime = path.stat().st_mtime_ns
+            cached = self._networks.get(key)
+            if cached is not None and cached[1] == mtime:
+                return cached[0]
+            network = build_network(self.network_type, self.model_dir, **self.network_kwargs)
+            load_network_weights(network, path, network_type=self.network_type)
+            network = network.to(torch.device(device)).eval()
+            self._networks[key] = (network, mtime)
+            return network
+
+        def pre_transforms(self, data: Mapping[str, Any] | None = None) -> Sequence[Callable]:
+            from monai_sdfsmis.engines.inference import inference_preprocessing, resolve_intensity
+
+            data = data or {}
+            organ = _organ_id(data.get("organ_id", self._config["organ_id"]))
+            intensity = resolve_intensity(self.intensity, self._model_config())
+            return list(inference_preprocessing(organ, intensity).transforms)
+
+        def inferer(self, data: Mapping[str, Any] | None = None) -> Any:
+            from monai_sdfsmis.engines.inference import resolve_spatial_size
+            from monai_sdfsmis.inferers import SlidingSupportInferer
+
+            return SlidingSupportInferer(
+                n_chunks=self.n_chunks,
+                sw_batch_size=self.sw_batch_size,
+                spatial_size=resolve_spatial_size(self.spatial_size, self._model_config()),
+                query_range="all",
+                amp=self.amp,
+            )
 
         def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict:
             network = self._get_network(device, data)
-            return run_support_inference(
+            data = run_support_inference(
                 data,
                 self.inferer(data),
                 network,
@@ -144,6 +355,21 @@ if has_monailabel:
                 convert_to_batch=convert_to_batch,
                 device=device,
             )
+            if data.get(SUPPORT_ON_QUERY):
+                # The support slices were drawn by the user on this very volume: they are the ground truth there.
+                data[self.output_label_key] = keep_annotated_slices(data[self.output_label_key], data["support_label"])
+            return data
+
+        def post_transforms(self, data: Mapping[str, Any] | None = None) -> Sequence[Callable]:
+            return [RestoreQueryGridd(keys=self.output_label_key, ref_key=self.input_key)]
+
+        def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+            data[self.output_json_key] = {
+                "organ_id": _organ_id(data.get("organ_id", self._config["organ_id"])),
+                "support_on_query": bool(data.get(SUPPORT_ON_QUERY)),
+                "foreground_voxels": int(np.count_nonzero(data[self.output_label_key])),
+            }
+            return super().writer(data, extension=extension or ".nii.gz", dtype=np.uint8)
 
 else:
 
@@ -152,5 +378,6 @@ else:
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             raise OptionalImportError(
-                "SDFSMISInferTask needs MONAI Label: pip install 'monai-sdfsmis[label]' (see README, MONAI Label)."
+                "SDFSMISInferTask needs MONAI Label: build its environment with "
+                "`python -m monai_sdfsmis.monailabel.environment` (see README, MONAI Label)."
             )

@@ -27,7 +27,13 @@ from .pretrained import (
 )
 from .query_enhancement import QueryEnhancement
 from .sdfsmis import SDFSMIS, SupportContext
-from .sqi import KVConcatAttnProcessor, SupportQueryAttention, SupportQueryAttnProcessor, install_sii
+from .sqi import (
+    KVConcatAttnProcessor,
+    SIIPassThroughProcessor,
+    SupportQueryAttention,
+    SupportQueryAttnProcessor,
+    install_sii,
+)
 from .support_copy import SupportMaskCopy
 from .vtct import VisualToTextualConditionTranslator
 
@@ -39,6 +45,7 @@ __all__ = [
     "SupportQueryAttention",
     "SupportQueryAttnProcessor",
     "KVConcatAttnProcessor",
+    "SIIPassThroughProcessor",
     "install_sii",
     "one_step_scheduler",
     "predict_original_sample",

@@ -1,6 +1,6 @@
 """A Stable-Diffusion-layout KL autoencoder trained from scratch: the first stage of the no-prior mode.
 
-SD-FSMIS (METHOD.md section 5.1) encodes images and masks with SD-1.5's frozen VAE. Without
+SD-FSMIS encodes images and masks (3 channels, in [-1, 1]) with SD-1.5's frozen VAE. Without
 pretrained weights, the same role is played by a diffusers :class:`~diffusers.AutoencoderKL` of
 SD's layout (four ``DownEncoderBlock2D`` / ``UpDecoderBlock2D`` levels, so 8x downsampling and a
 4x32x32 latent for a 256x256 slice) at reduced width, trained on the user's own slices and on
@@ -165,7 +165,7 @@ def autoencoder_loss(
         over the batch, the L1 term is a per-pixel mean (MONAI's ``brats_mri_generative_diffusion``
         convention), so 1e-6 keeps the latent close to deterministic while bounding its scale.
     sample_posterior
-        Decode a posterior sample (training, D#2) instead of the mean.
+        Decode a posterior sample (how SD's VAE encodes in training) instead of the mean.
     generator
         Random generator for the posterior sample.
 
@@ -224,7 +224,7 @@ def estimate_scaling_factor(
     """Latent scaling factor measured on data: ``1 / std`` of the posterior-mean (or sampled) latents.
 
     SD's 0.18215 is this quantity for SD's VAE on its training images; a VAE trained from scratch
-    has its own latent scale, and the UNet's target (the mask latent, METHOD.md 5.7) should have
+    has its own latent scale, and the UNet's target (the mask latent, regressed with MSE) should have
     unit variance for the one-step regression to be well conditioned.
 
     Parameters
@@ -285,7 +285,7 @@ def reconstruction_metrics(
 ) -> dict[str, float]:
     """Reconstruction quality of the autoencoder (cf. [P] Supp. Tab. 5 for SD's VAE).
 
-    Latents are posterior means (evaluation convention, D#2); outputs are clipped to [-1, 1]. PSNR, MSE and
+    Latents are posterior means (the evaluation-time encoding); outputs are clipped to [-1, 1]. PSNR, MSE and
     Dice are MONAI's (``PSNRMetric``, ``MSEMetric``, ``compute_dice``).
 
     Parameters

@@ -13,7 +13,7 @@ UNet with SII or kv_concat, QE, one-step x0 prediction); what changes is where t
 
 Width and throughput (why the defaults)
 ---------------------------------------
-Measured anchors (``design/PERFORMANCE.md``, H100, SD-1.5 sizes, 256x256 input): UNet 171.6 GFLOP per
+Measured anchors (one H100 80GB, randomly initialised SD-1.5-sized models, 256x256 input): UNet 171.6 GFLOP per
 4x32x32 forward, VAE encoder 270.6 GFLOP per image; one training episode (4 VAE encodes, support +
 query UNet passes, backward) took 28.5 ms in bf16 at batch 8, i.e. about 2.1 TFLOP per episode.
 
@@ -179,7 +179,7 @@ def build_no_prior_sdfsmis(
         uses its learned condition embedding. When a constant "empty prompt" is needed
         (``use_vtct=False`` or ``support_condition="empty"``) it is an all-zero ``[1, 77, D]`` tensor,
         since there is no text encoder. ``vae_sample_in_training`` defaults to ``False`` here (posterior
-        means in training too, DECISIONS.md #2); when it is set, calibrate the autoencoder on posterior
+        means in training too, see below); when it is set, calibrate the autoencoder on posterior
         samples as well (``freeze_and_calibrate(..., sample_posterior=True)``).
 
     Returns
@@ -187,7 +187,7 @@ def build_no_prior_sdfsmis(
     SDFSMIS
         On the autoencoder's device, UNet in float32.
     """
-    # DECISIONS.md #2: a from-scratch autoencoder's posterior sigma is a large share of its latent std, so a
+    # Posterior means everywhere: a from-scratch autoencoder's posterior sigma is a large share of its latent std, so a
     # posterior sample puts noise into the inputs and the target that no model can predict.
     sdfsmis_settings.setdefault("vae_sample_in_training", False)
     for key in ("image_encoder", "empty_prompt_embedding", "vae", "unet"):

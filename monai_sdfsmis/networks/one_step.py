@@ -1,4 +1,4 @@
-"""The one-step "diffusion" of SD-FSMIS / DiffewS (DECISIONS.md #7, METHOD.md section 5.6).
+"""The one-step "diffusion" of SD-FSMIS / DiffewS (same t in training and inference, x0 = -unet_output).
 
 DiffewS configures diffusers' DDIM scheduler with ``beta_start = beta_end = 1``. Every
 ``alphas_cumprod`` is then 0, so for a v-prediction model the DDIM estimate of the clean sample is
@@ -14,7 +14,7 @@ __all__ = ["one_step_scheduler", "predict_original_sample", "ONE_STEP_SCHEDULER_
 import torch
 from diffusers import DDIMScheduler
 
-# DiffewS's scheduler_1.0_1.0/scheduler_config.json, as read in METHOD.md section 5.6.
+# DiffewS's scheduler_1.0_1.0/scheduler_config.json (aim-uofa/DiffewS), loaded into a DDIMScheduler.
 ONE_STEP_SCHEDULER_CONFIG: dict = {
     "beta_start": 1.0,
     "beta_end": 1.0,

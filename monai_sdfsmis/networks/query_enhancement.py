@@ -1,4 +1,4 @@
-"""Query Enhancement (QE) of SD-FSMIS [P section 3.3, Eq. 2-4] (DECISIONS.md #5).
+"""Query Enhancement (QE) of SD-FSMIS [P section 3.3, Eq. 2-4] (raw cosine, threshold 0.7, top-12 fallback).
 
 A support prototype ``p_s`` (masked average of the support image latent) selects the query latent
 positions that look like the support foreground; their mean ``p_q`` is broadcast over the latent grid

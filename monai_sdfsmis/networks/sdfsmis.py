@@ -1,4 +1,4 @@
-"""SD-FSMIS: Stable Diffusion adapted for one-shot medical image segmentation (METHOD.md sections 5-6).
+"""SD-FSMIS: Stable Diffusion adapted for one-shot medical image segmentation (model and one-step inference).
 
 Composition of a frozen SD VAE, SD's UNet (fine-tuned) with two input convolutions (:class:`DualConvIn`)
 and support-query interaction (:mod:`.sqi`), query enhancement (:mod:`.query_enhancement`), the
@@ -6,6 +6,7 @@ visual-to-textual condition translator (:mod:`.vtct`, frozen DINOv2 + trained ML
 scheduler (:mod:`.one_step`). The network interface used by inferers and engines (ARCHITECTURE.md)::
 
     loss = net.compute_loss(support_image, support_label, query_image, query_label)
+    loss = net(support_image, support_label, query_image, query_label, mode="loss")       # the same, via forward (DDP)
     ctx = net.encode_support(support_image[1, 3, H, W], support_label[1, 1, H, W])   # once per support
     soft = net.segment(query_image[N, 3, H, W], ctx)                               # [N, 1, H, W] in [-1, 1]
     mask = net.binarize(soft)                                                      # [N, 1, H, W] bool
@@ -13,7 +14,15 @@ scheduler (:mod:`.one_step`). The network interface used by inferers and engines
 
 from __future__ import annotations
 
-__all__ = ["SDFSMIS", "SupportContext", "DualConvIn", "BINARIZE_MODES", "SUPPORT_CONDITIONS", "TINY_CONFIG_DIR"]
+__all__ = [
+    "SDFSMIS",
+    "SupportContext",
+    "DualConvIn",
+    "BINARIZE_MODES",
+    "SUPPORT_CONDITIONS",
+    "FORWARD_MODES",
+    "TINY_CONFIG_DIR",
+]
 
 import json
 import os
@@ -31,12 +40,21 @@ from torch import nn
 
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
-from monai_sdfsmis.networks.sqi import SII_MODES, SupportBank, install_sii, match_support_batch, sii_blocks
+from monai_sdfsmis.networks.sqi import (
+    SII_MODES,
+    SUPPORT_FEATURES_KEY,
+    SUPPORT_STORE_KEY,
+    SupportBank,
+    install_sii,
+    match_support_batch,
+    sii_blocks,
+)
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 from monai_sdfsmis.utils import atomic_path
 
 BINARIZE_MODES = ("zero", "relative")
 SUPPORT_CONDITIONS = ("same", "empty")
+FORWARD_MODES = ("segment", "loss")
 TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
 _SETTINGS_KEY = "sdfsmis_settings"
 
@@ -83,7 +101,7 @@ class SupportContext:
 
 
 class DualConvIn(nn.Module):
-    """Replacement of ``unet.conv_in`` with one input convolution per branch (DECISIONS.md #3).
+    """Replacement of ``unet.conv_in`` with one input convolution per branch (Marigold-initialised 8-channel convs).
 
     The UNet is called once per branch (support pass, query pass); :meth:`routing` selects which
     convolution the next calls use. Everything after ``conv_in`` is shared.
@@ -225,9 +243,13 @@ class SDFSMIS(nn.Module):
 
     Notes
     -----
-    * Support and query run as two UNet calls (support first, its per-block features cached in a
-      :class:`~monai_sdfsmis.networks.sqi.SupportBank`), routed to their input convolution by
-      :class:`DualConvIn`; this is what makes one support reusable for any number of queries.
+    * Support and query run as two UNet calls (support first, its per-block features collected into
+      :attr:`SupportContext.features` and handed to the query pass through ``cross_attention_kwargs``;
+      :mod:`.sqi`), routed to their input convolution by :class:`DualConvIn`; this is what makes one
+      support reusable for any number of queries. No pass state lives in the UNet, so
+      ``unet.enable_gradient_checkpointing()`` and ``unet.compile(fullgraph=True)`` work.
+    * Training goes through ``forward(..., mode="loss")`` (the same as :meth:`compute_loss`) so that a
+      ``DistributedDataParallel`` wrapper synchronises gradients in buckets.
     * ``state_dict()`` holds only what training changes plus the empty-prompt buffer: the frozen VAE
       and DINOv2 stay ordinary submodules (so ``.to()``, ``.half()``, ``repr`` and ``apply`` reach them)
       but a state-dict hook drops their keys and a load pre-hook keeps their current weights, so
@@ -314,7 +336,7 @@ class SDFSMIS(nn.Module):
         vae.eval()
         self.vae = vae
 
-        # DECISIONS #3: Marigold-initialised 8-channel convs; without QE the query keeps SD's conv_in.
+        # Marigold init (SD's kernel repeated twice, halved, bias copied); without QE the query keeps SD's conv_in.
         query_conv = DualConvIn.marigold(conv_in) if use_qe else conv_in
         support_conv = DualConvIn.marigold(conv_in) if use_sii and not shared_conv_in else None
         unet.conv_in = DualConvIn(query_conv, support_conv, shared=shared_conv_in and use_sii)
@@ -407,7 +429,7 @@ class SDFSMIS(nn.Module):
     def parameter_groups(
         self, lr_unet: float = 1e-5, lr_new: float = 5e-5, weight_decay: float = 1e-2
     ) -> list[dict[str, Any]]:
-        """AdamW parameter groups (DECISIONS.md #9).
+        """AdamW parameter groups (weight decay 1e-2; lr 1e-5 for the UNet, 5e-5 for new modules).
 
         ``"unet"``: SD's pretrained UNet weights (``lr_unet``); ``"new"``: input convolutions, SII
         layers and VTCT's MLP / positional embedding / gate / learned condition (``lr_new``). Frozen
@@ -517,7 +539,7 @@ class SDFSMIS(nn.Module):
             From :meth:`encode_posterior`.
         sample
             Draw a posterior sample (``True``) or take the mean (``False``); ``None``: sample in ``train()``
-            mode when ``vae_sample_in_training`` (DECISIONS.md #2), mean otherwise.
+            mode when ``vae_sample_in_training`` (SD's VAE: sample in training, mean in evaluation), mean otherwise.
         """
         if sample is None:
             sample = self.training and self.vae_sample_in_training
@@ -547,12 +569,22 @@ class SDFSMIS(nn.Module):
             return self.empty_prompt_embedding.expand(batch, -1, -1)
         return self.vtct(support_image, support_label, self.empty_prompt_embedding)
 
-    def _unet(self, sample: torch.Tensor, condition: torch.Tensor, branch: str) -> torch.Tensor:
+    def _unet(
+        self,
+        sample: torch.Tensor,
+        condition: torch.Tensor,
+        branch: str,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
         timesteps = torch.full((sample.shape[0],), self.timestep, dtype=torch.long, device=sample.device)
         dtype = self.unet.dtype
         with self.unet.conv_in.routing(branch):
             return self.unet(
-                sample.to(dtype), timesteps, encoder_hidden_states=condition.to(dtype), return_dict=False
+                sample.to(dtype),
+                timesteps,
+                encoder_hidden_states=condition.to(dtype),
+                cross_attention_kwargs=cross_attention_kwargs,
+                return_dict=False,
             )[0]
 
     def _support_context(
@@ -578,10 +610,11 @@ class SDFSMIS(nn.Module):
             support_cond = condition
             if self.support_condition == "empty":
                 support_cond = self.empty_prompt_embedding.expand(support_image.shape[0], -1, -1)
-            with self.bank.storing() as stored:
-                self._unet(torch.cat([image_latent, mask_latent], dim=1), support_cond, "support")
-            features = dict(stored)
-            self.bank.clear()
+            # Passed explicitly (not through self.bank), so checkpointed and compiled UNets see it as an input.
+            features = {}
+            self._unet(
+                torch.cat([image_latent, mask_latent], dim=1), support_cond, "support", {SUPPORT_STORE_KEY: features}
+            )
         return SupportContext(image_latent, mask_latent, condition, prototype, features)
 
     def predict_mask_latent(self, query_latent: torch.Tensor, context: SupportContext) -> torch.Tensor:
@@ -595,8 +628,7 @@ class SDFSMIS(nn.Module):
         if self.use_sii:
             if context.features is None:
                 raise ValueError("this SupportContext has no support features but the network uses SII.")
-            with self.bank.using(context.features):
-                output = self._unet(sample, condition, "query")
+            output = self._unet(sample, condition, "query", {SUPPORT_FEATURES_KEY: context.features})
         else:
             output = self._unet(sample, condition, "query")
         return predict_original_sample(self.scheduler, output, query_latent, self.timestep)
@@ -711,7 +743,31 @@ class SDFSMIS(nn.Module):
         return prob > self.relative_threshold * prob.amax(dim=(1, 2, 3), keepdim=True)
 
     def forward(
-        self, support_image: torch.Tensor, support_label: torch.Tensor, query_image: torch.Tensor
-    ) -> torch.Tensor:
-        """:meth:`encode_support` + :meth:`segment`: ``[Bs, 3, H, W]``, ``[Bs, 1, H, W]``, ``[N, 3, H, W]`` -> ``[N, 1, H, W]``."""
+        self,
+        support_image: torch.Tensor,
+        support_label: torch.Tensor,
+        query_image: torch.Tensor,
+        query_label: torch.Tensor | None = None,
+        *,
+        mode: str = "segment",
+        posteriors: Sequence[torch.Tensor] | None = None,
+        return_parts: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Segment (default) or compute the training loss.
+
+        ``mode="segment"``: :meth:`encode_support` + :meth:`segment`, ``[Bs, 3, H, W]``, ``[Bs, 1, H, W]``,
+        ``[N, 3, H, W]`` -> ``[N, 1, H, W]``. ``mode="loss"``: :meth:`compute_loss` of ``B`` episodes (with
+        ``query_label``, ``posteriors``, ``return_parts``). Training goes through ``forward`` so that a
+        ``DistributedDataParallel`` wrapper sees the call and all-reduces the gradients in buckets during backward.
+        """
+        if mode == "loss":
+            if query_label is None:
+                raise ValueError("mode='loss' needs query_label ([B, 1, H, W] in {0, 1}).")
+            return self.compute_loss(
+                support_image, support_label, query_image, query_label, posteriors=posteriors, return_parts=return_parts
+            )
+        if mode != "segment":
+            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}.")
+        if query_label is not None or posteriors is not None or return_parts:
+            raise ValueError("query_label, posteriors and return_parts are training arguments: pass mode='loss'.")
         return self.segment(query_image, self.encode_support(support_image, support_label))

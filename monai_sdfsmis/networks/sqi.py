@@ -1,4 +1,4 @@
-"""Support-Query Interaction: the support information injection (SII) of SD-FSMIS (DECISIONS.md #4).
+"""Support-Query Interaction: the support information injection (SII) of SD-FSMIS (one new cross-attention per block).
 
 Two UNet passes share every weight. The **support pass** runs the support latent through the UNet
 and, in every ``BasicTransformerBlock``, stores the block's normed hidden states (the input of its
@@ -21,17 +21,29 @@ query attend to them:
   ``K = [K_q; K_s]``, ``V = [V_q; V_s]`` with ``K_s, V_s`` its own projections of ``f_s``.
 
 Both are diffusers attention processors installed on ``attn1`` (diffusers' ``BasicTransformerBlock``
-is not edited or subclassed). An ``attn1`` processor only sees ``LN1(h)``, not ``h``, so the SII
-processor gets the block input ``h`` from a forward pre-hook on the block and returns
-``attn1_out + SQAttn(LN_sq(h + attn1_out), f_s)``; the block then adds ``h``, which gives exactly the
-two residual steps above. The support pass skips the new layer.
+is not edited or subclassed). The support features travel explicitly in the UNet call's
+``cross_attention_kwargs``, as diffusers' IP-Adapter processors receive their image tokens::
 
-Batches: a bank filled from ``Bs`` supports serves ``Bq`` queries when ``Bq == Bs`` (pairs, as in
+    store = {}
+    unet(z_s, t, c, cross_attention_kwargs={"support_store": store})     # support pass: fills store
+    unet(z_q, t, c, cross_attention_kwargs={"support_features": store})  # query pass
+
+so nothing depends on state held between calls, and gradient checkpointing
+(``unet.enable_gradient_checkpointing()``, which re-runs blocks in the backward pass) and
+``torch.compile(fullgraph=True)`` see the same data flow as an eager call. An ``attn1`` processor only
+sees ``LN1(h)``, not ``h``: a forward pre-hook on the block adds ``h`` to the kwargs it forwards to
+``attn1`` (returning new arguments, keeping nothing), and the processor returns
+``attn1_out + SQAttn(LN_sq(h + attn1_out), f_s)``; the block then adds ``h``, which gives exactly the
+two residual steps above. The support pass skips the new layer. ``attn2`` gets a pass-through
+processor that drops the support keys (the block hands the same kwargs to both).
+
+Without those keys, a :class:`SupportBank` switches the passes (``bank.storing()`` /
+``bank.using()``), for interactive use; that mode is state, so it is not for checkpointed or
+compiled UNets.
+
+Batches: features from ``Bs`` supports serve ``Bq`` queries when ``Bq == Bs`` (pairs, as in
 training) or ``Bq`` is a multiple of ``Bs`` (query ``i`` uses support ``i // (Bq // Bs)``; with one
 cached support that is a broadcast, see :func:`match_support_batch`).
-
-Gradient checkpointing of the UNet is not supported while a bank mode is active: the recomputation
-in the backward pass would run with whatever mode the bank has then.
 """
 
 from __future__ import annotations
@@ -41,6 +53,9 @@ __all__ = [
     "SupportQueryAttention",
     "SupportQueryAttnProcessor",
     "KVConcatAttnProcessor",
+    "SIIPassThroughProcessor",
+    "SUPPORT_FEATURES_KEY",
+    "SUPPORT_STORE_KEY",
     "install_sii",
     "sii_blocks",
     "match_support_batch",
@@ -48,6 +63,7 @@ __all__ = [
 ]
 
 import copy
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -199,45 +215,108 @@ class SupportQueryAttention(nn.Module):
         return self.attn(self.norm(hidden_states), encoder_hidden_states=support_features)
 
 
+SUPPORT_FEATURES_KEY = "support_features"
+"""``cross_attention_kwargs`` key of the query pass: ``{block name: [Bs, Ls, C]}`` support features."""
+SUPPORT_STORE_KEY = "support_store"
+"""``cross_attention_kwargs`` key of the support pass: a dict each block's processor adds its ``LN1(h_s)`` to."""
+BLOCK_INPUT_KEY = "sii_block_input"
+"""``cross_attention_kwargs`` key the block pre-hook adds for ``attn1``: the block input ``h``."""
+
+_CROSS_ATTENTION_KWARGS_INDEX = list(inspect.signature(BasicTransformerBlock.forward).parameters).index(
+    "cross_attention_kwargs"
+) - 1  # position in ``block(*args)``, without ``self``
+
+
 def _base_processor(attn: Attention) -> Any:
-    """The processor attn1 had before SII, unwrapping an earlier install."""
+    """The processor ``attn`` had before SII, unwrapping an earlier install."""
     processor = attn.processor
-    while isinstance(processor, (SupportQueryAttnProcessor, KVConcatAttnProcessor)):
+    while isinstance(processor, (SupportQueryAttnProcessor, KVConcatAttnProcessor, SIIPassThroughProcessor)):
         processor = processor.base
     return processor if processor is not None else AttnProcessor2_0()
+
+
+def _pass_mode(bank: SupportBank, features: Mapping[str, torch.Tensor] | None, store: dict | None) -> str:
+    """Which pass this call is: explicit keyword arguments win; without them the bank's mode decides."""
+    if store is not None:
+        return "store"
+    if features is not None:
+        return "use"
+    return bank.mode
+
+
+def _store(bank: SupportBank, store: dict | None, key: str, hidden_states: torch.Tensor) -> None:
+    # First write wins: a gradient-checkpointing recomputation of the support pass runs this again and must not
+    # replace the features the query pass already used.
+    target = bank.features if store is None else store
+    if key not in target:
+        target[key] = hidden_states
+
+
+def _support_for(
+    bank: SupportBank, features: Mapping[str, torch.Tensor] | None, key: str, batch_size: int
+) -> torch.Tensor:
+    if features is None:
+        return bank.get(key, batch_size)
+    if key not in features:
+        raise RuntimeError(
+            f"no support features for transformer block '{key}': run the support pass (support_store, or "
+            "bank.storing()) before the query pass, with the same UNet."
+        )
+    return match_support_batch(features[key], batch_size, f"support features of block '{key}'")
+
+
+def _inject_block_input(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on a block with an SII processor: add the block input ``h`` to its cross-attention kwargs.
+
+    The hook keeps nothing: it returns new arguments, so a gradient-checkpointing recomputation or a compiled graph
+    sees the same data flow as an eager call. ``BasicTransformerBlock`` passes ``cross_attention_kwargs`` on to
+    ``attn1`` (as it does for IP-Adapter processors), which is how the ``attn1`` processor gets ``h``.
+    """
+    if not isinstance(block.attn1.processor, SupportQueryAttnProcessor):
+        return None  # SII was removed (set_attn_processor): plain SD, nothing to add
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    if len(args) > _CROSS_ATTENTION_KWARGS_INDEX:  # positional call (diffusers' gradient checkpointing)
+        i = _CROSS_ATTENTION_KWARGS_INDEX
+        extra = {**(args[i] or {}), BLOCK_INPUT_KEY: hidden_states}
+        return (*args[:i], extra, *args[i + 1:]), kwargs
+    extra = {**(kwargs.get("cross_attention_kwargs") or {}), BLOCK_INPUT_KEY: hidden_states}
+    return args, {**kwargs, "cross_attention_kwargs": extra}
 
 
 class SupportQueryAttnProcessor:
     """``attn1`` processor for ``mode="sii"``: self-attention plus the block's :class:`SupportQueryAttention`.
 
-    * bank ``"store"``: store ``LN1(h_s)`` (this processor's input) under ``key``; ordinary self-attention;
-    * bank ``"use"``: ``attn1_out + SQAttn(LN_sq(h + attn1_out), f_s)`` where ``h`` is the block input
-      captured by :meth:`capture_block_input` (a forward pre-hook on the block);
-    * bank ``"off"``: ordinary self-attention (plain SD).
+    The pass is chosen by the UNet call's ``cross_attention_kwargs`` (stateless; works with gradient
+    checkpointing and ``torch.compile``)::
+
+        store = {}
+        unet(z_s, t, c, cross_attention_kwargs={"support_store": store})   # support pass fills store
+        unet(z_q, t, c, cross_attention_kwargs={"support_features": store})  # query pass
+
+    Without these keys the :class:`SupportBank`'s mode decides (``bank.storing()`` / ``bank.using()``):
+
+    * support pass: store ``LN1(h_s)`` (this processor's input) under ``key``; ordinary self-attention;
+    * query pass: ``attn1_out + SQAttn(LN_sq(h + attn1_out), f_s)``, where ``h`` is the block input that the block's
+      forward pre-hook adds to the kwargs (``sii_block_input``);
+    * neither: ordinary self-attention (plain SD).
 
     Parameters
     ----------
     bank
-        The shared :class:`SupportBank`.
+        The shared :class:`SupportBank` (used only when the call passes no support keyword).
     key
-        The block's module name inside the UNet (bank key).
-    block
-        The ``BasicTransformerBlock``; its ``attn_sq`` is the new layer.
+        The block's module name inside the UNet (feature key).
+    layer
+        The block's :class:`SupportQueryAttention` (registered on the block as ``attn_sq``).
     base
         Processor doing the ordinary self-attention (default: the one attn1 had).
     """
 
-    def __init__(self, bank: SupportBank, key: str, block: BasicTransformerBlock, base: Any = None) -> None:
+    def __init__(self, bank: SupportBank, key: str, layer: SupportQueryAttention, base: Any = None) -> None:
         self.bank = bank
         self.key = key
-        self.block = block
+        self.layer = layer
         self.base = base if base is not None else AttnProcessor2_0()
-        self._block_input: torch.Tensor | None = None
-
-    def capture_block_input(self, block: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Forward pre-hook on the block: keep its input ``h`` for the query pass (only then: no stale refs)."""
-        if self.bank.mode == "use" and block.attn1.processor is self:
-            self._block_input = args[0] if args else kwargs["hidden_states"]
 
     def __call__(
         self,
@@ -246,32 +325,35 @@ class SupportQueryAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        **kwargs: Any,
+        sii_block_input: torch.Tensor | None = None,
+        support_features: Mapping[str, torch.Tensor] | None = None,
+        support_store: dict | None = None,
     ) -> torch.Tensor:
-        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        mode = self.bank.mode
+        out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        mode = _pass_mode(self.bank, support_features, support_store)
         if mode == "store":
-            self.bank.put(self.key, hidden_states)
+            _store(self.bank, support_store, self.key, hidden_states)
         elif mode == "use":
-            block_input, self._block_input = self._block_input, None
-            if block_input is None:
+            if sii_block_input is None:
                 raise RuntimeError(
                     f"SII processor of '{self.key}' did not receive its block input: the block's forward pre-hook "
                     "is missing (install SII with install_sii, and do not call attn1 outside its block)."
                 )
-            support = self.bank.get(self.key, hidden_states.shape[0])
+            support = _support_for(self.bank, support_features, self.key, hidden_states.shape[0])
             # The block adds h afterwards: h + out + SQ(LN_sq(h + out)) = paper's two residual steps.
-            out = out + self.block.attn_sq(block_input + out, support)
+            out = out + self.layer(sii_block_input + out, support)
         return out
 
 
 class KVConcatAttnProcessor:
     """``attn1`` processor for ``mode="kv_concat"`` (DiffewS): the query also attends to the support tokens.
 
-    * bank ``"store"``: store ``LN1(h_s)``; ordinary self-attention;
-    * bank ``"use"``: keys/values over ``[LN1(h_q); f_s]`` with attn1's own projections, i.e.
+    Passes are chosen as in :class:`SupportQueryAttnProcessor`:
+
+    * support pass: store ``LN1(h_s)``; ordinary self-attention;
+    * query pass: keys/values over ``[LN1(h_q); f_s]`` with attn1's own projections, i.e.
       ``K = [K_q; K_s]``, ``V = [V_q; V_s]`` (no new weights);
-    * bank ``"off"``: ordinary self-attention.
+    * neither: ordinary self-attention.
     """
 
     def __init__(self, bank: SupportBank, key: str, base: Any = None) -> None:
@@ -286,19 +368,45 @@ class KVConcatAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
-        **kwargs: Any,
+        sii_block_input: torch.Tensor | None = None,
+        support_features: Mapping[str, torch.Tensor] | None = None,
+        support_store: dict | None = None,
     ) -> torch.Tensor:
-        mode = self.bank.mode
+        mode = _pass_mode(self.bank, support_features, support_store)
         if mode == "use":
             if attention_mask is not None or encoder_hidden_states is not None:
                 raise ValueError("kv_concat SII supports plain self-attention only (no attention mask, no context).")
-            support = self.bank.get(self.key, hidden_states.shape[0]).to(hidden_states.dtype)
+            support = _support_for(self.bank, support_features, self.key, hidden_states.shape[0])
             # attn1 projects its "context" with to_k/to_v: a context [h_q; f_s] gives K = [K_q; K_s], V = [V_q; V_s].
-            context = torch.cat([hidden_states, support], dim=1)
-            return self.base(attn, hidden_states, context, None, temb, **kwargs)
+            context = torch.cat([hidden_states, support.to(hidden_states.dtype)], dim=1)
+            return self.base(attn, hidden_states, context, None, temb)
         if mode == "store":
-            self.bank.put(self.key, hidden_states)
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            _store(self.bank, support_store, self.key, hidden_states)
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+class SIIPassThroughProcessor:
+    """``attn2`` processor of an SII block: the original processor, minus the SII keyword arguments.
+
+    ``BasicTransformerBlock`` hands the same ``cross_attention_kwargs`` to ``attn1`` and ``attn2``; without this
+    wrapper diffusers would warn on every text cross-attention call that the support keys are unexpected.
+    """
+
+    def __init__(self, base: Any = None) -> None:
+        self.base = base if base is not None else AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        sii_block_input: torch.Tensor | None = None,
+        support_features: Mapping[str, torch.Tensor] | None = None,
+        support_store: dict | None = None,
+    ) -> torch.Tensor:
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
 
 
 def sii_blocks(unet: nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
@@ -350,10 +458,12 @@ def install_sii(unet: nn.Module, bank: SupportBank, mode: str = "sii") -> list[S
             del block._modules["attn_sq"]
         if mode == "sii":
             block.attn_sq = SupportQueryAttention(block.attn1, block.norm1)
-            processor = SupportQueryAttnProcessor(bank, name, block, base)
-            block._sii_hook_handle = block.register_forward_pre_hook(processor.capture_block_input, with_kwargs=True)
+            processor = SupportQueryAttnProcessor(bank, name, block.attn_sq, base)
+            block._sii_hook_handle = block.register_forward_pre_hook(_inject_block_input, with_kwargs=True)
             layers.append(block.attn_sq)
         else:
             processor = KVConcatAttnProcessor(bank, name, base)
         block.attn1.set_processor(processor)
+        if block.attn2 is not None:
+            block.attn2.set_processor(SIIPassThroughProcessor(_base_processor(block.attn2)))
     return layers

@@ -1,4 +1,4 @@
-"""Visual-to-Textual Condition Translator (VTCT) of SD-FSMIS [P section 3.4] (DECISIONS.md #6).
+"""Visual-to-Textual Condition Translator (VTCT) of SD-FSMIS [P section 3.4] (ODISE-style gated condition).
 
 The support slice goes through a frozen DINOv2; its last-layer patch tokens are averaged over the
 support mask into a prototype ``p_v`` that a learned MLP maps into SD's text-embedding space. The

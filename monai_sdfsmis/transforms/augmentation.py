@@ -1,4 +1,4 @@
-"""RPT's episode augmentation on 2D slices (METHOD.md section 4, DECISIONS.md #11).
+"""RPT's episode augmentation on 2D slices (gamma; affine + elastic), by default on support and query independently.
 
 The transforms take dictionaries of slices: images ``[C, H, W]`` (float) and masks ``[1, H, W]`` (``{0, 1}``).
 Geometry is drawn once per call and applied identically to every key, so an image and its mask stay aligned.
@@ -390,7 +390,7 @@ class RandRPTElasticd(RandomizableTransform, MapTransform):
 
 
 class RPTAugmentd(RandomizableTransform, MapTransform):
-    """Episode-level augmentation of a support/query pair of slices (DECISIONS.md #11, METHOD.md section 4).
+    """Episode-level augmentation of a support/query pair of slices with RPT's gamma, affine and elastic steps.
 
     Gamma (:class:`RandGammad`) changes an image only; the geometric step (:class:`RandRPTAffined` followed by
     :class:`RandRPTElasticd`) moves an image and its mask together.

@@ -1,4 +1,4 @@
-"""Intensity scaling to [-1, 1], in-plane resizing and channel replication (DECISIONS.md #1).
+"""Intensity scaling to [-1, 1] (CT window, MR percentiles, per-volume min-max or z-score), resizing, channels.
 
 All transforms here are thin compositions of MONAI transforms; they add the presets of the method and the checks
 that turn degenerate inputs (constant volumes, NaN) into clear errors instead of NaN outputs.
@@ -52,7 +52,7 @@ def _describe(img: Any, key: Hashable | None = None) -> str:
 
 
 class ScaleToUnitRange(Transform):
-    """Map a volume's intensities to float32 ``[-1, 1]`` with one of the presets of DECISIONS.md #1.
+    """Map a volume's intensities to float32 ``[-1, 1]`` with one of the presets below.
 
     Presets
     -------

@@ -11,6 +11,8 @@ __all__ = [
     "NIFTI_SUFFIXES",
     "NRRD_SUFFIXES",
     "select_reader",
+    "DicomSeries",
+    "list_dicom_series",
     "load_volume",
     "check_label_ids",
     "check_same_grid",
@@ -21,13 +23,16 @@ __all__ = [
     "CheckLabelIdsD",
     "CheckLabelIdsDict",
     "check_output_folder",
+    "axis_reorientation",
     "SaveVolumed",
 ]
 
+import copy
 import functools
 import os
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +43,9 @@ from monai.data import ITKReader, MetaTensor, NibabelReader
 from monai.data.image_reader import ImageReader
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, Orientation, SaveImaged
 from monai.transforms.io.array import SUPPORTED_READERS
-from monai.utils import ImageMetaKey, ensure_tuple, get_equivalent_dtype
+from monai.utils import ImageMetaKey, convert_to_numpy, ensure_tuple, get_equivalent_dtype, optional_import
 
+from monai_sdfsmis.extras import require
 from monai_sdfsmis.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -73,6 +79,7 @@ def select_reader(path: str | os.PathLike, reader: ImageReader | str | None = No
     if not path.is_dir() and path.name.lower().endswith(NIFTI_SUFFIXES):
         return NibabelReader()
     # ITK reads NRRD/NHDR, DICOM series (folders) and MetaImage with LPS->RAS affines like NibabelReader's.
+    require("itk", f"reading {'the DICOM series in ' if path.is_dir() else ''}{path}")
     return ITKReader()
 
 
@@ -83,10 +90,87 @@ def _image_loader() -> LoadImage:
     return LoadImage(image_only=True, ensure_channel_first=False, dtype=None)
 
 
-def _read(path: Path, reader: ImageReader) -> MetaTensor:
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder, as ITK (and so MONAI's ``ITKReader``) groups the files.
+
+    ``identifier`` is ITK's series identifier (the SeriesInstanceUID, followed by details such as the image size
+    when one UID holds images of several sizes); ``uid`` the SeriesInstanceUID, ``description`` the
+    SeriesDescription (``""`` if absent), ``files`` the file names in slice order.
+    """
+
+    identifier: str
+    uid: str
+    description: str
+    files: tuple[str, ...]
+
+
+def _series_name_generator(folder: Path) -> Any:
+    itk, has_itk = optional_import("itk")
+    if not has_itk:
+        raise ValueError(f"cannot read the DICOM folder {folder}: the 'itk' package is not installed")
+    # The same settings as MONAI's ITKReader, so that the series listed are the series it can read.
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")
+    names.SetDirectory(str(folder))
+    return itk, names
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """The DICOM series in ``folder`` (not its sub-folders), in ITK's order; ``[]`` when it holds none."""
+    folder = Path(folder)
+    itk, names = _series_name_generator(folder)
+    series = []
+    for identifier in names.GetSeriesUIDs():
+        files = tuple(str(f) for f in names.GetFileNames(identifier))
+        header = itk.GDCMImageIO.New()
+        header.SetFileName(files[0])
+        header.ReadImageInformation()
+        uid = str(header.GetValueFromTag("0020|000e", "")[1]).strip() or str(identifier)
+        description = str(header.GetValueFromTag("0008|103e", "")[1]).strip()
+        series.append(DicomSeries(str(identifier), uid, description, files))
+    return series
+
+
+def _series_reader(path: Path, reader: ImageReader, series_uid: str | None) -> ImageReader:
+    """``reader`` set to the one series of folder ``path`` to read; refuses a folder of several unless chosen."""
+    if not isinstance(reader, ITKReader):
+        if series_uid is not None:
+            raise ValueError(f"series_uid needs the ITKReader to read {path}, got {type(reader).__name__}")
+        return reader
+    series = list_dicom_series(path)
+    if not series:
+        return reader  # ITKReader's own error ("no DICOMs") is turned into a message below
+    listing = "; ".join(
+        f"{s.uid} ({s.description or 'no description'}, {len(s.files)} slices)" for s in series
+    )
+    if series_uid is None:
+        if len(series) == 1:
+            return reader
+        raise ValueError(
+            f"folder {path} holds {len(series)} DICOM series: {listing}; choose one with series_uid=<UID> "
+            "or move each series into a folder of its own"
+        )
+    chosen = [s for s in series if series_uid in (s.uid, s.identifier)]
+    if not chosen:
+        raise ValueError(f"series_uid {series_uid} is not in folder {path}, which holds: {listing}")
+    if len(chosen) > 1:
+        parts = "; ".join(f"{s.identifier} ({len(s.files)} slices)" for s in chosen)
+        raise ValueError(f"series {series_uid} in folder {path} has images of several kinds: {parts}; pass one of these")
+    reader = copy.copy(reader)
+    reader.series_name = chosen[0].identifier
+    return reader
+
+
+def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> MetaTensor:
     """Read ``path`` with ``reader`` into a channel-first MetaTensor in the file's own dtype."""
     if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
         raise ValueError(f"folder {path} contains no DICOM series: it holds no files")
+    if path.is_dir():
+        reader = _series_reader(path, reader, series_uid)
+    elif series_uid is not None:
+        raise ValueError(f"series_uid {series_uid} was given but {path} is a file, not a DICOM folder")
     try:
         img = _image_loader()(str(path), reader=reader)
     except FileNotFoundError as e:
@@ -123,6 +207,7 @@ def load_volume(
     orientation: str | None = "RAS",
     dtype: DtypeLike | torch.dtype | None = np.float32,
     require_3d: bool = True,
+    series_uid: str | None = None,
 ) -> MetaTensor:
     """Load one volume as a channel-first MetaTensor ``[1, H, W, D]``.
 
@@ -141,6 +226,10 @@ def load_volume(
         integer values only (label maps), which are rounded before the cast.
     require_3d
         Reject 2D data (and single-slice volumes). With ``False`` 2D images load as ``[1, H, W]``.
+    series_uid
+        For a DICOM folder: the SeriesInstanceUID (or ITK series identifier, :func:`list_dicom_series`) of the
+        series to read. ``None`` reads the folder's only series; a folder of several series is refused, with a
+        message listing them (UID, description, slice count), rather than reading one of them silently.
 
     Returns
     -------
@@ -153,13 +242,14 @@ def load_volume(
     FileNotFoundError
         ``path`` does not exist.
     ValueError
-        The file cannot be read, a folder holds no DICOM series, the data are not a single-channel 3D volume,
+        The file cannot be read, a folder holds no DICOM series or several (without ``series_uid``), the data
+        are not a single-channel 3D volume,
         contain NaN or infinite values, or (integer ``dtype``) hold non-integer values.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"volume {path} does not exist")
-    img = _read(path, select_reader(path, reader))
+    img = _read(path, select_reader(path, reader), series_uid)
 
     n_channels, spatial = int(img.shape[0]), tuple(int(s) for s in img.shape[1:])
     if n_channels != 1:
@@ -324,6 +414,9 @@ class LoadVolumed(MapTransform):
     same_grid
         ``{key: reference_key}``: each ``key`` must lie on its ``reference_key``'s voxel grid, e.g.
         ``{"support_label": "support_image"}`` when the query has another grid than the support.
+    series_uid
+        ``{key: SeriesInstanceUID}``: the DICOM series to read where a key's folder holds several
+        (see :func:`load_volume`).
     allow_missing_keys
         Skip keys that are absent instead of raising ``KeyError``.
     """
@@ -339,9 +432,14 @@ class LoadVolumed(MapTransform):
         require_3d: bool = True,
         grid_key: Hashable | None = None,
         same_grid: Mapping[Hashable, Hashable] | None = None,
+        series_uid: Mapping[Hashable, str] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.series_uid = dict(series_uid or {})
+        unknown = [k for k in self.series_uid if k not in self.keys]
+        if unknown:
+            raise ValueError(f"series_uid names keys {unknown} that are not among keys {self.keys}")
         self.same_grid = dict(same_grid or {})
         for key, ref in self.same_grid.items():
             if key not in self.keys or ref not in self.keys:
@@ -370,6 +468,7 @@ class LoadVolumed(MapTransform):
                 orientation=self.orientation,
                 dtype=self.label_dtype if key in self.label_keys else self.dtype,
                 require_3d=self.require_3d,
+                series_uid=self.series_uid.get(key),
             )
         if self.grid_key is not None and self.grid_key in d:
             ref = d[self.grid_key]
@@ -432,8 +531,61 @@ def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         return False
 
 
+def axis_reorientation(
+    affine: Any, target_affine: Any, shape: Sequence[int], target_shape: Sequence[int] | None = None, atol: float = 1e-3
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The axis permutation and flips that take an array on ``affine`` onto ``target_affine``'s grid, if there are.
+
+    Parameters
+    ----------
+    affine, target_affine
+        ``(N+1) x (N+1)`` voxel-to-world matrices of the array and of the grid wanted.
+    shape, target_shape
+        Spatial shapes (``target_shape`` defaults to the permuted ``shape``).
+    atol
+        Tolerance, in voxels, on the voxel-to-voxel matrix being a signed permutation with whole-voxel offsets.
+
+    Returns
+    -------
+    ``(axes, flips)`` such that ``np.flip(np.transpose(array, axes), flips)`` lies on the target grid, or ``None``
+    when the grids differ by more than axis order and direction (spacing, origin shift, rotation, size).
+    """
+    a, t = np.asarray(affine, dtype=np.float64), np.asarray(target_affine, dtype=np.float64)
+    n = len(shape)
+    if a.shape != (n + 1, n + 1) or t.shape != (n + 1, n + 1):
+        return None
+    try:
+        voxel = np.linalg.solve(a, t)  # target voxel index -> array voxel index
+    except np.linalg.LinAlgError:
+        return None
+    rotation, offset = voxel[:n, :n], voxel[:n, n]
+    axes = tuple(int(i) for i in np.argmax(np.abs(rotation), axis=0))
+    if sorted(axes) != list(range(n)):
+        return None
+    signs = np.array([rotation[axes[j], j] for j in range(n)])
+    expected = np.zeros((n, n))
+    for j in range(n):
+        expected[axes[j], j] = np.sign(signs[j])
+    if not np.allclose(rotation, expected, atol=atol / max(max(shape), 1)):
+        return None
+    permuted = tuple(int(shape[axes[j]]) for j in range(n))
+    if target_shape is not None and tuple(int(v) for v in target_shape) != permuted:
+        return None
+    flips = []
+    for j in range(n):
+        start = offset[axes[j]]
+        if signs[j] > 0 and abs(start) <= atol:
+            continue
+        if signs[j] < 0 and abs(start - (permuted[j] - 1)) <= atol:
+            flips.append(j)
+            continue
+        return None
+    return axes, tuple(flips)
+
+
 def _atomic_writer(writer_cls: type) -> type:
-    """A subclass of a MONAI ``ImageWriter`` whose ``write`` goes to a temporary file beside the target, renamed last."""
+    """A subclass of a MONAI ``ImageWriter``: ``write`` goes to a temporary file renamed last, and an output whose
+    grid differs from the file's only by axis order and direction is put back by transposes and flips."""
 
     class _Atomic(writer_cls):  # type: ignore[misc, valid-type]
         def write(self, filename_or_obj, *args, **kwargs):  # noqa: D102
@@ -441,6 +593,28 @@ def _atomic_writer(writer_cls: type) -> type:
                 return super().write(filename_or_obj, *args, **kwargs)
             with atomic_path(filename_or_obj) as tmp:
                 return super().write(str(tmp), *args, **kwargs)
+
+        @classmethod
+        def resample_if_needed(cls, data_array, affine=None, target_affine=None, output_spatial_shape=None, **kwargs):
+            # MONAI resamples through SpatialResample, which copies the whole volume to float64 (several GB for a
+            # large CT) even when undoing an Orientation; that case needs no interpolation, only a view.
+            if affine is None:
+                return super().resample_if_needed(data_array, affine, target_affine, output_spatial_shape, **kwargs)
+            spatial = tuple(int(v) for v in data_array.shape[:3])
+            if target_affine is None:
+                return data_array, affine
+            plan = axis_reorientation(
+                convert_to_numpy(affine), convert_to_numpy(target_affine), spatial,
+                None if output_spatial_shape is None else ensure_tuple(output_spatial_shape)[:3],
+            )
+            if plan is None:
+                return super().resample_if_needed(data_array, affine, target_affine, output_spatial_shape, **kwargs)
+            axes, flips = plan
+            array = convert_to_numpy(data_array)  # a CPU tensor's memory, not a copy
+            array = np.transpose(array, (*axes, *range(3, array.ndim)))
+            if flips:
+                array = np.flip(array, flips)
+            return array, np.asarray(convert_to_numpy(target_affine), dtype=np.float64)
 
     _Atomic.__name__ = _Atomic.__qualname__ = f"Atomic{writer_cls.__name__}"
     return _Atomic

@@ -1,0 +1,84 @@
+"""Optional dependencies: which feature needs which ``pip install "monai-sdfsmis[EXTRA]"``.
+
+The core (loading NIfTI, training, inference, evaluation) needs none of these. Each extra is named in one clear error
+where a feature needs it:
+
+============  ===============  ==========================================================
+extra         package          needed for
+============  ===============  ==========================================================
+itk           ``itk``          reading DICOM series, NRRD and other non-NIfTI formats (ITK)
+supervoxels   ``numba``        computing supervoxel pseudo-labels (``supervoxels`` command)
+tensorboard   ``tensorboard``  TensorBoard training logs (skipped, with a warning, without)
+============  ===============  ==========================================================
+"""
+
+from __future__ import annotations
+
+__all__ = ["EXTRAS", "MissingExtraError", "available", "require", "numba_njit", "tensorboard_available"]
+
+import functools
+import importlib
+import logging
+from types import ModuleType
+from typing import Any, Callable
+
+#: Import name of the package behind each extra.
+EXTRAS = {"itk": "itk", "supervoxels": "numba", "tensorboard": "tensorboard"}
+
+_logger = logging.getLogger(__name__)
+
+
+class MissingExtraError(ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra to install."""
+
+    def __init__(self, extra: str, feature: str) -> None:
+        package = EXTRAS[extra]
+        super().__init__(f'{feature} needs {package}, which is not installed: pip install "monai-sdfsmis[{extra}]"')
+        self.extra = extra
+        self.name = package
+
+
+def available(extra: str) -> bool:
+    """Whether the package of ``extra`` imports."""
+    try:
+        importlib.import_module(EXTRAS[extra])
+    except ImportError:
+        return False
+    return True
+
+
+def require(extra: str, feature: str) -> ModuleType:
+    """Import and return the package of ``extra``; :class:`MissingExtraError` naming ``feature`` when it is missing."""
+    try:
+        return importlib.import_module(EXTRAS[extra])
+    except ImportError as err:
+        raise MissingExtraError(extra, feature) from err
+
+
+def numba_njit(**options: Any) -> Callable[[Callable], Callable]:
+    """``numba.njit(**options)`` where numba is installed; else a decorator whose functions raise
+    :class:`MissingExtraError` when called, so that importing the module still works."""
+    try:
+        from numba import njit
+    except ImportError:
+
+        def decorate(func: Callable) -> Callable:
+            @functools.wraps(func)
+            def missing(*args: Any, **kwargs: Any) -> Any:
+                raise MissingExtraError("supervoxels", "computing supervoxels")
+
+            return missing
+
+        return decorate
+    return njit(**options)
+
+
+@functools.lru_cache(maxsize=None)
+def tensorboard_available() -> bool:
+    """Whether TensorBoard logs can be written; logs one warning naming the extra when they cannot."""
+    from monai.utils import optional_import
+
+    if optional_import("torch.utils.tensorboard", name="SummaryWriter")[1]:  # what MONAI's handlers import
+        return True
+    _logger.warning('TensorBoard logs are off: tensorboard is not installed (pip install "monai-sdfsmis[tensorboard]")')
+    return False
