@@ -97,7 +97,7 @@ def server(env_python, tmp_path_factory):
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
-        [str(env_python), "-m", "monailabel.main", "start_server", "--app", app_dir(), "--studies", str(studies),
+        [str(env_python), "-m", "monailabel.main", "start_server", "--app", app_dir(str(root / "app")), "--studies", str(studies),
          "--host", "127.0.0.1", "--port", str(port), "--conf", "models", str(model)],
         stdout=log, stderr=subprocess.STDOUT, cwd=root, env={**os.environ, **THREADS},
     )
@@ -236,3 +236,8 @@ def test_train_from_datastore_then_infer_serves_the_new_model(server, tmp_path):
     ref = _bundle_mask(server, tmp_path / "ref", studies / f"image_{SUPPORT}.nii.gz",
                        studies / "labels" / "final" / f"image_{SUPPORT}.nii.gz")
     np.testing.assert_array_equal(mask, ref)
+
+
+def test_the_server_writes_into_its_copy_of_the_app_not_into_the_package(server):
+    # MONAI Label creates logs/, model/, bin/ and lib/ in its app folder; an installed package must stay untouched.
+    assert set(os.listdir(app_dir())) <= {"main.py", "__pycache__"}
