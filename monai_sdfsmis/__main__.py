@@ -295,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        # An expected error met inside MONAI (a transform, an engine) arrives wrapped in RuntimeErrors: the bundle's
+        # excepthook logic finds the project's message in the cause chain; anything else is a bug and keeps its traceback.
+        from monai_sdfsmis.errors import debug_enabled, format_error
+
+        line = None if debug_enabled() else format_error(err)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

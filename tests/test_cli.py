@@ -382,6 +382,23 @@ def test_infer_errors_are_one_line(no_prior_model, tmp_path, capsys):
     assert "missing.nii.gz not found" in _one_line_error(capsys)
 
 
+def test_infer_error_met_inside_the_transforms_is_one_line(no_prior_model, tmp_path):
+    # CheckLabelIdsd runs inside MONAI's Compose, which wraps its ValueError in RuntimeErrors: still one line.
+    vol = tmp_path / "v.nii.gz"
+    _write_nifti(vol, _synthetic_volume(0))
+    label = tmp_path / "label.nii.gz"
+    _write_nifti(label, (_synthetic_volume(0) > 0.5).astype(np.uint8))
+    args = ["infer", "--query", str(vol), "--support", str(vol), "--support_label", str(label), "--organ_id", "9",
+            "--model", str(no_prior_model), "--output_dir", str(tmp_path / "out")]
+    # As a user runs it: a fresh interpreter, so that no logger of an earlier test holds a closed capture stream.
+    proc = subprocess.run([sys.executable, "-m", "monai_sdfsmis", *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("sd_fsmis error: organ id 9 absent from") and str(label) in line
+    assert not list((tmp_path / "out").glob("*.nii.gz"))
+
+
 @requires_chaos
 def test_protocol_command_evaluates_a_no_prior_model(no_prior_model, tmp_path, capsys):
     import json
