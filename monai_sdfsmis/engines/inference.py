@@ -74,6 +74,8 @@ _DEFAULT_INTENSITY = "minmax"
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OUTPUT_POSTFIX = "seg"
 _OUTPUT_EXT = ".nii.gz"
+#: Item keys of the files a query item reads: an output must never replace one of them.
+_INPUT_KEYS = ("image", "support_image", "support_label")
 _UNET_KEYS = ("block_out_channels", "cross_attention_dim", "layers_per_block", "attention_head_dim", "norm_num_groups")
 
 _logger = logging.getLogger(__name__)
@@ -561,7 +563,7 @@ def check_outputs(datalist: Sequence[Mapping[str, Any]], output_dir: str | PathL
         Path(value).resolve(): key
         for item in datalist
         for key, value in item.items()
-        if key in ("image", "support_image", "support_label") and value
+        if key in _INPUT_KEYS and value
     }
     for item in datalist:
         target = output_path(item["image"], output_dir)
@@ -634,7 +636,7 @@ def inference_postprocessing(
 
 def protected_inputs(datalist: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every query, support image and support label of ``datalist``: files an output must never replace."""
-    return sorted({v for item in datalist for k, v in item.items() if k in ("image", "support_image", "support_label")})
+    return sorted({v for item in datalist for k, v in item.items() if k in _INPUT_KEYS})
 
 
 def inference_dataloader(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose) -> DataLoader:
