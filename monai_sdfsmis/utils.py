@@ -19,16 +19,18 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_path(path: str | PathLike) -> Iterator[Path]:
+def atomic_path(path: str | PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
 
     The temporary name keeps ``path``'s suffixes (``.nii.gz``, ``.safetensors``) so that writers choosing the
-    format from the extension (nibabel) write the right one. The folder is created if needed, and the file gets
-    the permissions a plain ``open()`` would give it (``mkstemp`` creates it 0600).
+    format from the extension (nibabel) write the right one; ``suffix`` replaces them (checkpoints use ``.tmp``, so
+    that leftovers of a killed run can be recognised). The folder is created if needed, and the file gets the
+    permissions a plain ``open()`` would give it (``mkstemp`` creates it 0600).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix="".join(target.suffixes))
+    suffix = "".join(target.suffixes) if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
     try:
         yield Path(tmp)

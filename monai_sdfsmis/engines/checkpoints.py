@@ -26,8 +26,6 @@ import logging
 import os
 import random
 import re
-import stat
-import tempfile
 import types
 import warnings
 from collections.abc import Callable, Mapping
@@ -39,6 +37,8 @@ import numpy as np
 import torch
 from monai.handlers import CheckpointSaver
 from monai.utils import optional_import
+
+from monai_sdfsmis.utils import atomic_path
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
@@ -52,19 +52,10 @@ _logger = logging.getLogger(__name__)
 
 def _atomic_save_func(self: Any, checkpoint: Mapping, path: Path, func: Callable) -> None:
     """``DiskSaver._save_func`` writing to ``.<name>.<random>.tmp`` beside ``path``, flushed, then renamed."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            func(checkpoint, handle, **self.kwargs)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.chmod(path, os.stat(path).st_mode | stat.S_IRGRP | stat.S_IROTH)
+    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as handle:
+        func(checkpoint, handle, **self.kwargs)
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before the rename, so a crash cannot leave a renamed, empty file
 
 
 def remove_stale_temporaries(folder: str | PathLike) -> list[Path]:
