@@ -121,19 +121,19 @@ def _run_protocol(args: argparse.Namespace) -> int:
 
     from monai_sdfsmis.data.protocol import CHAOS_ORGANS, SABS_ORGANS
     from monai_sdfsmis.engines import evaluate_protocol
-    from monai_sdfsmis.engines import inference as infer
+    from monai_sdfsmis.engines import model_folder
     from monai_sdfsmis.inferers import SlidingSupportInferer
     from monai_sdfsmis.utils import configure_cpu_threads
 
     configure_cpu_threads(args.num_threads)
     network, config = None, {}
     if args.checkpoint is not None:
-        config = infer.read_model_config(args.checkpoint)
-        kind = infer.resolve_network_type(args.network, config)
-        network = infer.build_network(kind, args.checkpoint, **_network_kwargs(args))
-        infer.load_network_weights(network, args.checkpoint, kind, config)
+        config = model_folder.read_model_config(args.checkpoint)
+        kind = model_folder.resolve_network_type(args.network, config)
+        network = model_folder.build_network(kind, args.checkpoint, **_network_kwargs(args))
+        model_folder.load_network_weights(network, args.checkpoint, kind, config)
         network = network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    inferer = SlidingSupportInferer(spatial_size=infer.resolve_spatial_size(args.spatial_size, config))
+    inferer = SlidingSupportInferer(spatial_size=model_folder.resolve_spatial_size(args.spatial_size, config))
     result = evaluate_protocol(
         network,
         args.dataset_dir,
@@ -143,7 +143,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
         baseline=True,
         overlays=args.overlays,
         organ_names=SABS_ORGANS if args.organ_set == "sabs" else CHAOS_ORGANS,
-        intensity=infer.resolve_intensity(args.intensity, config),
+        intensity=model_folder.resolve_intensity(args.intensity, config),
         progress=not args.no_progress,
         inferer=inferer,
     )
@@ -201,6 +201,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"model folder not found: {args.model}")
     model_dir, ckpt = (args.model, None) if args.model.is_dir() else (args.model.parent, args.model)
     configure_cpu_threads(args.num_threads)
+    empty: list = []
     written = segment_volumes(
         [str(q) for q in args.query],
         args.support,
@@ -215,9 +216,106 @@ def _run_infer(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
+        empty_masks=empty,
         **_network_kwargs(args),
     )
-    print(f"infer: {len(written)} mask{'s' if len(written) != 1 else ''} written to {args.output_dir}")
+    note = f", {len(empty)} empty: no voxel of organ {args.organ_id} found" if empty else ""
+    print(f"infer: {len(written)} mask{'s' if len(written) != 1 else ''} written to {args.output_dir}{note}")
+    return 0
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train the weight-free (no-prior) model on your scans: autoencoder, then segmenter, under one time budget",
+        description=(
+            "Run the bundle's training recipe (configs/train.json + configs/no_prior.json) on DATASET_DIR (image_N.nii.gz, "
+            "labels optional; supervoxels are computed where missing) and write the model folder OUTPUT_DIR/model, "
+            "which infer loads with no other flag. With --fold or --holdout, the held-out volumes are not trained on and, "
+            "when they have labels, the few-shot protocol is evaluated on them at the end (OUTPUT_DIR/evaluation, "
+            "OUTPUT_DIR/results.json)."
+        ),
+    )
+    parser.add_argument("--dataset_dir", type=Path, required=True, help="folder of image_N.nii.gz (ALPNet layout)")
+    parser.add_argument("--output_dir", type=Path, required=True, help="model/ (the model folder), logs and results go here")
+    parser.add_argument("--minutes", type=float, help="wall-clock budget of both stages together (default: the preset's)")
+    held_out = parser.add_mutually_exclusive_group()
+    held_out.add_argument("--fold", type=int, help="hold out this RPT fold (0-4; 20 or 30 volumes) and evaluate on it")
+    held_out.add_argument(
+        "--holdout", type=int, nargs="+", help="hold out these volume indices (0-based, numeric order of image_N)"
+    )
+    parser.add_argument("--preset", choices=("cpu", "gpu"), help="recipe preset (default cpu: 128 px, small widths)")
+    parser.add_argument("--iterations", type=int, help="stage-2 iterations (sets the schedule; default: the time budget)")
+    parser.add_argument("--eval_at_minutes", type=float, nargs="+", help="also evaluate at these training minutes")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted stage 2 in OUTPUT_DIR/model")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", default=[],
+        help="any other recipe key of configs/no_prior.json or train.json (VALUE is read as JSON, else as a string)",
+    )
+    parser.add_argument("--bundle_dir", type=Path, help="the sd_fsmis bundle folder (default: this checkout's bundles/sd_fsmis)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--num_threads", type=int, help="CPU threads (default: $SDFSMIS_NUM_THREADS, else min(CPUs, 8))")
+    parser.set_defaults(func=_run_train)
+
+
+def _recipe_overrides(args: argparse.Namespace) -> dict:
+    import json
+
+    values: dict = {}
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key] = raw
+    if args.fold is not None:
+        values.update(fold=args.fold)
+    elif args.holdout:
+        values.update(fold=0, folds=[sorted(set(args.holdout))])
+    else:
+        values.setdefault("fold", 0)
+        values.setdefault("folds", [[]])  # nothing held out: every volume trains, nothing to evaluate
+    for key in ("preset", "iterations", "eval_at_minutes", "device", "num_threads"):
+        if getattr(args, key) is not None:
+            values[key] = getattr(args, key)
+    if args.minutes is not None:
+        values["total_minutes"] = args.minutes
+    if isinstance(values.get("device"), str):
+        import torch
+
+        values["device"] = torch.device(values["device"])
+    return values
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from monai_sdfsmis.bundle_files import default_bundle_dir, training_configs
+
+    if not args.dataset_dir.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
+    if args.minutes is not None and not args.minutes > 0:
+        raise ValueError(f"--minutes must be positive, got {args.minutes:g}")
+    bundle = args.bundle_dir or default_bundle_dir()
+    model_dir = args.output_dir / "model"
+    if (model_dir / "model.pt").exists() and not args.resume:
+        raise ValueError(f"{model_dir} already holds a trained model; choose another --output_dir (or --resume)")
+    values = _recipe_overrides(args)
+    from monai.bundle import run
+
+    run(
+        run_id="training",
+        config_file=training_configs(bundle),
+        bundle_root=str(bundle),
+        dataset_dir=str(args.dataset_dir),
+        ckpt_dir=str(model_dir),
+        output_dir=str(args.output_dir),
+        resume=bool(args.resume),
+        **values,
+    )
+    print(f"train: model folder {model_dir}; segment a scan with:\n"
+          f"  python -m monai_sdfsmis infer --model {model_dir} --query SCAN --support EXAMPLE "
+          "--support_label EXAMPLE_LABEL --organ_id N")
     return 0
 
 
@@ -260,7 +358,7 @@ def _run_package(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = (_add_supervoxels, _add_protocol, _add_infer, _add_package)
+_COMMANDS = (_add_supervoxels, _add_train, _add_protocol, _add_infer, _add_package)
 
 
 def _build_parser() -> argparse.ArgumentParser:

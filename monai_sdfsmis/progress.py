@@ -154,8 +154,15 @@ def progress_bar(
     return PlainProgress(iterable, total=total, desc=desc, file=file, disable=disable, **kwargs)
 
 
+_EPOCH = object()
+
+
 def attach_progress(
-    engine: Any, desc: str, output_transform: Callable[[Any], dict] | None = None, file: IO[str] | None = None
+    engine: Any,
+    desc: str,
+    output_transform: Callable[[Any], dict] | None = None,
+    file: IO[str] | None = None,
+    total: int | None | object = _EPOCH,
 ) -> None:
     """Show an ignite engine's iterations with :func:`progress_bar`, one bar per epoch.
 
@@ -169,13 +176,17 @@ def attach_progress(
         Maps ``engine.state.output`` to the values shown beside the bar (e.g. ``{"loss": ...}``).
     file
         Stream written to (default ``sys.stderr``).
+    total
+        Iterations the bar counts to: default the epoch length; ``None`` for a run stopped by a time budget (a
+        count and a rate, and in a log one line per 30 s).
     """
     from ignite.engine import Events
 
     bars: dict[str, Any] = {}
 
     def start(e: Any) -> None:
-        bars["bar"] = progress_bar(total=e.state.epoch_length, desc=f"{desc} epoch {e.state.epoch}", file=file)
+        count = e.state.epoch_length if total is _EPOCH else total
+        bars["bar"] = progress_bar(total=count, desc=f"{desc} epoch {e.state.epoch}", file=file)
 
     def step(e: Any) -> None:
         bar = bars.get("bar")

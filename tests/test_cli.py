@@ -216,7 +216,7 @@ def build_no_prior_model_folder(folder, spatial_size: int = 64):
 
     from monai_sdfsmis.engines import AtomicCheckpointSaver
     from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
-    from monai_sdfsmis.engines.inference import ModelConfigSaver
+    from monai_sdfsmis.engines.model_folder import ModelConfigSaver
     from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
     from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
 
@@ -268,7 +268,7 @@ def _independent_mask(model_dir, query, support, support_label, organ_id, spatia
     own axes), the same network and inferer segment."""
     import torch
 
-    from monai_sdfsmis.engines.inference import build_network
+    from monai_sdfsmis.engines.model_folder import build_network
     from monai_sdfsmis.inferers import SlidingSupportInferer
     from monai_sdfsmis.transforms.intensity import ScaleToUnitRanged
 

@@ -56,7 +56,7 @@ def env_python() -> Path:
 def make_model_dir(folder: Path, spatial_size: int = 64) -> Path:
     """A tiny no-prior model folder in the on-disk format of a training run (autoencoder/, model.pt, model_config)."""
     from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
-    from monai_sdfsmis.engines.inference import write_model_config
+    from monai_sdfsmis.engines.model_folder import write_model_config
     from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
     from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
     from monai_sdfsmis.transforms.io import load_volume

@@ -61,7 +61,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 def _build_no_prior_model(folder: Path) -> None:
     """A random tiny no-prior model saved as the bundle's training saves one."""
     from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
-    from monai_sdfsmis.engines.inference import write_model_config
+    from monai_sdfsmis.engines.model_folder import write_model_config
     from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
     from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
 

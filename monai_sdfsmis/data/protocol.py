@@ -96,8 +96,9 @@ def _check_folds(folds: Sequence[Sequence[int]], n_volumes: int) -> list[list[in
     checked = []
     for k, fold in enumerate(folds):
         members = sorted(int(i) for i in fold)
-        if not members:
-            raise ValueError(f"Fold {k} is empty.")
+        if not members:  # no test volume: every volume trains (a user's unlabelled scans)
+            checked.append(members)
+            continue
         if len(set(members)) != len(members):
             raise ValueError(f"Fold {k} lists a volume twice: {members}.")
         if members[0] < 0 or members[-1] >= n_volumes:

@@ -25,7 +25,7 @@ visiting order of tied edges, are the reference's.
 
 from __future__ import annotations
 
-__all__ = ["felzenszwalb_3d", "foreground_mask", "compute_supervoxels", "write_supervoxels"]
+__all__ = ["felzenszwalb_3d", "foreground_mask", "compute_supervoxels", "write_supervoxels", "ensure_supervoxels"]
 
 import os
 import re
@@ -572,3 +572,42 @@ def write_supervoxels(
             written.append(target)
             bar.update()
     return written
+
+
+def ensure_supervoxels(
+    dataset_dir: str | os.PathLike, supervoxel_dir: str = "supervoxels_5000", min_size: int = 5000, progress: bool = True
+) -> str:
+    """Compute the supervoxels of every ``image_N`` of an ALPNet-layout folder that has none yet; returns ``supervoxel_dir``.
+
+    Training on a user's own scans then needs no separate ``supervoxels`` command. Existing files are kept (the
+    published CHAOS/SABS supervoxels, or an earlier run's), so a dataset that has them all is only listed.
+
+    Parameters
+    ----------
+    dataset_dir
+        Folder of ``image_N.nii.gz`` (and optionally labels).
+    supervoxel_dir
+        Sub-folder (or absolute folder) of ``superpix-MIDDLE_N.nii.gz`` files.
+    min_size
+        Felzenszwalb minimum supervoxel size in voxels, for the volumes computed here.
+    progress
+        Progress over the volumes computed.
+    """
+    folder = Path(dataset_dir).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {folder}")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and re.match(r"^image_\d+\.nii(\.gz)?$", p.name))
+    if not images:
+        raise FileNotFoundError(f"dataset folder {folder} holds no image_N.nii.gz files")
+    out = Path(supervoxel_dir) if Path(supervoxel_dir).is_absolute() else folder / supervoxel_dir
+    missing = [p for p in images if not (out / _output_name(p)).is_file()]
+    if missing:
+        print(f"supervoxels: computing {len(missing)} of {len(images)} volumes into {out} (min_size {min_size})", flush=True)
+        try:
+            write_supervoxels(missing, out, min_size=min_size, progress=progress)
+        except PermissionError as err:
+            raise ValueError(
+                f"{out}: cannot write supervoxels there ({err.strerror}); compute them elsewhere with "
+                "python -m monai_sdfsmis supervoxels --out_dir DIR and set supervoxel_dir to DIR"
+            ) from err
+    return str(supervoxel_dir)

@@ -187,7 +187,9 @@ def build_autoencoder_trainer(
     if hasattr(dataset, "set_epoch"):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: dataset.set_epoch(engine.state.epoch - 1))
     if progress:
-        attach_progress(trainer, "autoencoder", output_transform=lambda out: {"loss": out["loss"]})
+        # a virtual dataset's epoch is no measure of the run: count to the iteration budget, or none for a time budget
+        total = max_iterations if max_iterations is not None or max_seconds is not None else epoch_length
+        attach_progress(trainer, "autoencoder", output_transform=lambda out: {"loss": out["loss"]}, total=total)
     return trainer, budget
 
 

@@ -265,7 +265,7 @@ if has_monailabel:
         spatial_size, intensity
             Slice size and intensity preset; ``None``: the model folder's (``model_config.json``).
         network_kwargs
-            Further keyword arguments of :func:`~monai_sdfsmis.engines.inference.build_network`
+            Further keyword arguments of :func:`~monai_sdfsmis.engines.model_folder.build_network`
             (e.g. ``sd``/``image_encoder`` weights for ``pretrained``).
         """
 
@@ -303,12 +303,12 @@ if has_monailabel:
             )
 
         def _model_config(self) -> dict[str, Any]:
-            from monai_sdfsmis.engines.inference import read_model_config
+            from monai_sdfsmis.engines.model_folder import read_model_config
 
             return read_model_config(self.model_dir)
 
         def _get_network(self, device: Any, data: Any) -> torch.nn.Module:
-            from monai_sdfsmis.engines.inference import build_network, load_network_weights
+            from monai_sdfsmis.engines.model_folder import build_network, load_network_weights
 
             path = Path(self.get_path(validate=False) or self.model_dir / "model.pt")
             if not path.is_file():
@@ -325,7 +325,8 @@ if has_monailabel:
             return network
 
         def pre_transforms(self, data: Mapping[str, Any] | None = None) -> Sequence[Callable]:
-            from monai_sdfsmis.engines.inference import inference_preprocessing, resolve_intensity
+            from monai_sdfsmis.engines.inference import inference_preprocessing
+            from monai_sdfsmis.engines.model_folder import resolve_intensity
 
             data = data or {}
             organ = _organ_id(data.get("organ_id", self._config["organ_id"]))
@@ -333,7 +334,7 @@ if has_monailabel:
             return list(inference_preprocessing(organ, intensity).transforms)
 
         def inferer(self, data: Mapping[str, Any] | None = None) -> Any:
-            from monai_sdfsmis.engines.inference import resolve_spatial_size
+            from monai_sdfsmis.engines.model_folder import resolve_spatial_size
             from monai_sdfsmis.inferers import SlidingSupportInferer
 
             return SlidingSupportInferer(

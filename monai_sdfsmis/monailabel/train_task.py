@@ -96,7 +96,7 @@ def train_from_records(
     import torch
     from monai.bundle import ConfigParser
 
-    from monai_sdfsmis.engines.inference import load_network_weights, read_model_config
+    from monai_sdfsmis.engines.model_folder import load_network_weights, read_model_config
 
     model_dir, bundle_dir = Path(model_dir), Path(bundle_dir)
     missing = [c for c in TRAIN_CONFIGS if not (bundle_dir / c).is_file()]
@@ -126,7 +126,7 @@ def train_from_records(
         "warmup": min(int(iterations) // 5, 100),
         "ckpt_interval": 10**9,
         # The network the infer task serves: the model folder's own no-prior network and widths.
-        "network_def": "$monai_sdfsmis.engines.inference.build_network('no_prior', @ckpt_dir)",
+        "network_def": "$monai_sdfsmis.engines.model_folder.build_network('no_prior', @ckpt_dir)",
         "train::records": "@records",
     }
     if config.get("spatial_size"):

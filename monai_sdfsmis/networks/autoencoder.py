@@ -438,7 +438,7 @@ def load_autoencoder(
             "not calibrated); run monai_sdfsmis.engines.autoencoder.freeze_and_calibrate before saving, or pass "
             "require_calibration=False."
         )
-    vae = AutoencoderKL.from_pretrained(root)
+    vae = AutoencoderKL.from_pretrained(root, low_cpu_mem_usage=False)  # no accelerate notice; the model is small
     if record and record.get("calibrated") and not math.isclose(
         float(record["scaling_factor"]), float(vae.config.scaling_factor), rel_tol=1e-6
     ):
