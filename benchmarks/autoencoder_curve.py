@@ -25,15 +25,13 @@ import torch
 from ignite.engine import Engine, Events
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-for path in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # run as a script from a checkout
+for path in (REPO_ROOT,):  # run as a script from a checkout
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from no_prior_protocol import held_out_organ_masks  # noqa: E402
-
 from monai_sdfsmis.data.layouts import find_alpnet_volumes  # noqa: E402
 from monai_sdfsmis.data.protocol import CHAOS_ORGANS, fold_split, rpt_folds  # noqa: E402
-from monai_sdfsmis.data.slices import SliceDataset, holdout_slices  # noqa: E402
+from monai_sdfsmis.data.slices import SliceDataset, holdout_slices, organ_mask_slices  # noqa: E402
 from monai_sdfsmis.data.volumes import VolumeStore  # noqa: E402
 from monai_sdfsmis.engines.autoencoder import build_autoencoder_trainer  # noqa: E402
 from monai_sdfsmis.networks.autoencoder import build_autoencoder, reconstruction_metrics  # noqa: E402
@@ -73,7 +71,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     vae = build_autoencoder(args.width, sample_size=args.spatial_size)
     slices = SliceDataset(store, train_ids, mask_fraction=args.mask_fraction, length=args.iters * args.batch, seed=args.seed)
     held_out = holdout_slices(store, test_ids, num_slices=args.holdout_slices, seed=args.seed)
-    organ_masks = held_out_organ_masks(store, test_ids, list(CHAOS_ORGANS), args.holdout_slices, args.seed)
+    organ_masks = organ_mask_slices(store, test_ids, list(CHAOS_ORGANS), args.holdout_slices, args.seed)
     loader = torch.utils.data.DataLoader(slices, batch_size=args.batch, num_workers=0)
     trainer, _ = build_autoencoder_trainer(
         vae, loader, device="cpu", lr=args.lr, weight_decay=0.0, max_iterations=args.iters, max_seconds=None,

@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from monai_sdfsmis.data.supervoxels import _header_spacing, compute_supervoxels, felzenszwalb_3d
+from monai_sdfsmis.data.supervoxels import header_spacing, compute_supervoxels, felzenszwalb_3d
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         image = np.asarray(nii.dataobj, dtype=np.float64)
         reference = np.asarray(nib.load(str(ref_dir / f"superpix-MIDDLE_{n}.nii.gz")).dataobj).astype(np.int64)
         start, start_cpu = time.perf_counter(), time.process_time()
-        ours = compute_supervoxels(image, _header_spacing(nii), min_size=5000)
+        ours = compute_supervoxels(image, header_spacing(nii), min_size=5000)
         times.append(time.perf_counter() - start)
         cpus.append(time.process_time() - start_cpu)
         fg_ref, fg_ours = reference > 0, ours > 0

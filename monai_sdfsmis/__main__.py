@@ -89,7 +89,7 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--checkpoint",
         type=Path,
-        help="trained SD-FSMIS weights (bundle models/model.pt or save_trained .safetensors); omit for the baseline only",
+        help="trained SD-FSMIS weights (a model folder's model.pt); omit for the baseline only",
     )
     _add_network_arguments(parser)
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's, else 256)")
@@ -249,7 +249,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--eval_at_minutes", type=float, nargs="+", help="also evaluate at these training minutes")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage 2 in OUTPUT_DIR/model")
     parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", default=[],
+        "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
         help="any other recipe key of configs/no_prior.json or train.json (VALUE is read as JSON, else as a string)",
     )
     parser.add_argument("--bundle_dir", type=Path, help="the sd_fsmis bundle folder (default: this checkout's bundles/sd_fsmis)")

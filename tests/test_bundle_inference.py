@@ -210,10 +210,8 @@ def no_prior_model(tmp_path_factory):
 
 @requires_chaos
 def test_network_type_no_prior_segments_a_chaos_volume_at_the_models_resolution(no_prior_model, tmp_path):
-    """The bundle command as a user types it (no --spatial_size), and the config-file list with
-    network_no_prior.json, both give the independently recomputed mask (at the stored 64 px) on the LAS grid."""
-    from monai.bundle import run
-
+    """The bundle command as a user types it (no --spatial_size) gives the independently recomputed mask (at the
+    stored 64 px) on the LAS grid; another --spatial_size is refused."""
     from tests.test_cli import _independent_mask
 
     chaos = chaos_dir()
@@ -236,13 +234,16 @@ def test_network_type_no_prior_segments_a_chaos_volume_at_the_models_resolution(
                                  chaos / "label_2.nii.gz", 1, 64)
     np.testing.assert_array_equal(np.asarray(mask.dataobj), expected)
 
-    # the config-file list (it used to fail on '@seed'); the UNet width is then the one given
-    listed = tmp_path / "listed"
-    run(config_file=[INFERENCE, str(BUNDLE / "configs" / "network_no_prior.json")], logging_file=False,
-        bundle_root=str(BUNDLE), model_dir=str(no_prior_model), unet_width="tiny", output_dir=str(listed),
-        progress=False, query_image=str(chaos / "image_1.nii.gz"), support_image=str(chaos / "image_2.nii.gz"),
-        support_label=str(chaos / "label_2.nii.gz"), organ_id=1)
-    np.testing.assert_array_equal(np.asarray(nib.load(str(listed / "image_1_seg.nii.gz")).dataobj), expected)
+    # a resolution other than the folder's is refused, before any mask is written
+    refused = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--model_dir", str(no_prior_model), "--output_dir", str(tmp_path / "refused"), "--spatial_size", "128",
+         "--num_threads", "1", *case],
+        cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode != 0
+    assert "spatial_size 128 disagrees with the model folder" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "refused" / "image_1_seg.nii.gz").exists()
 
 
 def test_network_type_that_contradicts_the_model_folder_is_one_clear_line(no_prior_model, case, tmp_path):

@@ -22,8 +22,9 @@ def _run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedPr
 def test_all_folds_script_runs_folds_concurrently_and_merges(tmp_path):
     data = link_chaos_subset(tmp_path / "chaos6", volumes=(1, 2, 3, 5, 8, 10))
     out, runs = tmp_path / "out", tmp_path / "runs"
-    tiny = ("--width tiny --ae_iters 2 --seg_iters 2 --spatial_size 64 --num_workers 0 --holdout_slices 4 "
-            "--calibration_slices 8 --fold_definition [[0,1,2],[3,4,5]]")
+    tiny = ("--preset cpu --set spatial_size=64 ae_width=tiny unet_width=tiny ae_iterations=2 iterations=2 "
+            "ae_batch_size=2 batch_size=2 calibration_slices=8 num_workers=0 surface_metrics=false n_overlays=0 "
+            "num_threads=1 folds=[[0,1,2],[3,4,5]]")
     env = {"OUT": str(out), "RUN_DIR": str(runs), "DATASET_DIR": str(data), "FOLDS": "0 1", "DEADLINE": "300",
            "EXTRA_ARGS": tiny, "WHEEL_DIR": str(tmp_path / "no_wheels")}
     result = _run("no_prior_h100.sh", env)
@@ -32,18 +33,19 @@ def test_all_folds_script_runs_folds_concurrently_and_merges(tmp_path):
     merged = json.loads((out / "results.json").read_text())
     assert merged["folds_done"] == [0, 1]
     assert {r["fold"] for r in merged["fold_records"]} == {0, 1}
-    assert merged["config"]["note"].startswith("2 fold(s) trained at the same time")
+    assert all(r["training"]["segmenter"]["iterations"] == 2 for r in merged["fold_records"])
+    assert merged["note"].startswith("2 fold(s) trained at the same time")
     assert "Note: 2 fold(s) trained at the same time" in (out / "results.md").read_text()
     for name in ("nvidia-smi.txt", "runs.tar.gz"):
         assert (out / name).is_file()
-    assert (runs / "fold_0.log").is_file() and (runs / "fold_1" / "results.json").is_file()
+    assert (runs / "fold_0.log").is_file() and (runs / "fold_1" / "fold_1" / "results.json").is_file()
 
 
 @requires_chaos
 def test_all_folds_script_reports_folds_stopped_at_the_deadline(tmp_path):
     data = link_chaos_subset(tmp_path / "chaos4")
     env = {"OUT": str(tmp_path / "out"), "RUN_DIR": str(tmp_path / "runs"), "DATASET_DIR": str(data), "FOLDS": "0",
-           "DEADLINE": "3", "EXTRA_ARGS": "--width tiny --ae_iters 100000 --spatial_size 64 --num_workers 0",
+           "DEADLINE": "3", "EXTRA_ARGS": "--preset cpu --set ae_width=tiny ae_iterations=100000 spatial_size=64 num_workers=0",
            "WHEEL_DIR": str(tmp_path / "no_wheels")}
     result = _run("no_prior_h100.sh", env)
     assert result.returncode == 1

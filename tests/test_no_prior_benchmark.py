@@ -1,8 +1,10 @@
-"""The no-prior benchmark's learning curve, shared time budget, latent cache and stage-1 reuse, on real CHAOS volumes."""
+"""The no-prior benchmark (a fold loop over the product's train command, and the merge) and the latent-cache speed script."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from tests.test_no_prior import _load_benchmark as _load
 from tests.utils import link_chaos_subset, requires_chaos
@@ -11,36 +13,42 @@ SIZE = 64
 
 
 @requires_chaos
-def test_learning_curve_cache_and_reused_autoencoder(tmp_path):
-    data = link_chaos_subset(tmp_path / "chaos4")
+def test_benchmark_runs_the_product_command_per_fold_and_merges(tmp_path):
+    """Two folds of 4 real CHAOS volumes through `python -m monai_sdfsmis train` (tiny widths, 64 px), a learning-curve
+    point, the merge, a fold that is not run twice, and the merge of folders made at different times."""
+    data = link_chaos_subset(tmp_path / "chaos6", volumes=(1, 2, 3, 5, 8, 10))
     bench = _load("no_prior_protocol")
     out = tmp_path / "run"
-    common = ["--dataset_dir", str(data), "--width", "tiny", "--folds", "0", "--fold_definition", "[[0, 1, 2]]",
-              "--spatial_size", str(SIZE), "--num_workers", "0", "--no_progress", "--threads", "1"]
-    # An evaluation point that the first segmenter iteration already passes: the curve gets it plus the final one.
-    bench.main(common + ["--output_dir", str(out), "--ae_iters", "4", "--seg_iters", "4", "--eval_at_minutes", "1e-6"])
-    record = json.loads((out / "results.json").read_text())["fold_records"][0]
+    tiny = ["spatial_size=64", "ae_width=tiny", "unet_width=tiny", "ae_iterations=3", "iterations=4", "ae_batch_size=2",
+            "batch_size=2", "calibration_slices=8", "num_workers=0", "num_threads=1", "surface_metrics=false",
+            "n_overlays=0", "progress=false", "folds=[[0,1,2],[3,4,5]]"]
+    args = ["--dataset_dir", str(data), "--output_dir", str(out), "--eval_at_minutes", "1e-6", "--set", *tiny]
+    assert bench.fold_command(bench.parse_args(args + ["--folds", "0"]), 0)[1:5] == [
+        "-m", "monai_sdfsmis", "train", "--dataset_dir"]
+    results = bench.main(args + ["--folds", "0", "--note", "nothing else ran"])
+    record = results["fold_records"][0]
+    assert results["folds_done"] == [0] and record["test_ids"] == ["1", "2", "3"]
+    # The figures are the product's: the train command's own results.json, unchanged.
+    assert record == json.loads((out / "fold_0" / "results.json").read_text())
+    assert record["training"]["segmenter"]["iterations"] == 4 and record["training"]["dataset"]["training_volumes"] == [
+        "5", "8", "10"]
     curve = record["learning_curve"]
-    assert [c["target_minutes"] for c in curve] == [1e-6, None]
-    assert curve[0]["segmenter_iterations"] == 1 and curve[1]["segmenter_iterations"] == 4
-    assert 0 <= curve[0]["dice"]["mean"] <= 1 and (out / "fold_0" / "protocol_1e-06min").is_dir()
-    # The evaluations are not training time: the stage-2 loop time excludes them.
-    assert record["timing"]["stage2_loop_seconds"] < record["timing"]["stage2_seconds"] + curve[0]["evaluation_seconds"]
-    cache = record["segmenter"]["latent_cache"]
-    assert cache is not None and cache["entries"] > 0 and 0 <= cache["hit_rate"] <= 1
-    assert record["segmenter"]["stopped_by"] == "iterations" and record["segmenter"]["episodes_per_second"] > 0
+    assert len(curve) == 2 and curve[0]["segmenter_iterations"] == 1 and curve[1]["segmenter_iterations"] == 4
+    assert (out / "fold_0" / "evaluation" / "at_1e-06min" / "protocol_table.md").is_file()
     markdown = (out / "results.md").read_text()
-    assert "Learning curve of fold 0" in markdown and "episodes/s" in markdown and "latent cache hit rate" in markdown
+    assert "| support-mask copy" in markdown and "| SD-FSMIS no-prior" in markdown and "Note: nothing else ran." in markdown
+    assert "How each fold was trained" in markdown and "Learning curves" in markdown
 
-    # Stage 2 alone on the saved autoencoder, no cache, posterior samples (recalibrated on samples).
-    reused = tmp_path / "reused"
-    bench.main(common + ["--output_dir", str(reused), "--autoencoder", str(out / "fold_0" / "autoencoder"),
-                         "--seg_iters", "2", "--no_latent_cache", "--vae_sample", "--no_augment"])
-    second = json.loads((reused / "results.json").read_text())["fold_records"][0]
-    assert second["autoencoder"]["reused_from"] == str(out / "fold_0" / "autoencoder")
-    assert second["autoencoder"]["iterations"] == 0 and second["segmenter"]["latent_cache"] is None
-    assert second["autoencoder"]["scaling_factor"] != record["autoencoder"]["scaling_factor"]  # samples, not means
-    assert not (reused / "fold_0" / "autoencoder").exists()  # the reused folder is not copied or overwritten
+    # fold 0 is not trained again; fold 1 goes into another folder and the two merge
+    other = tmp_path / "other"
+    bench.main(["--dataset_dir", str(data), "--output_dir", str(other), "--folds", "1", "--set", *tiny])
+    again = bench.main(args + ["--folds", "0"])
+    assert again["fold_records"][0]["training"]["date"] == record["training"]["date"]
+    merged = bench.main(["--merge", str(out), str(other), "--output_dir", str(tmp_path / "merged")])
+    assert merged["folds_done"] == [0, 1]
+    assert set(merged["summaries"]["SD-FSMIS no-prior"]["dice"]["per_fold"]) == {"0", "1"}
+    with pytest.raises(FileNotFoundError, match="no evaluated fold"):
+        bench.main(["--merge", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "m2")])
 
 
 def test_latent_cache_speed_script_runs_its_three_passes(tmp_path):

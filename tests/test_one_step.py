@@ -52,3 +52,22 @@ def test_predict_original_sample_rejects_bad_input():
         predict_original_sample(scheduler, x, x, 1000)
     with pytest.raises(ValueError, match="same shape"):
         predict_original_sample(scheduler, x, torch.zeros(1, 8, 2, 2), 999)
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon", "sample"])
+@pytest.mark.parametrize("clip_sample", [False, True])
+def test_predict_original_sample_equals_ddim_step_on_an_ordinary_schedule(prediction_type, clip_sample):
+    """Against diffusers' own DDIM step (where its prev_sample is finite): the same x0 for every prediction type."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=clip_sample)
+    scheduler.set_timesteps(10)
+    output, sample = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    t = int(scheduler.timesteps[3])
+    expected = scheduler.step(output, t, sample).pred_original_sample
+    torch.testing.assert_close(predict_original_sample(scheduler, output, sample, t), expected)
+
+
+def test_one_step_prediction_is_finite():
+    x0 = predict_original_sample(one_step_scheduler(), torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4), 999)
+    assert torch.isfinite(x0).all()

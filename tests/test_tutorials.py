@@ -73,8 +73,7 @@ TUTORIALS: dict[str, TutorialRun] = {
     "reproduce_paper.md": TutorialRun(env={"ITERATIONS": "2"}, timeout=600, needs_chaos=True),
     "own_volume.md": TutorialRun(
         env={"SPATIAL_SIZE": "64", "AE_WIDTH": "tiny", "AE_BATCH_SIZE": "4", "AE_ITERATIONS": "3",
-             "AE_SECONDS": "300", "CALIBRATION_SLICES": "8", "UNET_WIDTH": "tiny", "BATCH_SIZE": "2",
-             "ITERATIONS": "3", "TRAIN_SECONDS": "300"},
+             "CALIBRATION_SLICES": "8", "UNET_WIDTH": "tiny", "BATCH_SIZE": "2", "ITERATIONS": "3", "MINUTES": "10"},
         timeout=900,
         needs_chaos=True,
     ),

@@ -344,7 +344,7 @@ def test_every_workflow_of_the_downloaded_copy_has_its_properties(zoo_site, tmp_
     # Without SD weights, training is checked with the weight-free network; evaluation and inference build the
     # network the downloaded model_config.json names.
     workflows = {
-        "train": (["train.json", "network_no_prior.json", "train_no_prior.json"], {"unet_width": "tiny"}),
+        "train": (["train.json", "no_prior.json"], {"unet_width": "tiny"}),
         "eval": (["train.json", "evaluate.json"], {}),
         "infer": (["inference.json"], {}),
     }

@@ -8,11 +8,12 @@
 #   run(command="bash benchmarks/device/no_prior_h100.sh", carry=[".whl", ".data"], timeout_s=600)
 #   run(command="FOLDS=1 bash benchmarks/device/no_prior_h100.sh", carry=[".whl", ".data"], timeout_s=600)
 # The merged results.json / results.md, a nvidia-smi listing and runs.tar.gz (per-fold logs, results and
-# per-case CSVs; no weights) land in $OUT. Settings (environment variables, defaults in brackets):
-#   DATASET_DIR [.data/chaos_t2spir]   FOLDS ["0"] (several: trained side by side)   AE_SECONDS [150]
-#   SEG_SECONDS [330] (at most 8 min of training per call; the schedules run over these seconds)
+# per-case CSVs; no weights) land in $OUT. Each fold is `python -m monai_sdfsmis train --preset gpu` (the product's
+# recipe), driven by benchmarks/no_prior_protocol.py. Settings (environment variables, defaults in brackets):
+#   DATASET_DIR [.data/chaos_t2spir]   FOLDS ["0"] (several: trained side by side)
+#   MINUTES [8] training minutes of both stages together (the recipe's schedules run over them)
 #   DEADLINE [560]: seconds after the start at which unfinished folds are stopped (they report nothing)
-#   EXTRA_ARGS: more arguments for benchmarks/no_prior_protocol.py (later ones win)
+#   EXTRA_ARGS: more arguments for benchmarks/no_prior_protocol.py (e.g. --set KEY=VALUE ...)
 #   RUN_DIR [/tmp/no_prior_runs]   WHEEL_DIR [.whl]: wheels installed first, when there are any
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -21,8 +22,7 @@ start=$SECONDS
 OUT=${OUT:-outputs/device}
 DATASET_DIR=${DATASET_DIR:-.data/chaos_t2spir}
 FOLDS=${FOLDS:-"0"}
-AE_SECONDS=${AE_SECONDS:-150}
-SEG_SECONDS=${SEG_SECONDS:-330}
+MINUTES=${MINUTES:-8}
 DEADLINE=${DEADLINE:-560}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 RUN_DIR=${RUN_DIR:-/tmp/no_prior_runs}
@@ -51,15 +51,15 @@ else
     note="${#folds[@]} fold(s) trained at the same time, one process each, on one device; $cores CPU cores shared"
 fi
 limit=$((DEADLINE - (SECONDS - start)))
-echo "folds ${folds[*]}: stage 1 ${AE_SECONDS}s + stage 2 ${SEG_SECONDS}s each, $workers loader workers each, stop after ${limit}s"
+echo "folds ${folds[*]}: ${MINUTES} training minutes each, $workers loader workers each, stop after ${limit}s"
 
 pids=()
 for k in "${folds[@]}"; do
     # shellcheck disable=SC2086  # EXTRA_ARGS is a list of arguments
     OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 timeout --signal=INT --kill-after=20 "$limit" \
         python3 benchmarks/no_prior_protocol.py --dataset_dir "$DATASET_DIR" --output_dir "$RUN_DIR/fold_$k" \
-        --folds "$k" --ae_seconds "$AE_SECONDS" --seg_seconds "$SEG_SECONDS" --num_workers "$workers" \
-        --note "$note" --no_progress $EXTRA_ARGS >"$RUN_DIR/fold_$k.log" 2>&1 &
+        --folds "$k" --minutes "$MINUTES" --preset gpu --set num_workers="$workers" progress=false \
+        --note "$note" $EXTRA_ARGS >"$RUN_DIR/fold_$k.log" 2>&1 &
     pids+=($!)
 done
 failed=()
@@ -70,11 +70,11 @@ done
 
 finished=()
 for k in "${folds[@]}"; do
-    [ -f "$RUN_DIR/fold_$k/results.json" ] && finished+=("$RUN_DIR/fold_$k")
+    [ -f "$RUN_DIR/fold_$k/fold_$k/results.json" ] && finished+=("$RUN_DIR/fold_$k")
 done
 status=0
 if [ "${#finished[@]}" -gt 0 ]; then
-    python3 benchmarks/no_prior_protocol.py --merge "${finished[@]}" --output_dir "$RUN_DIR/merged" >"$RUN_DIR/merge.log" 2>&1 \
+    python3 benchmarks/no_prior_protocol.py --merge "${finished[@]}" --output_dir "$RUN_DIR/merged" --note "$note" >"$RUN_DIR/merge.log" 2>&1 \
         && cp "$RUN_DIR/merged/results.json" "$RUN_DIR/merged/results.md" "$OUT/" && cat "$OUT/results.md" \
         || { echo "merging the fold results failed:"; tail -20 "$RUN_DIR/merge.log"; status=1; }
 else
@@ -82,7 +82,7 @@ else
     status=1
 fi
 for k in "${folds[@]}"; do echo "--- fold $k log (tail)"; tail -n 6 "$RUN_DIR/fold_$k.log"; done
-tar -czf "$OUT/runs.tar.gz" -C "$RUN_DIR" --exclude='*.safetensors' --exclude='*.pt' --exclude='autoencoder' . 2>/dev/null
+tar -czf "$OUT/runs.tar.gz" -C "$RUN_DIR" --exclude='*.safetensors' --exclude='*.pt' --exclude='autoencoder' --exclude='*.png' . 2>/dev/null
 echo "total $((SECONDS - start)) s"
 [ "${#failed[@]}" -gt 0 ] && status=1
 exit "$status"

@@ -8,7 +8,7 @@ never from the ground truth: this module does not read label maps at all.
 
 from __future__ import annotations
 
-__all__ = ["SliceDataset", "split_holdout", "holdout_slices"]
+__all__ = ["SliceDataset", "split_holdout", "holdout_slices", "organ_mask_slices"]
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -256,3 +256,20 @@ def holdout_slices(
     out = {"images": torch.stack(images).repeat(1, 3, 1, 1)}
     out["masks"] = torch.stack(masks) if masks else torch.zeros(0, 1, *images[0].shape[-2:])
     return out
+
+
+def organ_mask_slices(store: VolumeStore, ids: Sequence[str], organ_ids: Sequence[int], count: int, seed: int = 0) -> torch.Tensor:
+    """Up to ``count`` ground-truth organ masks ``[N, 1, H, W]`` (float32, {0, 1}) from organ slices of ``ids``.
+
+    An evaluation-only diagnostic: decoding them through the frozen autoencoder bounds the Dice stage 2 can reach.
+    """
+    candidates = []
+    for vid in ids:
+        label = store.label(vid)
+        for organ in organ_ids:
+            candidates.extend((vid, organ, int(z)) for z in np.flatnonzero((label == organ).any(axis=(0, 1))))
+    if not candidates:
+        raise ValueError(f"The volumes {list(ids)} contain none of the organs {list(organ_ids)}.")
+    picks = np.random.default_rng(seed).permutation(len(candidates))[:count]
+    masks = [store.label(candidates[i][0])[:, :, candidates[i][2]] == candidates[i][1] for i in picks]
+    return torch.tensor(np.stack(masks), dtype=torch.float32)[:, None]

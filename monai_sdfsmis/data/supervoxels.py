@@ -25,7 +25,7 @@ visiting order of tied edges, are the reference's.
 
 from __future__ import annotations
 
-__all__ = ["felzenszwalb_3d", "foreground_mask", "compute_supervoxels", "write_supervoxels", "ensure_supervoxels"]
+__all__ = ["felzenszwalb_3d", "foreground_mask", "compute_supervoxels", "write_supervoxels", "ensure_supervoxels", "header_spacing"]
 
 import os
 import re
@@ -456,7 +456,8 @@ def _output_name(image_path: Path) -> str:
     return f"superpix-MIDDLE_{match.group(1) if match else stem}.nii.gz"
 
 
-def _header_spacing(img: nib.Nifti1Image) -> tuple[float, float, float]:
+def header_spacing(img: nib.Nifti1Image) -> tuple[float, float, float]:
+    """Voxel size (mm) of a NIfTI header as ITK reports it: each float32 zoom as its shortest round-trip decimal."""
     # The header stores float32; ITK (used by the reference) reports it as the shortest decimal that round-trips,
     # e.g. 7.7 rather than 7.69999980926..., and that decides near-ties between z and in-plane edges.
     zooms = img.header.get_zooms()[:3]
@@ -491,7 +492,7 @@ def _load_image(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[float, float,
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D volume, got shape {data.shape}.")
-    return data, nii.affine, _header_spacing(nii)
+    return data, nii.affine, header_spacing(nii)
 
 
 def _atomic_save(labels: np.ndarray, affine: np.ndarray, out_path: Path) -> None:

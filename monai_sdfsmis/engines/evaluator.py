@@ -40,9 +40,9 @@ from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
 from monai_sdfsmis.data.protocol import CHAOS_ORGANS, protocol_cases
 from monai_sdfsmis.data.volumes import VolumeStore
 from monai_sdfsmis.engines.metrics import SpacedHausdorffDistance, SpacedSurfaceDistance
-from monai_sdfsmis.engines.overlays import OverlaySaver, _slug
+from monai_sdfsmis.engines.overlays import OverlaySaver, path_slug
 from monai_sdfsmis.engines.tables import folds_title, format_table, summarize, write_json, write_rows_csv
-from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, _network_device
+from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
 from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.utils import atomic_write
@@ -306,7 +306,7 @@ class ProtocolResultsSaver:
         self.summary = summarize(rows) if rows else {}
         engine.state.protocol = {"rows": rows, "summary": self.summary}
         if self.output_dir is not None and rows and rank == 0:
-            stem = f"{self.prefix}_{_slug(self.method)}"
+            stem = f"{self.prefix}_{path_slug(self.method)}"
             write_rows_csv(self.output_dir / f"{stem}_cases.csv", rows)
             write_json(self.output_dir / f"{stem}.json", {"method": self.method, "rows": rows, "summary": self.summary})
 
@@ -442,7 +442,7 @@ def evaluate_protocol(
 
     runs: list[tuple[str, torch.nn.Module]] = []
     if baseline:
-        anchor = _network_device(network) if network is not None else torch.device("cpu")
+        anchor = network_device(network) if network is not None else torch.device("cpu")
         runs.append((baseline_name, SupportMaskCopy().to(anchor)))
     if network is not None:
         runs.append((method, network))
@@ -459,7 +459,7 @@ def evaluate_protocol(
             handlers.append(_CaseProgress(len(dataset), desc=f"protocol: {name}"))
         handlers.extend(extra_handlers or [])
         evaluator = ProtocolEvaluator(
-            device=device if device is not None else _network_device(net),
+            device=device if device is not None else network_device(net),
             val_data_loader=loader,
             network=net,
             inferer=inferer,

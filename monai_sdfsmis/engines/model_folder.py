@@ -477,7 +477,7 @@ def load_network_weights(
     network
         The network built for the checkpoint (:func:`build_network`).
     path
-        ``model.pt`` / ``checkpoint_iteration=N.pt`` (MONAI checkpoint) or a ``save_trained`` ``.safetensors``.
+        ``model.pt`` / ``checkpoint_iteration=N.pt`` (MONAI checkpoint) or a ``.safetensors`` state dict.
     network_type
         Which network type ``network`` is, for the message (``None``: the model folder's).
     model_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ORGAN_COLOURS",
+    "path_slug",
     "organ_colour",
     "overlay_slices",
     "overlay_panels",
@@ -225,7 +226,8 @@ def save_overlay(path: str | PathLike, image: Any, label: Any, pred: Any, **kwar
     return atomic_write(path, overlay_png(image, label, pred, **kwargs))
 
 
-def _slug(value: Any) -> str:
+def path_slug(value: Any) -> str:
+    """``value`` as a file-name part: runs of characters other than letters, digits, ``.``, ``_``, ``-`` become ``_``."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(value)).strip("_") or "x"
 
 
@@ -257,7 +259,7 @@ class OverlaySaver:
 
     def __init__(self, output_dir: str | PathLike, method: str = "sd_fsmis", n_slices: int = 2) -> None:
         self.method = str(method)
-        self.output_dir = Path(output_dir) / _slug(method)
+        self.output_dir = Path(output_dir) / path_slug(method)
         self.n_slices = int(n_slices)
         self.written: list[Path] = []
 
@@ -277,7 +279,7 @@ class OverlaySaver:
                 image, label, pred = image[0], label[0], pred[0]
             fold, organ = _item(case.get("fold", "x")), _item(case.get("organ", "organ"))
             query = _item(case.get("query_id", engine.state.iteration))
-            name = "_".join([f"fold{_slug(fold)}", _slug(organ), f"q{_slug(query)}"])
+            name = "_".join([f"fold{path_slug(fold)}", path_slug(organ), f"q{path_slug(query)}"])
             dice = volume_dice(label, pred)  # of the whole query volume, as the protocol's tables score it
             for z in overlay_slices(label, self.n_slices):
                 path = self.output_dir / f"{name}_z{z:03d}.png"
@@ -290,4 +292,4 @@ class OverlaySaver:
     @staticmethod
     def paths_for(output_dir: str | PathLike, method: str) -> Sequence[Path]:
         """PNG files already written for ``method`` under ``output_dir``."""
-        return sorted((Path(output_dir) / _slug(method)).glob("*.png"))
+        return sorted((Path(output_dir) / path_slug(method)).glob("*.png"))

@@ -265,6 +265,21 @@ class ProtocolCheck:
             return False, f"test volumes {unlabelled} have no label file"
         return True, ""
 
+    def autoencoder_check(self, vae: torch.nn.Module, n_slices: int = 32) -> dict[str, float]:
+        """The frozen autoencoder on the test volumes: image PSNR, supervoxel-mask and organ-mask Dice of its round trip.
+
+        The organ-mask Dice bounds what stage 2 can reach (the segmenter cannot draw what its decoder cannot).
+        """
+        from monai_sdfsmis.data.slices import holdout_slices, organ_mask_slices
+        from monai_sdfsmis.networks.autoencoder import reconstruction_metrics
+
+        ids = self.test_volumes()
+        held_out = holdout_slices(self.store, ids, num_slices=n_slices, seed=self.fold)
+        metrics = reconstruction_metrics(vae, held_out["images"], held_out["masks"], batch_size=32)
+        organs = organ_mask_slices(self.store, ids, self.organ_ids, n_slices, seed=self.fold)
+        metrics["organ_mask_dice"] = reconstruction_metrics(vae, masks=organs, batch_size=32)["mask_dice"]
+        return {k: float(v) for k, v in metrics.items()}
+
     def __call__(self, network: torch.nn.Module, name: str, baseline: bool = True, final: bool = True) -> dict[str, Any]:
         from monai_sdfsmis.engines.evaluator import evaluate_protocol
 
@@ -431,6 +446,12 @@ class TrainingReport:
                 point = _curve_point(evaluation, check.method, self.fold, training_seconds / 60.0, budget.iterations)
                 point["evaluation_seconds"] = time.perf_counter() - t0
                 results["learning_curve"].append(point)
+                vae = getattr(network, "vae", None)
+                if vae is not None and self.autoencoder is not None:
+                    results["autoencoder_check"] = check.autoencoder_check(vae)
+                    print("autoencoder on the test volumes: image PSNR {image_psnr:.2f} dB, supervoxel-mask Dice "
+                          "{mask_dice:.4f}, organ-mask Dice {organ_mask_dice:.4f}".format(**results["autoencoder_check"]),
+                          flush=True)
                 results["table"] = evaluation["table"]
                 print(evaluation["table"], flush=True)
             else:

@@ -45,28 +45,6 @@ def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
 
 
-def _average_gradients(optimizer: torch.optim.Optimizer) -> None:
-    """Average gradients over processes, one parameter at a time.
-
-    Only for a ``DistributedDataParallel``-wrapped network whose ``forward`` cannot compute the loss (no ``mode``
-    argument): DDP then never sees the call and does not synchronise. Networks with ``forward(..., mode="loss")``
-    (:class:`~monai_sdfsmis.networks.sdfsmis.SDFSMIS`) are called through the wrapper instead, so that DDP
-    all-reduces in buckets, overlapped with the backward pass.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    world = dist.get_world_size()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            # The same code path runs on every process, so the same parameters have gradients everywhere.
-            if p.grad is None:
-                continue
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad.div_(world)
-
-
 class EpisodeTrainingStep:
     """One training iteration on a batch of episodes: ``loss = network.compute_loss(...)``, backward, clip, step.
 
@@ -149,6 +127,11 @@ class EpisodeTrainingStep:
             extra["posteriors"] = posteriors
         # Through forward (and so through a DDP wrapper's reducer) where the network supports it.
         through_forward = _accepts(model.forward, "mode")
+        if model is not network and not through_forward:
+            raise ValueError(
+                f"{type(model).__name__} cannot train under DistributedDataParallel: its forward has no mode='loss', "
+                "so DDP would never synchronise its gradients"
+            )
         with autocast:
             loss = network(*inputs, mode="loss", **extra) if through_forward else compute_loss(*inputs, **extra)
         parts: dict[str, torch.Tensor] = {}
@@ -163,8 +146,6 @@ class EpisodeTrainingStep:
             engine.optimizer.zero_grad(set_to_none=True)
             return self._output(loss, inputs[0], parts)
         loss.backward()
-        if model is not network and not through_forward:
-            _average_gradients(engine.optimizer)
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if self.grad_clip:
             params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]

@@ -9,7 +9,7 @@ chunk's query slices go through the network in batches (on CUDA under bf16 autoc
 
 from __future__ import annotations
 
-__all__ = ["SlidingSupportInferer", "largest_run"]
+__all__ = ["SlidingSupportInferer", "largest_run", "network_device"]
 
 import itertools
 from collections.abc import Callable, Sequence
@@ -48,7 +48,8 @@ def largest_run(flags: Sequence[bool] | np.ndarray | torch.Tensor) -> tuple[int,
     return best
 
 
-def _network_device(network: Any) -> torch.device:
+def network_device(network: Any) -> torch.device:
+    """The device of a module's first parameter or buffer; otherwise CUDA when available, else the CPU."""
     if isinstance(network, torch.nn.Module):
         tensor = next(itertools.chain(network.parameters(), network.buffers()), None)
         if tensor is not None:
@@ -337,7 +338,7 @@ class SlidingSupportInferer(Inferer):
                 )
             self._check_mask("query_label", query_label)
 
-        device = self.device if self.device is not None else _network_device(network)
+        device = self.device if self.device is not None else network_device(network)
         height, width, depth = (int(s) for s in inputs.shape[2:])
         with torch.no_grad():
             support = self._support(support_image, support_label, device)[:2]

@@ -31,6 +31,7 @@ __all__ = [
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,11 @@ if has_monailabel:
             cached = self._networks.get(key)
             if cached is not None and cached[1] == mtime:
                 return cached[0]
+            from monai_sdfsmis.engines.inference import print_model_warnings
+
             network = build_network(self.network_type, self.model_dir, **self.network_kwargs)
             load_network_weights(network, path, network_type=self.network_type)
+            self._model_warnings = print_model_warnings(self._model_config())
             network = network.to(torch.device(device)).eval()
             self._networks[key] = (network, mtime)
             return network
@@ -365,10 +369,17 @@ if has_monailabel:
             return [RestoreQueryGridd(keys=self.output_label_key, ref_key=self.input_key)]
 
         def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
+            organ = _organ_id(data.get("organ_id", self._config["organ_id"]))
+            voxels = int(np.count_nonzero(data[self.output_label_key]))
+            warnings = list(getattr(self, "_model_warnings", []))
+            if voxels == 0:
+                warnings.append(f"WARNING: empty mask: no voxel of organ {organ} found in {data.get(self.input_key)}")
+                print(warnings[-1], file=sys.stderr, flush=True)
             data[self.output_json_key] = {
-                "organ_id": _organ_id(data.get("organ_id", self._config["organ_id"])),
+                "organ_id": organ,
                 "support_on_query": bool(data.get(SUPPORT_ON_QUERY)),
-                "foreground_voxels": int(np.count_nonzero(data[self.output_label_key])),
+                "foreground_voxels": voxels,
+                "warnings": warnings,
             }
             return super().writer(data, extension=extension or ".nii.gz", dtype=np.uint8)
 

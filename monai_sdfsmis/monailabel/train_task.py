@@ -2,9 +2,9 @@
 
 SD-FSMIS trains on supervoxel pseudo-labels (no ground truth), so unlabelled studies suffice. The
 task lists the datastore's images, computes the supervoxels of those that have none yet into a cache
-folder (once per study), and runs the bundle's own training configs (``train.json`` +
-``network_no_prior.json`` + ``train_no_prior.json``) on episodes built from them, starting from the
-model folder's current ``model.pt``. The final model is written atomically to ``<model_dir>/model.pt``,
+folder (once per study), and runs the bundle's own training recipe (``train.json`` + ``no_prior.json``,
+stage 2 only: the served autoencoder stays) on episodes built from them, starting from the model folder's
+current ``model.pt``. The final model is written atomically to ``<model_dir>/model.pt``,
 where :class:`~monai_sdfsmis.monailabel.infer_task.SDFSMISInferTask` loads it (it reloads on change).
 """
 
@@ -21,12 +21,13 @@ from typing import Any
 
 from monai.utils import OptionalImportError, optional_import
 
+from monai_sdfsmis.bundle_files import NO_PRIOR_RECIPE
 from monai_sdfsmis.data.layouts import VolumeRecord
 
 TrainTask, has_monailabel = optional_import("monailabel.interfaces.tasks.train", name="TrainTask")
 
 #: Bundle configs merged for training, in order (weight-free: the no-prior network of the model folder).
-TRAIN_CONFIGS = ("configs/train.json", "configs/network_no_prior.json", "configs/train_no_prior.json")
+TRAIN_CONFIGS = NO_PRIOR_RECIPE
 
 _logger = logging.getLogger(__name__)
 
@@ -123,6 +124,14 @@ def train_from_records(
         "setting": 1,
         "iterations": int(iterations),
         "batch_size": int(batch_size),
+        # fine-tuning: the served autoencoder stays, no time budget, nothing held out to evaluate
+        "train_autoencoder": False,
+        "total_minutes": None,
+        "fold": 0,
+        "folds": [[]],
+        "min_useful_iterations": None,
+        "progress": False,
+        "supervoxel_dir": "supervoxels_5000",
         "warmup": min(int(iterations) // 5, 100),
         "ckpt_interval": 10**9,
         # The network the infer task serves: the model folder's own no-prior network and widths.

@@ -48,13 +48,14 @@ def predict_original_sample(
 ) -> torch.Tensor:
     """The scheduler's estimate of the clean sample ``x0`` from one UNet output.
 
-    Uses the scheduler's own ``step(...).pred_original_sample`` so that any scheduler configuration
-    is honoured; with :func:`one_step_scheduler` the result is exactly ``-model_output``.
+    DDIM's estimate from the scheduler's own ``alphas_cumprod`` and ``prediction_type`` (the
+    ``pred_original_sample`` of ``DDIMScheduler.step``, without its unused and here NaN ``prev_sample``);
+    with :func:`one_step_scheduler` the result is exactly ``-model_output``.
 
     Parameters
     ----------
     scheduler
-        A diffusers ``DDIMScheduler`` (``set_timesteps`` is called with 1 if it was never called).
+        A diffusers ``DDIMScheduler``.
     model_output
         ``[B, C, h, w]`` UNet output.
     sample
@@ -75,7 +76,21 @@ def predict_original_sample(
         raise ValueError(
             f"model_output {tuple(model_output.shape)} and sample {tuple(sample.shape)} must have the same shape."
         )
-    if scheduler.num_inference_steps is None:
-        scheduler.set_timesteps(1)
-    # The DDIM step also forms prev_sample, which is NaN here (0/0 variance with alphas_cumprod = 0); it is unused.
-    return scheduler.step(model_output, int(timestep), sample.to(model_output.dtype)).pred_original_sample
+    # DDIM's x0 estimate (its step formula, from the scheduler's own alphas_cumprod and prediction type). The full
+    # scheduler.step would also form prev_sample, which is 0/0 = NaN under alphas_cumprod = 0 and is never used.
+    alpha = scheduler.alphas_cumprod[int(timestep)].to(device=model_output.device, dtype=torch.float32)
+    x_t, out = sample.to(torch.float32), model_output.to(torch.float32)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        x0 = alpha.sqrt() * x_t - (1 - alpha).sqrt() * out
+    elif kind == "epsilon":
+        x0 = (x_t - (1 - alpha).sqrt() * out) / alpha.sqrt()
+    elif kind == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r} (v_prediction, epsilon or sample)")
+    if scheduler.config.thresholding:
+        raise ValueError("dynamic thresholding is not supported by the one-step prediction")
+    if scheduler.config.clip_sample:
+        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return x0.to(model_output.dtype)

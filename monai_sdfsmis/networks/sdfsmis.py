@@ -50,13 +50,11 @@ from monai_sdfsmis.networks.sqi import (
     sii_blocks,
 )
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
-from monai_sdfsmis.utils import atomic_path
 
 BINARIZE_MODES = ("zero", "relative")
 SUPPORT_CONDITIONS = ("same", "empty")
 FORWARD_MODES = ("segment", "loss")
 TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
-_SETTINGS_KEY = "sdfsmis_settings"
 
 
 @dataclass
@@ -454,52 +452,6 @@ class SDFSMIS(nn.Module):
             {"params": pretrained, "lr": lr_unet, "weight_decay": weight_decay, "name": "unet"},
             {"params": new, "lr": lr_new, "weight_decay": weight_decay, "name": "new"},
         ]
-
-    def save_trained(self, path: str | os.PathLike) -> Path:
-        """Write the trained parts (``state_dict()``) as safetensors, atomically; settings go in the metadata."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "pt", _SETTINGS_KEY: json.dumps(self.settings)})
-        return path
-
-    def load_trained(self, path: str | os.PathLike, strict: bool = True) -> SDFSMIS:
-        """Load a file written by :meth:`save_trained` (or a ``torch.save`` d ``state_dict``) into this network."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"trained SD-FSMIS weights not found: {path}")
-        saved_settings = None
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            from safetensors.torch import load_file
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    meta = f.metadata() or {}
-                state = load_file(str(path), device=str(self.device))
-            except Exception as err:  # safetensors raises its own error types
-                raise ValueError(f"{path}: not a readable safetensors file ({err}).") from err
-            if _SETTINGS_KEY in meta:
-                saved_settings = json.loads(meta[_SETTINGS_KEY])
-        else:
-            try:
-                state = torch.load(path, map_location=self.device, weights_only=True)
-            except Exception as err:
-                raise ValueError(f"{path}: not a readable torch state dict ({err}).") from err
-            if not isinstance(state, dict):
-                raise ValueError(f"{path}: expected a state dict, got {type(state).__name__}.")
-        try:
-            self.load_state_dict(state, strict=strict)
-        except RuntimeError as err:
-            hint = ""
-            if saved_settings is not None:
-                diff = {k: (v, self.settings.get(k)) for k, v in saved_settings.items() if self.settings.get(k) != v}
-                if diff:
-                    hint = f" The file was saved with different settings (saved, this network): {diff}."
-            raise ValueError(f"{path}: weights do not match this SD-FSMIS network.{hint} {err}") from err
-        return self
 
     # ------------------------------------------------------------------ building blocks
     @staticmethod
