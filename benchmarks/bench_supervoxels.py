@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from monai_sdfsmis.data.supervoxels import header_spacing, compute_supervoxels, felzenszwalb_3d
+from monai_sdfsmis.data.supervoxels import compute_supervoxels, felzenszwalb_3d, header_spacing
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

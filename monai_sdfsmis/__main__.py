@@ -120,8 +120,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
     import torch
 
     from monai_sdfsmis.data.protocol import CHAOS_ORGANS, SABS_ORGANS
-    from monai_sdfsmis.engines import evaluate_protocol
-    from monai_sdfsmis.engines import model_folder
+    from monai_sdfsmis.engines import evaluate_protocol, model_folder
     from monai_sdfsmis.inferers import SlidingSupportInferer
     from monai_sdfsmis.utils import configure_cpu_threads
 
