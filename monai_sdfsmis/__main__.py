@@ -281,10 +281,10 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
             values[key] = getattr(args, key)
     if args.minutes is not None:
         values["total_minutes"] = args.minutes
-    if isinstance(values.get("device"), str):
-        import torch
+    if "device" in values:
+        from monai_sdfsmis.utils import resolve_device
 
-        values["device"] = torch.device(values["device"])
+        values["device"] = resolve_device(values["device"])
     return values
 
 

@@ -5,7 +5,7 @@ Atomic file writing (a reader never sees a half-written file) and the CPU thread
 
 from __future__ import annotations
 
-__all__ = ["atomic_path", "atomic_write", "atomic_folder", "available_cpus", "configure_cpu_threads"]
+__all__ = ["atomic_path", "atomic_write", "atomic_folder", "available_cpus", "configure_cpu_threads", "resolve_device"]
 
 import logging
 import math
@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 
 @contextmanager
@@ -167,3 +168,22 @@ def configure_cpu_threads(num_threads: int | None = None) -> int:
         _interop_configured = True
     _logger.info("torch CPU threads: %d (%s; %d CPUs available)", num_threads, source, available_cpus())
     return num_threads
+
+
+def resolve_device(name: Any = None, key: str = "--device") -> Any:
+    """A ``torch.device`` from a name (``None``: CUDA when available, else the CPU); a bad or unavailable device is
+    one ``ValueError`` naming ``key``."""
+    import torch
+
+    if name is None or name == "":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{key} {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{key} {name}: CUDA is not available here (torch {torch.__version__}); use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{key} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -150,6 +150,26 @@ def test_absent_label_id(inputs, tmp_path):
     assert f"organ id 9 absent from {inputs / 'label_3.nii.gz'}; present ids: [0, 1, 2, 3, 4]" in line
 
 
+@pytest.mark.parametrize("organ_id, message", [
+    (1.5, "organ_id: 1.5 is not a label id"),
+    ("liver", "organ_id: 'liver' is not a label id"),
+    ([1, 2], "organ_id: [1, 2] is not a label id"),
+])
+def test_organ_id_that_is_not_a_label_id(inputs, tmp_path, organ_id, message):
+    line = _case(inputs, tmp_path, organ_id=organ_id)
+    assert message in line
+
+
+def test_complex_query(inputs, tmp_path):
+    image = nib.load(str(inputs / "image_2.nii.gz"))
+    data = np.asarray(image.dataobj).astype(np.float32)
+    folder = tmp_path / "complex"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image((data + 1j * data).astype(np.complex64), image.affine), str(folder / "query.nii.gz"))
+    line = _message(tmp_path / "out", folder / "query.nii.gz", inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+    assert f"{folder / 'query.nii.gz'} holds complex values" in line
+
+
 def test_label_of_another_grid(inputs, tmp_path):
     line = _case(inputs, tmp_path, label="label_other_grid.nii.gz")
     assert str(inputs / "label_other_grid.nii.gz") in line and str(inputs / "image_3.nii.gz") in line
@@ -186,6 +206,13 @@ def test_unwritable_output_folder(inputs, tmp_path):
     assert f"output folder {blocker / 'out'} is not writable" in line
 
 
+def test_output_folder_that_is_a_broken_link(inputs, tmp_path):
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    line = _message(link, inputs / "image_3.nii.gz", inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+    assert f"output folder {link} is a broken symbolic link (to {tmp_path / 'gone'})" in line
+
+
 def test_in_plane_size_not_256_is_resized_not_refused(inputs, tmp_path):
     """Slices of another in-plane size are legitimate: resized to the network's size and the mask resized back."""
     image, label = nib.load(str(inputs / "image_3.nii.gz")), nib.load(str(inputs / "label_3.nii.gz"))
@@ -212,6 +239,40 @@ def test_inference_twice_gives_identical_files(inputs, tmp_path):
         # gzip stores a time stamp; the NIfTI inside must be byte for byte the same.
         assert gzip.decompress(first.read_bytes()) == gzip.decompress(second.read_bytes())
     assert [p.name for p in (tmp_path / "first").iterdir()] == ["image_2_seg.nii.gz"]  # no temporary file left
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"image": 123}, "entry 0 'image' must be a file path, got 123"),
+    ({"image": "image_2.nii.gz", "support_label": None}, "entry 0 'support_label' must be a file path, got None"),
+])
+def test_datalist_entry_that_is_not_a_path(inputs, tmp_path, entry, message):
+    import json
+
+    from monai_sdfsmis.engines.inference import query_datalist
+
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"testing": [entry]}))
+    with pytest.raises(ValueError, match=re.escape(f"datalist {datalist}: {message}")):
+        query_datalist(datalist, inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "--device 'gpu0' is not a torch device (e.g. cpu, cuda, cuda:1)"),
+    ("cuda", "--device cuda: CUDA is not available here"),
+])
+def test_device_that_is_not_there_is_one_line(inputs, tmp_path, device, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    proc = subprocess.run(
+        [sys.executable, "-m", "monai_sdfsmis", "infer", "--query", str(inputs / "image_2.nii.gz"),
+         "--support", str(inputs / "image_3.nii.gz"), "--support_label", str(inputs / "label_3.nii.gz"),
+         "--organ_id", "1", "--model", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--device", device],
+        cwd=REPO_ROOT, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1]
 
 
 def test_the_command_line_ends_in_one_readable_line(inputs, tmp_path):

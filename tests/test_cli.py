@@ -475,3 +475,20 @@ sys.exit(main(['supervoxels', '--dataset_dir', {str(tmp_path)!r}, '--no_progress
         'error: computing supervoxels needs numba, which is not installed: pip install "monai-sdfsmis[supervoxels]"'
     )
     assert not (tmp_path / "supervoxels_5000" / "superpix-MIDDLE_1.nii.gz").exists()
+
+
+def test_infer_on_a_no_prior_folder_without_its_config_says_what_to_pass(no_prior_model, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(no_prior_model, folder)
+    (folder / "model_config.json").unlink()
+    query = tmp_path / "q.nii.gz"
+    _write_nifti(query, _synthetic_volume(1))
+    rc = main(["infer", "--query", str(query), "--support", str(query), "--support_label", str(query),
+               "--organ_id", "1", "--model", str(folder), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err == (
+        f"error: {folder} has no model_config.json but holds autoencoder/: it looks like a no-prior model folder; "
+        "pass --network no_prior (network_type 'no_prior'), or train it with python -m monai_sdfsmis train")
+    assert not (tmp_path / "out").exists()

@@ -170,5 +170,12 @@ def test_protocol_cases_sabs_names_and_explicit_folds():
         (1, "v5", "v3", "label_7"),
         (1, "v5", "v4", "label_7"),
     ]
-    with pytest.raises(ValueError, match="organ_ids is empty"):
+    with pytest.raises(ValueError, match="organ_ids must be a non-empty list"):
         protocol_cases(_records(20), organ_ids=())
+    # a name or a fraction is not silently iterated or truncated into another organ
+    with pytest.raises(ValueError, match="organ_ids must be a non-empty list of positive integer label ids, got 'liver'"):
+        protocol_cases(_records(20), organ_ids="liver")
+    with pytest.raises(ValueError, match=r"organ_ids: 1.5 is not a label id"):
+        protocol_cases(_records(20), organ_ids=[1.5])
+    with pytest.raises(ValueError, match=r"organ_ids: True is not a label id"):
+        protocol_cases(_records(20), organ_ids=[True])

@@ -244,3 +244,23 @@ def test_training_clock_shares_one_budget_and_pauses():
         spent.remaining_seconds()
     with pytest.raises(ValueError, match="total_minutes must be positive"):
         TrainingClock(0)
+
+
+def test_recipe_keys_presets_and_a_dataset_length_that_no_iteration_count_sets():
+    from monai.bundle import ConfigParser
+
+    def parsed(**values):
+        parser = ConfigParser()
+        parser.read_config([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "no_prior.json")])
+        for key, value in values.items():
+            parser[key] = value
+        return parser
+
+    for iterations in (3, 30000, None):
+        assert parsed(iterations=iterations).get_parsed_content("train::dataset::length") == 10**7
+    cpu, gpu = parsed(), parsed(preset="gpu")
+    assert [cpu.get_parsed_content(k) for k in ("spatial_size", "unet_width", "batch_size", "total_minutes")] == [
+        128, "small", 8, 60]
+    assert [gpu.get_parsed_content(k) for k in ("spatial_size", "unet_width", "batch_size", "total_minutes")] == [
+        256, "default", 16, 10]
+    assert parsed(preset="gpu", spatial_size=192).get_parsed_content("spatial_size") == 192  # a key beats the preset

@@ -184,6 +184,22 @@ def test_nan_and_inf_rejected(tmp_path):
         load_volume(inf_file)
 
 
+def test_complex_and_overflowing_volumes_are_refused_by_name(tmp_path):
+    data = (np.random.rand(6, 7, 8) + 1j * np.random.rand(6, 7, 8)).astype(np.complex64)
+    complex_file = tmp_path / "complex.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(complex_file))
+    with pytest.raises(ValueError, match=re.escape(f"{complex_file} holds complex values")):
+        load_volume(complex_file)
+    huge = np.full((6, 7, 8), 3e38, np.float32)
+    huge[0] = -3e38  # finite, but max - min overflows float32
+    huge_file = _save_nifti(tmp_path / "huge.nii.gz", huge)
+    with pytest.raises(ValueError, match=re.escape(f"{huge_file} holds finite values too large for float32 arithmetic")):
+        load_volume(huge_file)
+    fine = np.full((6, 7, 8), 3e38, np.float32)  # large but with a finite range: accepted
+    fine[0] = 1e38
+    assert load_volume(_save_nifti(tmp_path / "fine.nii.gz", fine)).shape == (1, 6, 7, 8)
+
+
 def test_non_integer_label_rejected(tmp_path):
     soft = _save_nifti(tmp_path / "soft.nii.gz", np.full((6, 7, 8), 0.3, np.float32))
     with pytest.raises(ValueError, match=re.escape(f"{soft} contains non-integer values (e.g. 0.3)")):

@@ -18,6 +18,7 @@ FAMNet's 5-volume CT folds as the option).
 from __future__ import annotations
 
 __all__ = [
+    "organ_id_list",
     "CHAOS_ORGANS",
     "SABS_ORGANS",
     "ProtocolCase",
@@ -30,8 +31,10 @@ __all__ = [
     "protocol_cases",
 ]
 
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +44,25 @@ from monai_sdfsmis.data.layouts import VolumeRecord
 CHAOS_ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney", 4: "spleen"}
 #: Label ids of the four test organs in the Synapse/BTCV (Abd-CT, "SABS") label maps (Synapse ids kept as-is).
 SABS_ORGANS: dict[int, str] = {6: "liver", 2: "right_kidney", 3: "left_kidney", 1: "spleen"}
+
+
+def organ_id_list(organ_ids: Any, key: str = "organ_ids") -> list[int]:
+    """``organ_ids`` as a list of positive integer label ids; anything else is one ``ValueError`` naming ``key``.
+
+    A string (``"liver"``) or a float that is not a whole number (``1.5``) would otherwise be iterated or truncated
+    into some other organ, silently.
+    """
+    values: Any = [organ_ids] if isinstance(organ_ids, numbers.Number) else organ_ids
+    try:
+        values = [] if isinstance(values, str) else list(values)
+    except TypeError:
+        values = []
+    if not values:
+        raise ValueError(f"{key} must be a non-empty list of positive integer label ids, got {organ_ids!r}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
+            raise ValueError(f"{key}: {value!r} is not a label id (a positive integer; 0 is the background)")
+    return [int(value) for value in values]
 
 
 def _five_folds(size: int, n_volumes: int) -> list[list[int]]:
@@ -280,8 +302,7 @@ def protocol_cases(
     """
     all_folds = _check_folds(folds if folds is not None else rpt_folds(len(records)), len(records))
     chosen = list(range(len(all_folds))) if fold_ids is None else [int(k) for k in fold_ids]
-    if not organ_ids:
-        raise ValueError("organ_ids is empty.")
+    organ_ids = organ_id_list(organ_ids)
     cases = []
     for fold in chosen:
         _, test = fold_split(records, fold, all_folds)

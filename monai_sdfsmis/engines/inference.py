@@ -112,11 +112,14 @@ def query_datalist(
         if not path.exists():
             raise FileNotFoundError(f"query {path} not found")
         if path.is_file() and path.suffix.lower() == ".json":
-            for item in _datalist_entries(path):
+            for index, item in enumerate(_datalist_entries(path)):
                 if isinstance(item, (str, PathLike)):
                     item = {"image": item}
                 if not isinstance(item, Mapping) or "image" not in item:
                     raise ValueError(f"datalist {path}: each entry needs an 'image' path, got {item!r}")
+                for key, value in item.items():
+                    if not isinstance(value, str) or not value:
+                        raise ValueError(f"datalist {path}: entry {index} '{key}' must be a file path, got {value!r}")
                 resolved = {k: os.fspath(path.parent / Path(v).expanduser()) for k, v in item.items()}
                 if not Path(resolved["image"]).exists():
                     raise FileNotFoundError(f"datalist {path}: query {resolved['image']} not found")
@@ -187,6 +190,11 @@ def inference_preprocessing(organ_id: int | None, intensity: str = DEFAULT_INTEN
     """
     from monai_sdfsmis.transforms.intensity import ScaleToUnitRanged
     from monai_sdfsmis.transforms.io import CheckLabelIdsd, LoadVolumed
+
+    if organ_id is not None:
+        from monai_sdfsmis.data.protocol import organ_id_list
+
+        (organ_id,) = organ_id_list([organ_id], key="organ_id")
 
     return Compose(
         [
@@ -408,16 +416,23 @@ def segment_volumes(
     """
     from monai_sdfsmis.inferers import SlidingSupportInferer
     from monai_sdfsmis.transforms.io import check_output_folder
+    from monai_sdfsmis.utils import resolve_device
 
+    device = resolve_device(device)
     ckpt = Path(ckpt_path) if ckpt_path is not None else Path(model_dir) / "model.pt"
     config = read_model_config(ckpt)
+    if not config and network_type is None and (ckpt.parent / "autoencoder").is_dir():
+        raise ValueError(
+            f"{ckpt.parent} has no model_config.json but holds autoencoder/: it looks like a no-prior model folder; "
+            "pass --network no_prior (network_type 'no_prior'), or train it with python -m monai_sdfsmis train"
+        )
     kind = resolve_network_type(network_type, config)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {ckpt} not found (the model folder must hold model.pt)")
     datalist = query_datalist(query, support_image, support_label)
     check_output_folder(output_dir)
     check_outputs(datalist, output_dir, overwrite)
-    device = torch.device(device) if device is not None else torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
     print_model_warnings(config)
     network = build_network(kind, ckpt.parent, **network_kwargs)
     load_network_weights(network, ckpt, kind, config)

@@ -200,6 +200,17 @@ def _check_finite(values: torch.Tensor, name: str) -> None:
     raise ValueError(f"{name} contains {int(torch.isinf(values).sum())} infinite voxels")
 
 
+def _check_range(values: torch.Tensor, name: str) -> None:
+    """Refuse finite values whose range overflows float32 arithmetic (``max - min`` is infinite): intensity scaling
+    would turn them into infinities."""
+    v_min, v_max = torch.aminmax(values.float())
+    if not bool(torch.isfinite(v_max - v_min)):
+        raise ValueError(
+            f"{name} holds finite values too large for float32 arithmetic (from {float(v_min):.3g} to {float(v_max):.3g}); "
+            "rescale the volume"
+        )
+
+
 def load_volume(
     path: str | os.PathLike,
     *,
@@ -264,8 +275,11 @@ def load_volume(
             "is required"
         )
 
+    if torch.is_complex(img):
+        raise ValueError(f"{path} holds complex values ({img.dtype}); a real-valued volume is required (save its magnitude)")
     if torch.is_floating_point(img):
         _check_finite(img.as_tensor(), str(path))
+        _check_range(img.as_tensor(), str(path))
 
     if dtype is not None:
         torch_dtype = get_equivalent_dtype(dtype, torch.Tensor)
@@ -513,6 +527,8 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
     Raises ``ValueError`` naming the folder (and the cause) when it is a file, cannot be created or is not writable.
     """
     path = Path(folder).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"output folder {path} is a broken symbolic link (to {os.readlink(path)}); create its target")
     if path.exists() and not path.is_dir():
         raise ValueError(f"output folder {path} is a file, not a folder")
     try:
