@@ -4,7 +4,7 @@
 ``jsonschema<4`` (the project and MONAI's bundle tools need ``>=4``), and it pulls ``sam2`` with a
 CUDA build of torch of several GB. The server itself needs neither: ``pydicom-seg`` works with
 jsonschema 4 and ``sam2`` is only imported by the SAM2 sample app. So the environment is a venv that
-sees this interpreter's packages (``--system-site-packages``: torch, MONAI, this project) and adds
+sees this interpreter's packages (torch, MONAI, this project; from a venv, a conda env or the system Python) and adds
 ``monailabel`` without its declared dependencies plus exactly the packages its server imports.
 ``pydicom`` is pinned below 3 inside the venv only: MONAI Label 0.8.5 imports
 ``pydicom._storage_sopclass_uids``, which pydicom 3 removed; the project works with either.
@@ -53,6 +53,7 @@ SERVER_REQUIREMENTS: tuple[str, ...] = (
     "expiringdict==1.2.2",
     "psutil==7.2.2",
     "girder-client==5.0.21",
+    "pydantic-settings==2.14.1",
 )
 #: Installed with ``--no-deps``: their declared pins are the conflict (``jsonschema<4``, ``sam2`` + CUDA torch).
 NO_DEPS_REQUIREMENTS: tuple[str, ...] = (f"monailabel=={MONAILABEL_VERSION}", "pydicom-seg==0.4.1")
@@ -65,12 +66,41 @@ _IMPORT_CHECK = (
 
 
 def default_env_dir() -> Path:
-    """``$SDFSMIS_MONAILABEL_ENV``, else ``~/.cache/monai-sdfsmis/monailabel-<version>-py<major><minor>``."""
+    """``$SDFSMIS_MONAILABEL_ENV``, else ``~/.cache/monai-sdfsmis/monailabel-<version>-py<XY>-<interpreter hash>``.
+
+    Keyed by the interpreter's environment (``sys.prefix``): two venvs, or a venv and the system Python, each get
+    their own, so that they do not evict each other.
+    """
     env = os.environ.get("SDFSMIS_MONAILABEL_ENV")
     if env:
         return Path(env).expanduser()
-    tag = f"monailabel-{MONAILABEL_VERSION}-py{sys.version_info.major}{sys.version_info.minor}"
+    prefix = hashlib.sha256(os.path.realpath(sys.prefix).encode()).hexdigest()[:8]
+    tag = f"monailabel-{MONAILABEL_VERSION}-py{sys.version_info.major}{sys.version_info.minor}-{prefix}"
     return Path.home() / ".cache" / "monai-sdfsmis" / tag
+
+
+def _parent_site_dirs() -> list[str]:
+    """This interpreter's own site-packages folders (a venv's, a conda env's or the system's)."""
+    import site
+
+    dirs = [d for d in site.getsitepackages() if Path(d).is_dir()]
+    user = site.getusersitepackages() if site.ENABLE_USER_SITE else None
+    if user and Path(user).is_dir():
+        dirs.append(user)
+    return [os.path.realpath(d) for d in dirs]
+
+
+def _link_parent_packages(python: Path) -> None:
+    """Let the new venv see this interpreter's packages (torch, MONAI, this project), after its own.
+
+    ``venv --system-site-packages`` links to the *base* interpreter, which for a venv or a conda env is not where
+    the packages are. A ``.pth`` file in the new venv adds this interpreter's site folders with ``site.addsitedir``,
+    so that their own ``.pth`` files (an editable install of this project among them) are processed too.
+    """
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         check=True, capture_output=True, text=True, timeout=120)
+    lines = [f"import site; site.addsitedir({d!r})" for d in _parent_site_dirs()]
+    (Path(out.stdout.strip()) / "sdfsmis_parent_env.pth").write_text("\n".join(lines) + "\n")
 
 
 def _fingerprint() -> str:
@@ -136,6 +166,7 @@ def ensure_monailabel_env(env_dir: str | os.PathLike | None = None, timeout: flo
             shutil.rmtree(env)
         python = env_executable(env)
         _run([sys.executable, "-m", "venv", "--system-site-packages", str(env)], f"create venv {env}", timeout)
+        _link_parent_packages(python)
         pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
         _run([*pip, "--no-deps", *NO_DEPS_REQUIREMENTS], "install " + " ".join(NO_DEPS_REQUIREMENTS), timeout)
         _run([*pip, *SERVER_REQUIREMENTS], "install the packages the server imports", timeout)
@@ -151,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         env = ensure_monailabel_env(args.path)
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {err}; the output above says why. Check the network access to PyPI and run "
+              f"'{sys.executable} -m monai_sdfsmis.monailabel.environment' again (it starts over).", file=sys.stderr)
         return 1
     print(env)
     return 0
