@@ -91,7 +91,7 @@ def test_organ_id_zero_or_negative_is_refused(case, tmp_path, organ_id):
     with pytest.raises(Exception) as info:
         _run(tmp_path / "out", case, organ_id=organ_id)
     text = _text(info.value)
-    assert f"organ id {organ_id} is not valid" in text and "support_label.nii.gz" in text
+    assert f"organ_id: {organ_id} is not a label id (a positive integer; 0 is the background)" in text
     assert not (tmp_path / "out" / "query_seg.nii.gz").exists()
 
 

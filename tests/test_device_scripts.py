@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,8 +16,10 @@ DEVICE_DIR = REPO_ROOT / "benchmarks" / "device"
 
 
 def _run(script: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(DEVICE_DIR / script), *args], env={**os.environ, **env}, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    # The scripts call python3, as on the GPU machine: here, the interpreter running the tests (a venv's, say).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return subprocess.run(["bash", str(DEVICE_DIR / script), *args], env={**os.environ, "PATH": path, **env},
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
 
 
 @requires_chaos

@@ -109,7 +109,7 @@ def test_a_run_stopped_far_below_its_planned_iterations_says_so(phantoms, tmp_pa
     segmenter = json.loads((out / "model" / "model_config.json").read_text())["training"]["segmenter"]
     assert segmenter["stopped_by"] == "time" and segmenter["planned_iterations"] == 100000
     assert segmenter["iterations"] < 50000
-    assert f"stage 2 (segmenter) ran {segmenter['iterations']} of 100000 planned iterations (stopped by time)" in proc.stdout
+    assert f"stage 2 (segmenter) ran {segmenter['iterations']} of 100000 planned iterations (stopped by time;" in proc.stdout
     # nothing was held out: no evaluation, and the run says why
     assert "evaluation skipped: 0 test volume(s) held out" in proc.stdout
     assert not (out / "evaluation").exists()
