@@ -177,7 +177,7 @@ def test_quickstart_trains_validates_saves_and_prints_table(trained):
     full = torch.load(models / "checkpoint_iteration=2.pt", map_location="cpu", weights_only=False)
     assert set(full) == {"model", "optimizer", "trainer", "rng"} and full["trainer"]["iteration"] == 2
     assert "val_mean_dice" in log  # ValidationHandler ran the protocol evaluator
-    assert "| support-mask copy (folds 0) |" in log and "| SD-FSMIS (folds 0) |" in log
+    assert "| support-mask copy (fold 0) |" in log and "| SD-FSMIS (fold 0) |" in log
     results = json.loads((out / "evaluation" / "fold_0" / "protocol_results.json").read_text())
     assert set(results["methods"]) == {"support-mask copy", "SD-FSMIS"}
     assert list((out).glob("events.out.tfevents.*")), "TensorBoard logs missing"

@@ -30,8 +30,8 @@ def test_no_prior_quickstart_as_the_readme_runs_it_ends_in_its_table(tmp_path):
     assert (proc.stdout + proc.stderr).count("ProtocolEvaluator - INFO - Engine run finished") == 2
     table = (out / "evaluation" / "final" / "protocol_table.md").read_text()
     assert table.rstrip() in proc.stdout.replace("\r", "")
-    rows = [line.split("|")[1].strip() for line in table.splitlines() if "(folds 0) |" in line]
-    assert rows == ["support-mask copy (folds 0)", "SD-FSMIS no-prior (folds 0)"] * 3
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if "(fold 0) |" in line]
+    assert rows == ["support-mask copy (fold 0)", "SD-FSMIS no-prior (fold 0)"] * 3
     assert (out / "models" / "autoencoder" / "calibration.json").is_file()
     assert sorted(p.name for p in (out / "models").glob("*.pt")) == ["checkpoint_iteration=3.pt", "model.pt"]
     results = json.loads((out / "results.json").read_text())

@@ -94,7 +94,7 @@ def test_copy_baseline_fold0_all_organs_and_files(tmp_path):
     )
     markdown = (tmp_path / "protocol_table.md").read_text()
     assert "| Method | Spleen | Liver | LK | RK | Mean |" in markdown
-    assert "| support-mask copy (folds 0) | 22.76 | 51.48 | 48.50 | 44.87 | 41.90 |" in markdown
+    assert "| support-mask copy (fold 0) | 22.76 | 51.48 | 48.50 | 44.87 | 41.90 |" in markdown
     pngs = result["files"]["overlays"]
     assert len(pngs) == 16 and all(p.endswith(".png") for p in pngs)
     with Image.open(pngs[0]) as png:
@@ -218,7 +218,7 @@ def test_format_table_has_the_paper_layout():
     assert lines[4] == "| SD-FSMIS | 50.00 | 80.00 | 75.00 | 85.00 | 72.50 |"
     partial = format_table({"m": _rows()}, metric="hd95", digits=1)
     assert partial.splitlines()[0] == "| Method | Spleen | Liver | Mean |"
-    assert partial.splitlines()[2] == "| m (folds 0,1) | 17.5 | 15.0 | 16.2 |"
+    assert partial.splitlines()[2] == "| m (folds 0, 1) | 17.5 | 15.0 | 16.2 |"
     with pytest.raises(ValueError, match="at least one method"):
         format_table({})
     with pytest.raises(ValueError, match="Unknown metric"):

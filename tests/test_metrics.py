@@ -79,7 +79,7 @@ def test_table_mean_counts_the_empty_prediction_with_its_penalty():
 
     text = format_table({"m": rows}, metric="hd95")
     lines = text.splitlines()
-    assert lines[2] == f"| m (folds 0) | {(PENALTY + normal['hd95']) / 2:.2f} | {(PENALTY + normal['hd95']) / 2:.2f} |"
+    assert lines[2] == f"| m (fold 0) | {(PENALTY + normal['hd95']) / 2:.2f} | {(PENALTY + normal['hd95']) / 2:.2f} |"
     assert lines[3] == ""  # the note is outside the Markdown table
     assert lines[4].startswith("m: 1 of 2 predictions empty (ground truth not); HD95 of an empty prediction counted as")
     assert "1 of 2 predictions empty" in format_table({"m": summary}, metric="dice")

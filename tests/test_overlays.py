@@ -69,7 +69,7 @@ def test_png_layout_titles_and_legend():
     png = Image.open(io.BytesIO(data))
     # Panels of W x H upscaled x7 (to >= 256 px), 8 px apart and from the border; 46 px title band, 30 px legend band.
     assert png.size == overlay_size(H, W) == (3 * 40 * 7 + 4 * 8, 46 + 30 * 7 + 30) and png.mode == "RGB"
-    assert png.info["Title"] == "SD-FSMIS: fold 0, query 1, slice 3 - Dice 50.0%"
+    assert png.info["Title"] == "SD-FSMIS: fold 0, query 1, slice 3 - volume Dice 50.0%"
     pixels = np.asarray(png).astype(np.float64)
     scale, top, pad = 7, 46, 8
     for i, mask in enumerate((None, label, pred)):
@@ -93,7 +93,7 @@ def test_other_organs_get_their_own_colour_and_a_missing_dice_says_so():
     np.testing.assert_allclose(panel, _expected_panel(image, label, ORGAN_COLOURS["spleen"]), atol=1)
     assert (np.abs(spleen.astype(int) - np.asarray(ORGAN_COLOURS["spleen"])).max(axis=-1) <= 1).sum() > 30
     info = Image.open(io.BytesIO(overlay_png(image, label, pred, dice=float("nan")))).info
-    assert info["Title"] == "Dice n/a (empty ground truth)"
+    assert info["Title"] == "volume Dice n/a (empty ground truth)"
 
 
 def test_volume_dice_matches_a_hand_count():
@@ -126,5 +126,5 @@ def test_saver_writes_one_titled_png_per_slice_with_the_volume_dice(tmp_path):
     for path in saver.written:
         info = Image.open(path).info
         z = int(path.stem[-3:])
-        assert info["Title"] == f"SD-FSMIS: fold 0, query 2, slice {z} - Dice 50.0%"
+        assert info["Title"] == f"SD-FSMIS: fold 0, query 2, slice {z} - volume Dice 50.0%"
     assert OverlaySaver.paths_for(tmp_path, "SD-FSMIS") == sorted(saver.written)

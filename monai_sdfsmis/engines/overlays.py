@@ -218,7 +218,7 @@ def overlay_png(
 
 
 def _dice_text(dice: float) -> str:
-    return "Dice n/a (empty ground truth)" if math.isnan(float(dice)) else f"Dice {100 * float(dice):.1f}%"
+    return "volume Dice n/a (empty ground truth)" if math.isnan(float(dice)) else f"volume Dice {100 * float(dice):.1f}%"
 
 
 def save_overlay(path: str | PathLike, image: Any, label: Any, pred: Any, **kwargs: Any) -> Path:

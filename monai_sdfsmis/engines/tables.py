@@ -174,8 +174,9 @@ def format_table(
     lines.append("|---" * (len(headings) + 2) + "|")
     for name, s in summaries.items():
         values = [s[metric]["per_organ"].get(o) for o in ordered]
-        folds = ",".join(str(f) for f in s["folds"])
-        label = name if s["folds"] == list(range(5)) else f"{name} (folds {folds})"
+        folds = ", ".join(str(f) for f in s["folds"])
+        plural = "s" if len(s["folds"]) != 1 else ""
+        label = name if s["folds"] == list(range(5)) else f"{name} (fold{plural} {folds})"
         lines.append("| " + " | ".join([label, *(cell(v) for v in values), cell(s[metric]["mean"])]) + " |")
     # A blank line ends the Markdown table; the notes keep the failures visible next to the means.
     notes = [note for name, s in summaries.items() if (note := _empty_note(name, s, metric))]
