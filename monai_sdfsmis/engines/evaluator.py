@@ -365,6 +365,11 @@ class _CaseProgress:
             self.bar.close()
 
 
+def _no_model_selection(current: float, best: float) -> bool:
+    """A protocol run evaluates one model once: no "best metric" to track (nor to log, for the baseline least of all)."""
+    return False
+
+
 def evaluate_protocol(
     network: torch.nn.Module | None,
     records: str | PathLike | Sequence[VolumeRecord] | VolumeStore,
@@ -465,6 +470,7 @@ def evaluate_protocol(
             inferer=inferer,
             surface_metrics=surface_metrics,
             val_handlers=handlers,
+            metric_cmp_fn=_no_model_selection,
         )
         evaluator.run()
         results["methods"][name] = {"rows": saver.rows, "summary": saver.summary}
