@@ -594,12 +594,10 @@ def ensure_supervoxels(
     progress
         Progress over the volumes computed.
     """
+    from monai_sdfsmis.data.layouts import find_alpnet_volumes
+
     folder = Path(dataset_dir).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {folder}")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and re.match(r"^image_\d+\.nii(\.gz)?$", p.name))
-    if not images:
-        raise FileNotFoundError(f"dataset folder {folder} holds no image_N.nii.gz files")
+    images = [Path(r.image) for r in find_alpnet_volumes(folder, supervoxel_dir=None)]
     out = Path(supervoxel_dir) if Path(supervoxel_dir).is_absolute() else folder / supervoxel_dir
     missing = [p for p in images if not (out / _output_name(p)).is_file()]
     if missing:

@@ -23,7 +23,6 @@ __all__ = [
 ]
 
 import datetime
-import json
 import os
 import platform
 import time
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monai_sdfsmis.utils import atomic_write
+from monai_sdfsmis.engines.tables import write_json
 
 RESULTS_NAME = "results.json"
 
@@ -457,7 +456,7 @@ class TrainingReport:
             else:
                 print(f"evaluation skipped: {why}", flush=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.output_dir / RESULTS_NAME, json.dumps(_strict(results), indent=2) + "\n")
+        write_json(self.output_dir / RESULTS_NAME, results)  # strict JSON: NaN -> null
         for line in model_warnings({"training": provenance}):
             print(line, flush=True)
         ae = self.autoencoder
@@ -494,18 +493,3 @@ class TrainingReport:
             "monai_sdfsmis_version": __version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
-
-
-def _strict(value: Any) -> Any:
-    """JSON without NaN/Infinity (``null`` instead), tuples as lists, paths as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return _strict(value.item())
-    if isinstance(value, (Path, torch.device)):
-        return str(value)
-    return value
