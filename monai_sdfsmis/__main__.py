@@ -94,6 +94,7 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     _add_network_arguments(parser)
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's, else 256)")
     parser.add_argument("--overlays", type=int, default=2, help="PNG overlays per query volume (0 for none)")
+    _add_postprocess_argument(parser)
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run_protocol)
 
@@ -132,7 +133,10 @@ def _run_protocol(args: argparse.Namespace) -> int:
         network = model_folder.build_network(kind, args.checkpoint, **_network_kwargs(args))
         model_folder.load_network_weights(network, args.checkpoint, kind, config)
         network = network.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-    inferer = SlidingSupportInferer(spatial_size=model_folder.resolve_spatial_size(args.spatial_size, config))
+    inferer = SlidingSupportInferer(
+        spatial_size=model_folder.resolve_spatial_size(args.spatial_size, config),
+        postprocess=model_folder.resolve_postprocess(args.postprocess, config),
+    )
     result = evaluate_protocol(
         network,
         args.dataset_dir,
@@ -183,10 +187,20 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's training size)")
     parser.add_argument("--intensity", help="intensity preset (default: the model's, else minmax)")
+    _add_postprocess_argument(parser)
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no_progress", action="store_true", help="no progress lines")
     _add_network_arguments(parser)
     parser.set_defaults(func=_run_infer)
+
+
+def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
+    from monai_sdfsmis.transforms.postprocess import POSTPROCESS_STEPS
+
+    parser.add_argument(
+        "--postprocess", nargs="+", choices=(*POSTPROCESS_STEPS, "none"),
+        help="3D clean-up of each mask: largest_component, fill_holes, or none (default: the model folder's)",
+    )
 
 
 def _run_infer(args: argparse.Namespace) -> int:
@@ -212,6 +226,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         network_type=args.network,
         spatial_size=args.spatial_size,
         intensity=args.intensity,
+        postprocess=args.postprocess,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,

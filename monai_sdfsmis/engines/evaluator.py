@@ -22,6 +22,7 @@ __all__ = [
     "evaluate_protocol",
 ]
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from pathlib import Path
@@ -45,6 +46,7 @@ from monai_sdfsmis.engines.tables import folds_title, format_table, summarize, w
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
 from monai_sdfsmis.progress import progress_bar
+from monai_sdfsmis.transforms.postprocess import OrganMaskPostprocess
 from monai_sdfsmis.utils import atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
@@ -401,7 +403,8 @@ def evaluate_protocol(
     fold_ids, organ_ids, support_position, folds, organ_names
         Which cases (:func:`protocol_items`).
     inferer
-        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks).
+        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess`` applies to ``network``
+        only: the baseline is always the raw support-mask copy.
     output_dir
         Where ``protocol_cases.csv`` (one row per method and case), ``protocol_results.json`` (rows + summaries),
         ``protocol_table.md`` and ``overlays/<method>/*.png`` are written (atomically); ``None`` writes nothing.
@@ -445,16 +448,19 @@ def evaluate_protocol(
     inferer = SlidingSupportInferer() if inferer is None else inferer
     out_dir = None if output_dir is None else Path(output_dir)
 
-    runs: list[tuple[str, torch.nn.Module]] = []
+    runs: list[tuple[str, torch.nn.Module, SlidingSupportInferer]] = []
     if baseline:
         anchor = network_device(network) if network is not None else torch.device("cpu")
-        runs.append((baseline_name, SupportMaskCopy().to(anchor)))
+        # The copy is the paper's baseline as published: raw, whatever clean-up the method's masks get.
+        raw = copy.copy(inferer)
+        raw.postprocess = OrganMaskPostprocess(None)
+        runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
     if network is not None:
-        runs.append((method, network))
+        runs.append((method, network, inferer))
 
     results: dict[str, Any] = {"methods": {}, "files": {}}
     overlay_files: list[str] = []
-    for name, net in runs:
+    for name, net, run_inferer in runs:
         saver = ProtocolResultsSaver(output_dir=None, method=name)
         handlers: list[Any] = [saver]
         if out_dir is not None and overlays > 0:
@@ -467,7 +473,7 @@ def evaluate_protocol(
             device=device if device is not None else network_device(net),
             val_data_loader=loader,
             network=net,
-            inferer=inferer,
+            inferer=run_inferer,
             surface_metrics=surface_metrics,
             val_handlers=handlers,
             metric_cmp_fn=_no_model_selection,

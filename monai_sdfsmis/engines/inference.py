@@ -46,6 +46,7 @@ from monai_sdfsmis.engines.model_folder import (
     read_model_config,
     resolve_intensity,
     resolve_network_type,
+    resolve_postprocess,
     resolve_spatial_size,
 )
 
@@ -373,6 +374,7 @@ def segment_volumes(
     ckpt_path: str | PathLike | None = None,
     spatial_size: int | None = None,
     intensity: str | None = None,
+    postprocess: Sequence[str] | str | None = None,
     overwrite: bool = False,
     device: torch.device | str | None = None,
     n_chunks: int = 3,
@@ -398,6 +400,9 @@ def segment_volumes(
         Where ``<query>_seg.nii.gz`` (uint8, on the query's grid and orientation) are written.
     network_type, spatial_size, intensity
         Default: the model folder's (:func:`resolve_network_type`, :func:`resolve_spatial_size`).
+    postprocess
+        3D clean-up steps (:data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS`, ``"none"`` for none);
+        default: the model folder's (:func:`resolve_postprocess`).
     ckpt_path
         Weights; default ``<model_dir>/model.pt``.
     overwrite
@@ -441,6 +446,7 @@ def segment_volumes(
         n_chunks=n_chunks,
         sw_batch_size=sw_batch_size,
         spatial_size=resolve_spatial_size(spatial_size, config),
+        postprocess=resolve_postprocess(postprocess, config),
         query_range="all",
         amp=amp,
     )

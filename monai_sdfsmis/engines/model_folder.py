@@ -36,6 +36,7 @@ __all__ = [
     "TrainedWeightsLoader",
     "resolve_network_type",
     "resolve_spatial_size",
+    "resolve_postprocess",
     "resolve_intensity",
     "build_network",
     "warn_demo_network",
@@ -53,6 +54,7 @@ from typing import Any
 
 import torch
 
+from monai_sdfsmis.transforms.postprocess import check_postprocess_steps
 from monai_sdfsmis.utils import atomic_write
 
 MODEL_CONFIG_NAME = "model_config.json"
@@ -324,6 +326,28 @@ def resolve_spatial_size(spatial_size: int | None, config: Mapping[str, Any] | N
             f"says the network was trained at {int(stored)}; leave spatial_size unset to use {int(stored)}"
         )
     return int(spatial_size)
+
+
+def resolve_postprocess(
+    postprocess: Sequence[str] | str | None, config: Mapping[str, Any] | None = None
+) -> tuple[str, ...]:
+    """``postprocess`` if given (``"none"`` or ``[]`` for none), else the clean-up the model was trained to use.
+
+    The model folder's ``postprocess`` (the recipe's key, written by :class:`ModelConfigSaver`) names steps of
+    :data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS`; an older folder without it has none.
+
+    Raises
+    ------
+    ValueError
+        For an unknown step name, given or stored (the file is named).
+    """
+    if postprocess is not None:
+        return check_postprocess_steps(postprocess)
+    config = config or {}
+    try:
+        return check_postprocess_steps(config.get("postprocess"))
+    except ValueError as error:
+        raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: {error}") from None
 
 
 def resolve_intensity(intensity: str | None, config: Mapping[str, Any] | None = None) -> str:

@@ -25,6 +25,7 @@ from monai.utils import convert_to_dst_type
 
 from monai_sdfsmis.data.protocol import chunk_bounds, support_slice_indices
 from monai_sdfsmis.progress import progress_bar
+from monai_sdfsmis.transforms.postprocess import OrganMaskPostprocess
 
 QUERY_RANGES = ("protocol", "all")
 _RANGE_TOLERANCE = 1e-3
@@ -99,6 +100,10 @@ class SlidingSupportInferer(Inferer):
         bf16 autocast when computing on CUDA (ignored on CPU, which runs fp32).
     progress
         Show progress over the query slices (a bar in a terminal, plain lines in a log).
+    postprocess
+        3D clean-up of the whole predicted mask, names from
+        :data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS` (``"largest_component"``,
+        ``"fill_holes"``); ``None`` or ``[]`` for the raw per-slice predictions.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class SlidingSupportInferer(Inferer):
         device: str | torch.device | None = None,
         amp: bool = True,
         progress: bool = False,
+        postprocess: Sequence[str] | str | None = None,
     ) -> None:
         super().__init__()
         if int(n_chunks) < 1:
@@ -127,6 +133,7 @@ class SlidingSupportInferer(Inferer):
         self.device = None if device is None else torch.device(device)
         self.amp = bool(amp)
         self.progress = bool(progress)
+        self.postprocess = OrganMaskPostprocess(postprocess)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -384,7 +391,7 @@ class SlidingSupportInferer(Inferer):
                 output[keep, 0] = torch.stack([predicted[d] for d in keep]).to(torch.float32)
             if (height, width) != (self.spatial_size, self.spatial_size):
                 output = F.interpolate(output, size=(height, width), mode="nearest-exact")
-            output = output.permute(1, 2, 3, 0).unsqueeze(0)  # [1, 1, H, W, D]
+            output = self.postprocess(output.permute(1, 2, 3, 0).unsqueeze(0))  # [1, 1, H, W, D]
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(output, inputs, dtype=torch.float32)[0]
         return output.to(device=inputs.device)

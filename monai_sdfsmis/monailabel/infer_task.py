@@ -338,13 +338,14 @@ if has_monailabel:
             return list(inference_preprocessing(organ, intensity).transforms)
 
         def inferer(self, data: Mapping[str, Any] | None = None) -> Any:
-            from monai_sdfsmis.engines.model_folder import resolve_spatial_size
+            from monai_sdfsmis.engines.model_folder import resolve_postprocess, resolve_spatial_size
             from monai_sdfsmis.inferers import SlidingSupportInferer
 
             return SlidingSupportInferer(
                 n_chunks=self.n_chunks,
                 sw_batch_size=self.sw_batch_size,
                 spatial_size=resolve_spatial_size(self.spatial_size, self._model_config()),
+                postprocess=resolve_postprocess(None, self._model_config()),
                 query_range="all",
                 amp=self.amp,
             )

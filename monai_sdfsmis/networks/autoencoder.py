@@ -13,7 +13,9 @@ from __future__ import annotations
 
 __all__ = [
     "AUTOENCODER_WIDTHS",
+    "DOWNSAMPLING_FACTORS",
     "build_autoencoder",
+    "downsampling_factor",
     "autoencoder_loss",
     "estimate_scaling_factor",
     "reconstruction_metrics",
@@ -47,9 +49,14 @@ AUTOENCODER_WIDTHS: dict[str, dict[str, object]] = {
     "tiny": {"block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4, "layers_per_block": 1},
 }
 
-#: SD's VAE has four resolution levels; three downsamplings give the 8x factor SD-FSMIS assumes
-#: (256x256 slice -> 32x32 latent).
-_NUM_LEVELS = 4
+#: Downsampling factors the autoencoder can have: SD's 8x (four levels, 256x256 slice -> 32x32 latent) or 4x (the
+#: first three levels): on a small CPU budget, 64x64 slices at 4x keep a 16x16 latent at a quarter of the cost.
+DOWNSAMPLING_FACTORS: tuple[int, ...] = (4, 8)
+
+
+def downsampling_factor(vae: AutoencoderKL) -> int:
+    """Image side over latent side of ``vae`` (8 for SD's layout): one halving per level but the last."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_autoencoder(
@@ -59,6 +66,7 @@ def build_autoencoder(
     norm_num_groups: int | None = None,
     sample_size: int = 256,
     in_channels: int = 3,
+    downsampling: int = 8,
 ) -> AutoencoderKL:
     """A randomly initialised :class:`~diffusers.AutoencoderKL` with Stable Diffusion's layout.
 
@@ -67,7 +75,8 @@ def build_autoencoder(
     block_out_channels
         Channels of the four encoder levels (the decoder mirrors them), or a name from
         :data:`AUTOENCODER_WIDTHS` (``"default"``, ``"small"``, ``"tiny"``), which also sets
-        ``layers_per_block`` and ``norm_num_groups`` unless they are given.
+        ``layers_per_block`` and ``norm_num_groups`` unless they are given. With ``downsampling=4`` the
+        first three levels of a named width are used (three given channel counts also mean 4x).
     latent_channels
         Channels of the latent (4 as in SD; SD-FSMIS concatenates two latents into 8 channels).
     layers_per_block
@@ -79,11 +88,13 @@ def build_autoencoder(
         size divisible by 8.
     in_channels
         Image channels (3: slices and masks are replicated to RGB as for SD).
+    downsampling
+        Image side over latent side, one of :data:`DOWNSAMPLING_FACTORS`: 8 (SD) or 4.
 
     Returns
     -------
     AutoencoderKL
-        Input ``[B, in_channels, H, W]`` in [-1, 1] -> latent ``[B, latent_channels, H/8, W/8]``.
+        Input ``[B, in_channels, H, W]`` in [-1, 1] -> latent ``[B, latent_channels, H/f, W/f]``, ``f = downsampling``.
         Its ``config.scaling_factor`` is 1.0 until :func:`estimate_scaling_factor` is run on data
         and written with ``vae.register_to_config(scaling_factor=...)``
         (``monai_sdfsmis.engines.autoencoder.freeze_and_calibrate`` does both).
@@ -91,8 +102,12 @@ def build_autoencoder(
     Raises
     ------
     ValueError
-        Unknown width name, not four levels, non-positive sizes, or groups that do not divide the channels.
+        Unknown width name, a level count that does not match ``downsampling``, non-positive sizes, or groups that
+        do not divide the channels.
     """
+    if downsampling not in DOWNSAMPLING_FACTORS:
+        raise ValueError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}.")
+    levels = int(math.log2(downsampling)) + 1
     if isinstance(block_out_channels, str):
         if block_out_channels not in AUTOENCODER_WIDTHS:
             raise ValueError(
@@ -100,15 +115,16 @@ def build_autoencoder(
                 "or give four channel counts."
             )
         preset = AUTOENCODER_WIDTHS[block_out_channels]
-        block_out_channels = preset["block_out_channels"]  # type: ignore[assignment]
+        block_out_channels = preset["block_out_channels"][:levels]  # type: ignore[index]
         layers_per_block = preset["layers_per_block"] if layers_per_block is None else layers_per_block  # type: ignore
         norm_num_groups = preset["norm_num_groups"] if norm_num_groups is None else norm_num_groups  # type: ignore
     layers_per_block = 2 if layers_per_block is None else layers_per_block
     norm_num_groups = 32 if norm_num_groups is None else norm_num_groups
     channels = tuple(int(c) for c in block_out_channels)  # type: ignore[union-attr]
-    if len(channels) != _NUM_LEVELS:
+    if len(channels) != levels:
         raise ValueError(
-            f"block_out_channels must have {_NUM_LEVELS} entries (SD's layout, 8x downsampling), got {channels}."
+            f"block_out_channels must have {levels} entries for {downsampling}x downsampling (one halving per level but "
+            f"the last), got {channels}."
         )
     if any(c <= 0 for c in channels):
         raise ValueError(f"block_out_channels must be positive, got {channels}.")
@@ -118,13 +134,15 @@ def build_autoencoder(
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     if any(c % norm_num_groups for c in channels):
         raise ValueError(f"norm_num_groups={norm_num_groups} must divide every entry of block_out_channels {channels}.")
-    if sample_size <= 0 or sample_size % 8:
-        raise ValueError(f"sample_size must be a positive multiple of 8 (the 8x downsampling), got {sample_size}.")
+    if sample_size <= 0 or sample_size % downsampling:
+        raise ValueError(
+            f"sample_size must be a positive multiple of {downsampling} (the downsampling), got {sample_size}."
+        )
     return AutoencoderKL(
         in_channels=in_channels,
         out_channels=in_channels,
-        down_block_types=("DownEncoderBlock2D",) * _NUM_LEVELS,
-        up_block_types=("UpDecoderBlock2D",) * _NUM_LEVELS,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=channels,
         layers_per_block=int(layers_per_block),
         act_fn="silu",

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from monai_sdfsmis.networks.autoencoder import load_autoencoder
+from monai_sdfsmis.networks.autoencoder import downsampling_factor, load_autoencoder
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS
 
 #: Named UNet widths for the no-prior mode (see the module docstring for the reasoning).
@@ -59,6 +59,8 @@ UNET_WIDTHS: dict[str, dict[str, Any]] = {
                 "layers_per_block": 2, "norm_num_groups": 32},
     "small": {"block_out_channels": (64, 128, 256, 256), "attention_head_dim": 4, "cross_attention_dim": 256,
               "layers_per_block": 2, "norm_num_groups": 32},
+    "compact": {"block_out_channels": (32, 64, 128, 128), "attention_head_dim": 4, "cross_attention_dim": 128,
+                "layers_per_block": 2, "norm_num_groups": 32},
     "tiny": {"block_out_channels": (16, 32, 32, 32), "attention_head_dim": 2, "cross_attention_dim": 32,
              "layers_per_block": 1, "norm_num_groups": 8},
 }
@@ -83,7 +85,7 @@ def build_no_prior_unet(
     ----------
     block_out_channels
         Channels per level (SD-1.5: ``(320, 640, 1280, 1280)``), or a name of :data:`UNET_WIDTHS`
-        (``"default"``, ``"wide"``, ``"small"``, ``"tiny"``), which also provides the other settings
+        (``"default"``, ``"wide"``, ``"small"``, ``"compact"``, ``"tiny"``), which also provides the other settings
         unless they are given.
     cross_attention_dim
         Width ``D`` of the condition tokens (VTCT's learned condition is ``[1, 77, D]``).
@@ -96,7 +98,7 @@ def build_no_prior_unet(
     latent_channels
         Channels of the autoencoder's latent (input and output of the UNet).
     sample_size
-        Latent side (image side / 8).
+        Latent side (image side over the autoencoder's downsampling).
 
     Returns
     -------
@@ -199,7 +201,7 @@ def build_no_prior_sdfsmis(
         vae = load_autoencoder(autoencoder, require_calibration=require_calibration)
     else:
         raise ValueError(f"autoencoder must be an AutoencoderKL or a folder path, got {type(autoencoder).__name__}.")
-    sample_size = int(vae.config.sample_size) // 8 if vae.config.sample_size else 32
+    sample_size = int(vae.config.sample_size) // downsampling_factor(vae) if vae.config.sample_size else 32
     device = next(vae.parameters()).device
 
     def build() -> SDFSMIS:

@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from monai_sdfsmis.networks.autoencoder import downsampling_factor
+from monai_sdfsmis.networks.latent_loss import latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
 from monai_sdfsmis.networks.sqi import (
@@ -238,6 +239,9 @@ class SDFSMIS(nn.Module):
     support_condition
         Condition of the support UNet pass: ``"same"`` as the query (VTCT output) or ``"empty"`` (the
         empty prompt, as DiffewS). Without VTCT both are the empty prompt.
+    foreground_weight
+        Training only: weight of the latent cells the query organ touches in the loss
+        (:func:`~monai_sdfsmis.networks.latent_loss.latent_mse`); 1 is the paper's plain MSE.
 
     Notes
     -----
@@ -276,6 +280,7 @@ class SDFSMIS(nn.Module):
         binarize_mode: str = "zero",
         relative_threshold: float = 0.25,
         support_condition: str = "same",
+        foreground_weight: float = 1.0,
     ) -> None:
         super().__init__()
         if sii_mode not in SII_MODES:
@@ -288,6 +293,8 @@ class SDFSMIS(nn.Module):
             raise ValueError(f"relative_threshold must be in (0, 1), got {relative_threshold}.")
         if not 0 <= int(timestep) < 1000:
             raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
+        if not float(foreground_weight) > 0:
+            raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
         if shared_conv_in and not use_qe:
             raise ValueError(
                 "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
@@ -321,7 +328,7 @@ class SDFSMIS(nn.Module):
             "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
             "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
             "relative_threshold": float(relative_threshold), "support_condition": support_condition,
-            "image_encoder": image_encoder is not None and use_vtct,
+            "foreground_weight": float(foreground_weight), "image_encoder": image_encoder is not None and use_vtct,
         }
         self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
         self.timestep = int(timestep)
@@ -329,6 +336,7 @@ class SDFSMIS(nn.Module):
         self.binarize_mode = binarize_mode
         self.relative_threshold = float(relative_threshold)
         self.support_condition = support_condition
+        self.foreground_weight = float(foreground_weight)
 
         vae.requires_grad_(False)
         vae.eval()
@@ -597,6 +605,9 @@ class SDFSMIS(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training loss of a batch of ``B`` episodes: ``MSE(x0, z_qm)`` in float32 (paper Eq. 5).
 
+        With ``foreground_weight != 1`` the latent cells the query mask touches weigh that much more
+        (:func:`~monai_sdfsmis.networks.latent_loss.latent_mse`).
+
         Parameters
         ----------
         support_image, query_image
@@ -634,12 +645,12 @@ class SDFSMIS(nn.Module):
         z_si, z_sm, z_qi, z_qm = self.latents_from_posterior(posterior).chunk(4)
         context = self._support_context(support_image, support_label, z_si, z_sm)
         x0 = self.predict_mask_latent(z_qi, context)
-        loss = F.mse_loss(x0.float(), z_qm.float())
+        loss = latent_mse(x0, z_qm, query_label, self.foreground_weight)
         if not return_parts:
             return loss
         if self.training and self.vae_sample_in_training:
             target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
-            mean_target = F.mse_loss(x0.detach().float(), target.float())
+            mean_target = latent_mse(x0.detach(), target, query_label, self.foreground_weight)
         else:
             mean_target = loss.detach()
         return loss, {"loss_mean_target": mean_target}
@@ -677,7 +688,8 @@ class SDFSMIS(nn.Module):
         """
         self._check_pair(query_image, None, "query")
         expected = tuple(context.image_latent.shape[-2:])
-        if tuple(s // 8 for s in query_image.shape[-2:]) != expected:
+        factor = downsampling_factor(self.vae)
+        if tuple(s // factor for s in query_image.shape[-2:]) != expected:
             raise ValueError(f"query_image {tuple(query_image.shape)} does not match the support's size (latent {expected}).")
         return self.decode_mask(self.predict_mask_latent(self.encode_latents(query_image), context))
 

@@ -48,3 +48,4 @@ from .io import (
     load_volume,
     select_reader,
 )
+from .postprocess import POSTPROCESS_STEPS, OrganMaskPostprocess, check_postprocess_steps

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from monai_sdfsmis.networks.latent_loss import foreground_cells, latent_mse
+from monai_sdfsmis.networks.sdfsmis import SDFSMIS
+
+
+def test_foreground_cells_marks_every_cell_the_mask_touches():
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[0, 0, 0, 0] = 1  # one pixel of the top-left 4x4 cell
+    mask[0, 0, 5:7, 6] = 1  # two pixels of the bottom-right cell
+    cells = foreground_cells(mask, (2, 2))
+    assert cells.tolist() == [[[[1.0, 0.0], [0.0, 1.0]]]]
+    with pytest.raises(ValueError, match="not a multiple"):
+        foreground_cells(mask, (3, 3))
+
+
+def test_latent_mse_by_hand():
+    g = torch.Generator().manual_seed(0)
+    prediction, target = torch.randn(2, 4, 2, 2, generator=g), torch.randn(2, 4, 2, 2, generator=g)
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[0, 0, 0, 0] = 1  # episode 0: cell (0, 0); episode 1: no foreground
+    assert torch.equal(latent_mse(prediction, target), F.mse_loss(prediction, target))
+    assert torch.equal(latent_mse(prediction, target, mask, 1.0), F.mse_loss(prediction, target))
+    # by hand: every latent value weighs 1, except episode 0's four channels at cell (0, 0), which weigh 5
+    total, weights = 0.0, 0.0
+    for b in range(2):
+        for c in range(4):
+            for i in range(2):
+                for j in range(2):
+                    w = 5.0 if (b, i, j) == (0, 0, 0) else 1.0
+                    total += w * float(prediction[b, c, i, j] - target[b, c, i, j]) ** 2
+                    weights += w
+    assert latent_mse(prediction, target, mask, 5.0).item() == pytest.approx(total / weights, rel=1e-6)
+    with pytest.raises(ValueError, match="needs the target mask"):
+        latent_mse(prediction, target, None, 5.0)
+    with pytest.raises(ValueError, match="positive"):
+        latent_mse(prediction, target, mask, 0.0)
+
+
+def _episode(query_foreground: bool) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(1)
+    si, qi = (torch.rand(2, 3, 64, 64, generator=g) * 2 - 1 for _ in range(2))
+    sl = torch.zeros(2, 1, 64, 64)
+    sl[:, :, 20:40, 20:40] = 1
+    ql = torch.zeros(2, 1, 64, 64)
+    if query_foreground:
+        ql[:, :, 10:30, 24:44] = 1
+    return si, sl, qi, ql
+
+
+def test_sdfsmis_weights_the_query_organ_cells_only():
+    plain = SDFSMIS.tiny(seed=0, vae_sample_in_training=False).train()
+    weighted = SDFSMIS.tiny(seed=0, vae_sample_in_training=False, foreground_weight=8.0).train()
+    assert weighted.settings["foreground_weight"] == 8.0 and plain.settings["foreground_weight"] == 1.0
+    # no query foreground: no cell is weighted, the two losses are the paper's MSE
+    empty = _episode(query_foreground=False)
+    assert torch.allclose(plain.compute_loss(*empty), weighted.compute_loss(*empty))
+    organ = _episode(query_foreground=True)
+    assert not torch.allclose(plain.compute_loss(*organ), weighted.compute_loss(*organ))
+    with pytest.raises(ValueError, match="foreground_weight"):
+        SDFSMIS.tiny(seed=0, foreground_weight=0)
