@@ -300,7 +300,8 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
         from monai_sdfsmis.utils import resolve_device
 
         values["device"] = resolve_device(values["device"])
-    return values
+    # monai.bundle.run drops overrides whose value is None; an expression keeps "--set ae_iterations=null".
+    return {key: "$None" if value is None else value for key, value in values.items()}
 
 
 def _run_train(args: argparse.Namespace) -> int:

@@ -24,6 +24,11 @@ TINY = ["spatial_size=64", "ae_width=tiny", "unet_width=tiny", "ae_iterations=3"
         "n_overlays=0", "progress=false"]
 
 
+# The 15-minute candidates of the recipe, switched on in the one end-to-end run: a 4x autoencoder, the weighted loss,
+# and the 3D clean-up stored in the model folder for inference.
+CANDIDATES = ["ae_downsampling=4", "foreground_weight=4", 'postprocess=["largest_component"]']
+
+
 def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO_ROOT), HF_HUB_OFFLINE="1", SDFSMIS_NUM_THREADS="1")
 
@@ -50,7 +55,7 @@ def trained(phantoms, tmp_path_factory):
     """One short recipe run: volumes 1-3 held out (labelled, so the protocol runs at the end)."""
     out = tmp_path_factory.mktemp("run")
     proc = _cli("train", "--dataset_dir", str(phantoms), "--output_dir", str(out), "--holdout", "0", "1", "2",
-                "--iterations", "3", "--set", *TINY)
+                "--iterations", "3", "--set", *TINY, *CANDIDATES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -62,6 +67,9 @@ def test_train_writes_a_model_folder_with_its_provenance(trained, phantoms):
     config = json.loads((model / "model_config.json").read_text())
     assert config["network_type"] == "no_prior" and config["spatial_size"] == 64
     assert config["unet"]["block_out_channels"] == [16, 32, 32, 32]
+    assert config["postprocess"] == ["largest_component"] and config["settings"]["foreground_weight"] == 4.0
+    autoencoder = json.loads((model / "autoencoder" / "config.json").read_text())
+    assert autoencoder["block_out_channels"] == [8, 16, 16]  # AUTOENCODER_WIDTHS["tiny"], first three levels: 4x
     training = config["training"]
     assert training["dataset"] == {"path": str(phantoms.resolve()), "volumes": 6, "phantoms": True,
                                    "training_volumes": ["4", "5", "6"]}
@@ -70,6 +78,7 @@ def test_train_writes_a_model_folder_with_its_provenance(trained, phantoms):
     assert training["segmenter"]["iterations"] == training["segmenter"]["planned_iterations"] == 3
     assert training["segmenter"]["stopped_by"] == "iterations"
     assert training["settings"]["unet_width"] == "tiny" and training["monai_sdfsmis_version"]
+    assert training["settings"]["ae_downsampling"] == 4 and training["budget_minutes"] is None  # --set KEY=null kept
     # the end of the run: the protocol on the held-out volumes, the results file, one summary line and where to go
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == {"support-mask copy", "SD-FSMIS no-prior"} and results["test_ids"] == ["1", "2", "3"]

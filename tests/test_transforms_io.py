@@ -489,3 +489,60 @@ def test_a_1000_slice_query_is_segmented_in_bounded_memory(tmp_path):
     assert written.shape == (256, 256, 1000)
     np.testing.assert_allclose(written.affine, source.affine, atol=1e-4)
     assert peak < PEAK_RSS_BOUND_MB, f"peak RSS {peak} MB exceeds {PEAK_RSS_BOUND_MB} MB"
+
+
+_FULL_DISK_SCRIPT = """
+import resource, sys
+import numpy as np, torch
+from monai.data import MetaTensor
+from monai_sdfsmis.transforms import SaveVolumed
+
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # a 'disk' that takes 4 KiB per file
+mask = torch.from_numpy(np.random.default_rng(0).integers(0, 2, (1, 64, 64, 16)).astype(np.uint8))
+image = MetaTensor(mask, affine=torch.diag(torch.tensor([-1.25, 1.25, 7.7, 1.0])), meta={"filename_or_obj": "q.nii.gz"})
+saver = SaveVolumed("pred", output_dir=sys.argv[1], output_postfix="seg", output_ext=sys.argv[2],
+                    separate_folder=False, output_dtype=np.uint8, resample=False, print_log=False)
+try:
+    saver({"pred": image})
+except OSError as error:
+    print("OSError:", error)
+    sys.exit(3)
+"""
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd"])
+def test_a_mask_that_does_not_fit_on_the_disk_is_never_published(tmp_path, ext):
+    """Python ignores SIGXFSZ, so a file-size limit makes writes fail as a full disk does: nibabel raises, MONAI
+    falls back to its ITK writer, which ignores the short write; the file must not appear under its final name."""
+    import subprocess
+    import sys
+
+    from tests.utils import REPO_ROOT
+
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK_SCRIPT, str(out), ext], capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr[-3000:]
+    message = proc.stdout.strip().splitlines()[-1]
+    assert message.startswith(f"OSError: could not write {out / ('q_seg' + ext)}: ") and "disk full" in message, message
+    assert "\n" not in message
+    assert list(out.iterdir()) == []  # neither a truncated file under the final name nor a temporary left behind
+
+
+def test_a_save_removes_what_a_killed_save_of_the_same_file_left(tmp_path):
+    from monai.data import MetaTensor
+
+    from monai_sdfsmis.transforms import SaveVolumed
+
+    killed = tmp_path / ".q_seg.nii.gz.k3_x9ab.nii.gz"  # atomic_path's temporary name of q_seg.nii.gz
+    other = tmp_path / ".p_seg.nii.gz.k3_x9ab.nii.gz"  # another output's: maybe another run writing now
+    for leftover in (killed, other):
+        leftover.write_bytes(b"\x1f\x8b truncated")
+    mask = torch.zeros(1, 8, 8, 4, dtype=torch.uint8)
+    mask[0, 2:5, 2:5, 1:3] = 1
+    image = MetaTensor(mask, affine=torch.eye(4), meta={"filename_or_obj": str(tmp_path / "q.nii.gz")})
+    SaveVolumed("pred", output_dir=tmp_path, output_postfix="seg", separate_folder=False, output_dtype=np.uint8,
+                resample=False, print_log=False)({"pred": image})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".p_seg.nii.gz.k3_x9ab.nii.gz", "q_seg.nii.gz"]
+    assert np.asarray(nib.load(str(tmp_path / "q_seg.nii.gz")).dataobj).sum() == 18

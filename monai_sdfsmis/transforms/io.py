@@ -24,18 +24,22 @@ __all__ = [
     "CheckLabelIdsDict",
     "check_output_folder",
     "axis_reorientation",
+    "check_written_volume",
     "SaveVolumed",
 ]
 
 import copy
 import functools
 import os
+import re
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import DtypeLike, KeysCollection
@@ -599,6 +603,29 @@ def axis_reorientation(
     return axes, tuple(flips)
 
 
+def check_written_volume(path: str | os.PathLike, spatial_shape: Sequence[int], name: Any = None) -> None:
+    """Read a just-written volume back completely; raise ``OSError`` naming ``name`` when it is short or unreadable.
+
+    NIfTI files are decompressed in full (gzip's checksum catches a truncated ``.nii.gz``); other formats are read
+    in full with ITK. ``spatial_shape`` is the spatial shape of the array the writer was given, in any axis order
+    (ITK's writer holds it reversed): the voxel count read back must equal its product.
+    """
+    shown = os.fspath(name if name is not None else path)
+    try:
+        if str(path).endswith((".nii", ".nii.gz")):
+            image = nib.load(os.fspath(path))
+            voxels = int(np.asarray(image.dataobj).size)  # every byte, and gzip's CRC
+        else:
+            itk = optional_import("itk")[0]
+            voxels = int(itk.array_view_from_image(itk.imread(os.fspath(path))).size)
+    except Exception as error:  # truncated gzip, short data, a header that does not parse
+        raise OSError(f"writing {shown} failed: the file does not read back ({type(error).__name__}: {error}); is the "
+                      "disk full?") from None
+    expected = int(np.prod([int(v) for v in spatial_shape]))
+    if voxels != expected:
+        raise OSError(f"writing {shown} failed: it reads back with {voxels} voxels, not {expected}; is the disk full?")
+
+
 def _atomic_writer(writer_cls: type) -> type:
     """A subclass of a MONAI ``ImageWriter``: ``write`` goes to a temporary file renamed last, and an output whose
     grid differs from the file's only by axis order and direction is put back by transposes and flips."""
@@ -608,7 +635,10 @@ def _atomic_writer(writer_cls: type) -> type:
             if not isinstance(filename_or_obj, (str, os.PathLike)):
                 return super().write(filename_or_obj, *args, **kwargs)
             with atomic_path(filename_or_obj) as tmp:
-                return super().write(str(tmp), *args, **kwargs)
+                result = super().write(str(tmp), *args, **kwargs)
+                # Some writers (ITK's) ignore a short write on a full disk; only a file that reads back is published.
+                check_written_volume(tmp, self.data_obj.shape[:3], filename_or_obj)
+                return result
 
         @classmethod
         def resample_if_needed(cls, data_array, affine=None, target_affine=None, output_spatial_shape=None, **kwargs):
@@ -676,11 +706,13 @@ class SaveVolumed(SaveImaged):
 
     def __call__(self, data):
         d = dict(data)
+        targets = []
         for key, meta_key, meta_key_postfix in self.key_iterator(d, self.meta_keys, self.meta_key_postfix):
             if meta_key is None and meta_key_postfix is not None:
                 meta_key = f"{key}_{meta_key_postfix}"
             meta_data = d.get(meta_key) if meta_key is not None else None
             target = self._target(d[key], meta_data)
+            targets.append(target)
             meta = d[key].meta if isinstance(d[key], MetaTensor) else (meta_data or {})
             inputs = [*self.protected, *(p for p in ensure_tuple(meta.get(_FILENAME_KEY)) if isinstance(p, str))]
             if any(_same_file(target, p) for p in inputs):
@@ -689,7 +721,37 @@ class SaveVolumed(SaveImaged):
                 raise ValueError(
                     f"output {target} already exists; remove it, choose another output_dir or set overwrite=True"
                 )
-        return super().__call__(d)
+            _remove_stale_temporaries(target)
+        try:
+            return super().__call__(d)
+        except RuntimeError as error:
+            # MONAI tries every writer and reports all their tracebacks; the first failure is the one that matters.
+            raise OSError(f"could not write {', '.join(targets)}: {_first_writer_failure(str(error))}") from None
+
+
+def _remove_stale_temporaries(target: str) -> None:
+    """Remove what a killed save of ``target`` left: ``.<name>.<random><suffixes>`` (:func:`atomic_path`'s names).
+
+    Only temporaries of this very output are touched, so another run writing other files into the folder is safe.
+    """
+    folder, name = os.path.split(target)
+    suffixes = "".join(Path(name).suffixes)
+    for leftover in Path(folder or ".").glob(f".{glob_escape(name)}.*{glob_escape(suffixes)}"):
+        if leftover.is_file() and re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+{re.escape(suffixes)}", leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
+def _first_writer_failure(report: str) -> str:
+    """The first writer's error from MONAI's report of every writer's traceback, in one line."""
+    blocks = report.split("Traceback (most recent call last):")
+    if len(blocks) < 2:
+        return report.strip().splitlines()[0] if report.strip() else "unknown error"
+    lines = [line.strip() for line in blocks[1].splitlines() if line.strip()]
+    # The exception's own lines follow the indented stack; ours already reads "writing X failed: ...".
+    start = next((i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)), len(lines) - 1)
+    message = lines[start].split(":", 1)[0] + ": " + lines[-1] if len(lines) - start > 1 else lines[start]
+    message = message.removeprefix("OSError: ")
+    return message if "disk full" in message else f"{message}; is the disk full?"
 
 
 LoadVolumeD = LoadVolumeDict = LoadVolumed
