@@ -34,6 +34,7 @@ from monai_sdfsmis.networks.autoencoder import (
     save_autoencoder,
 )
 from monai_sdfsmis.progress import attach_progress
+from monai_sdfsmis.utils import training_autocast
 
 
 class AutoencoderTrainingStep:
@@ -51,6 +52,8 @@ class AutoencoderTrainingStep:
         Max gradient norm (``None`` or 0: no clipping).
     amp
         Use bf16 autocast when the batch is on a CUDA device.
+    amp_on_cpu
+        Also on CPU (:func:`~monai_sdfsmis.utils.training_autocast`).
     image_key
         Key of the ``[B, 3, H, W]`` images in the batch dictionaries.
     sample_posterior
@@ -69,6 +72,7 @@ class AutoencoderTrainingStep:
         amp: bool = True,
         image_key: str = "image",
         sample_posterior: bool = True,
+        amp_on_cpu: bool = False,
     ) -> None:
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}.")
@@ -77,6 +81,7 @@ class AutoencoderTrainingStep:
         self.kl_weight = float(kl_weight)
         self.grad_clip = grad_clip
         self.amp = amp
+        self.amp_on_cpu = bool(amp_on_cpu)
         self.image_key = image_key
         self.sample_posterior = sample_posterior
 
@@ -94,8 +99,7 @@ class AutoencoderTrainingStep:
         network, optimizer = engine.network, engine.optimizer
         network.train()
         optimizer.zero_grad(set_to_none=True)
-        use_bf16 = self.amp and images.device.type == "cuda"
-        with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with training_autocast(images.device, self.amp, self.amp_on_cpu):
             loss, parts = autoencoder_loss(network, images, self.kl_weight, sample_posterior=self.sample_posterior)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -124,6 +128,7 @@ def build_autoencoder_trainer(
     amp: bool = True,
     train_handlers: Sequence[Any] | None = None,
     progress: bool = True,
+    amp_on_cpu: bool = False,
 ) -> tuple[SupervisedTrainer, TrainingBudget]:
     """A :class:`~monai.engines.SupervisedTrainer` for stage 1, with its :class:`TrainingBudget` attached.
 
@@ -141,7 +146,7 @@ def build_autoencoder_trainer(
     max_iterations, max_seconds, schedule, warmup_iterations
         Budget and learning-rate schedule (:func:`~monai_sdfsmis.engines.budget.attach_budget`; a decaying
         schedule runs over ``max_iterations``, ``max_seconds`` is a hard stop on top).
-    kl_weight, grad_clip, amp
+    kl_weight, grad_clip, amp, amp_on_cpu
         :class:`AutoencoderTrainingStep` settings.
     train_handlers
         More MONAI/ignite handlers (e.g. ``StatsHandler``, ``CheckpointSaver``).
@@ -176,7 +181,9 @@ def build_autoencoder_trainer(
         optimizer=optimizer,
         loss_function=autoencoder_loss,
         epoch_length=epoch_length,
-        iteration_update=AutoencoderTrainingStep(kl_weight=kl_weight, grad_clip=grad_clip, amp=amp),
+        iteration_update=AutoencoderTrainingStep(
+            kl_weight=kl_weight, grad_clip=grad_clip, amp=amp, amp_on_cpu=amp_on_cpu
+        ),
         train_handlers=list(train_handlers or []),
         # Outputs are scalars only; decollating the image batch every iteration would be wasted work.
         decollate=False,

@@ -137,7 +137,7 @@ class AutoencoderStage:
         Training slices and masks; the slices the latent scale is measured on.
     output_dir
         ``<model folder>/autoencoder``.
-    device, lr, warmup, kl_weight, amp
+    device, lr, warmup, kl_weight, amp, amp_on_cpu
         Training settings (:func:`~monai_sdfsmis.engines.autoencoder.build_autoencoder_trainer`).
     iterations, seconds
         Budget: iterations set the cosine schedule, seconds are a hard stop; either may be ``None``.
@@ -168,6 +168,7 @@ class AutoencoderStage:
         handlers: Sequence[Any] = (),
         progress: bool = True,
         metadata: Mapping[str, Any] | None = None,
+        amp_on_cpu: bool = False,
     ) -> None:
         if iterations is None and seconds is None:
             raise ValueError("stage 1 needs a budget: set ae_iterations or total_minutes (bundle keys)")
@@ -176,6 +177,7 @@ class AutoencoderStage:
         self.device, self.lr, self.iterations, self.seconds = device, lr, iterations, seconds
         self.clock, self.warmup, self.kl_weight, self.amp = clock, warmup, kl_weight, amp
         self.handlers, self.progress, self.metadata = list(handlers), progress, dict(metadata or {})
+        self.amp_on_cpu = bool(amp_on_cpu)
 
     def run(self) -> dict[str, Any]:
         """Train, calibrate and save; returns the stage's record (iterations done and planned, seconds, scale)."""
@@ -187,7 +189,7 @@ class AutoencoderStage:
         trainer, budget = build_autoencoder_trainer(
             self.network, self.dataloader, device=self.device, lr=self.lr, max_iterations=self.iterations,
             max_seconds=self.seconds, schedule="cosine", warmup_iterations=warmup, kl_weight=self.kl_weight,
-            amp=self.amp, train_handlers=self.handlers, progress=self.progress,
+            amp=self.amp, train_handlers=self.handlers, progress=self.progress, amp_on_cpu=self.amp_on_cpu,
         )
         losses = LossRecorder()
         losses.attach(trainer)

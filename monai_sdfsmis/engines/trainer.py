@@ -20,7 +20,6 @@ import inspect
 import math
 import warnings
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from monai.engines.utils import IterationEvents
 
 from monai_sdfsmis.data.episodes import LATENT_KEY_SUFFIX
 from monai_sdfsmis.networks.latent_cache import LatentCache
+from monai_sdfsmis.utils import training_autocast
 
 #: Batch keys handed to ``network.compute_loss``, in argument order.
 EPISODE_KEYS: tuple[str, ...] = ("support_image", "support_label", "query_image", "query_label")
@@ -53,7 +53,9 @@ class EpisodeTrainingStep:
     grad_clip
         Max norm of all gradients together (``torch.nn.utils.clip_grad_norm_``); ``None`` or 0 to skip.
     amp
-        bf16 autocast for the forward pass when the engine's device is CUDA (no effect on CPU).
+        bf16 autocast for the forward pass when the engine's device is CUDA.
+    amp_on_cpu
+        bf16 autocast on CPU too (:func:`~monai_sdfsmis.utils.training_autocast`).
     keys
         Batch keys passed to ``compute_loss`` in order; each value ``[B, C, H, W]``.
     skip_non_finite
@@ -79,6 +81,7 @@ class EpisodeTrainingStep:
         keys: Sequence[str] = EPISODE_KEYS,
         skip_non_finite: bool = True,
         latent_cache: LatentCache | None = None,
+        amp_on_cpu: bool = False,
     ) -> None:
         if grad_clip is not None and grad_clip < 0:
             raise ValueError(f"grad_clip must be positive (or None to disable), got {grad_clip}.")
@@ -86,6 +89,7 @@ class EpisodeTrainingStep:
             raise ValueError("keys must name the batch entries passed to compute_loss.")
         self.grad_clip = grad_clip
         self.amp = amp
+        self.amp_on_cpu = bool(amp_on_cpu)
         self.keys = tuple(keys)
         self.skip_non_finite = skip_non_finite
         self.latent_cache = latent_cache
@@ -118,11 +122,12 @@ class EpisodeTrainingStep:
 
         network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
+        autocast = training_autocast(device, self.amp, self.amp_on_cpu)
         extra: dict[str, Any] = {}
         if _accepts(compute_loss, "return_parts"):
             extra["return_parts"] = True
-        posteriors = self._cached_posteriors(model, batch, inputs)
+        with autocast:  # the cache's misses are encoded as compute_loss would encode them
+            posteriors = self._cached_posteriors(model, batch, inputs)
         if posteriors is not None:
             extra["posteriors"] = posteriors
         # Through forward (and so through a DDP wrapper's reducer) where the network supports it.
@@ -178,7 +183,7 @@ class EpisodeTrainer(SupervisedTrainer):
         Network with ``compute_loss(support_image, support_label, query_image, query_label)``.
     optimizer
         E.g. ``torch.optim.AdamW(network.parameter_groups(...))``.
-    grad_clip, amp, latent_cache
+    grad_clip, amp, latent_cache, amp_on_cpu
         See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, fp32 on CPU; no cache).
     epoch_length, train_handlers, key_train_metric, non_blocking, optim_set_to_none
         As ``SupervisedTrainer``.
@@ -199,6 +204,7 @@ class EpisodeTrainer(SupervisedTrainer):
         non_blocking: bool = False,
         optim_set_to_none: bool = True,
         latent_cache: LatentCache | None = None,
+        amp_on_cpu: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -210,7 +216,9 @@ class EpisodeTrainer(SupervisedTrainer):
             loss_function=_no_loss_function,
             epoch_length=epoch_length,
             non_blocking=non_blocking,
-            iteration_update=EpisodeTrainingStep(grad_clip=grad_clip, amp=amp, latent_cache=latent_cache),
+            iteration_update=EpisodeTrainingStep(
+                grad_clip=grad_clip, amp=amp, latent_cache=latent_cache, amp_on_cpu=amp_on_cpu
+            ),
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,
             amp=False,  # bf16 autocast is handled by the step; no GradScaler needed
