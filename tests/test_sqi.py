@@ -134,9 +134,18 @@ class _Holder(nn.Module):
         self.block = block
 
 
-def _block(seed: int = 0) -> _Holder:
+class _ReorderedBlock(BasicTransformerBlock):
+    """A block whose forward takes ``cross_attention_kwargs`` second: what a diffusers release reordering the block's
+    arguments would look like. SII must find the arguments by name, not by position."""
+
+    def forward(self, hidden_states, cross_attention_kwargs=None, encoder_hidden_states=None, attention_mask=None):
+        return super().forward(hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                               cross_attention_kwargs=cross_attention_kwargs)
+
+
+def _block(seed: int = 0, block_type: type = BasicTransformerBlock) -> _Holder:
     torch.manual_seed(seed)
-    block = BasicTransformerBlock(16, 2, 8, cross_attention_dim=12)
+    block = block_type(16, 2, 8, cross_attention_dim=12)
     with torch.no_grad():  # non-trivial norms so that a wrong norm would show
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -309,6 +318,28 @@ def test_explicit_support_kwargs_follow_the_paper_order_without_bank_state(posit
     assert not [r for r in caplog.records if "not expected" in r.getMessage()]  # attn2 drops the support keys
     processor = block.attn1.processor
     assert not any(isinstance(v, torch.Tensor) for v in vars(processor).values())  # nothing kept between calls
+
+
+@pytest.mark.parametrize("positional", [False, True])
+def test_sii_binds_the_block_arguments_by_name_whatever_their_order(positional):
+    holder = _block(block_type=_ReorderedBlock)
+    install_sii(holder, SupportBank(), "sii")
+    block = holder.block
+    with torch.no_grad():
+        for p in block.attn_sq.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    g = torch.Generator().manual_seed(0)
+    hs, hq, ctx = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    with torch.no_grad():
+        store: dict = {}
+        if positional:
+            block(hs, {"support_store": store}, ctx)
+            got = block(hq, {"support_features": store}, ctx)
+        else:
+            block(encoder_hidden_states=ctx, cross_attention_kwargs={"support_store": store}, hidden_states=hs)
+            got = block(cross_attention_kwargs={"support_features": store}, hidden_states=hq, encoder_hidden_states=ctx)
+        expected = _paper_block_output(block, hs, hq, ctx)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["sii", "kv_concat"])

@@ -26,7 +26,7 @@ TINY = ["spatial_size=64", "ae_width=tiny", "unet_width=tiny", "ae_iterations=3"
 
 # The 15-minute candidates of the recipe, switched on in the one end-to-end run: a 4x autoencoder, the weighted loss,
 # and the 3D clean-up stored in the model folder for inference.
-CANDIDATES = ["ae_downsampling=4", "foreground_weight=4", 'postprocess=["largest_component"]']
+CANDIDATES = ["ae_downsampling=4", "foreground_weight=4", 'postprocess=["largest_component"]', "amp_on_cpu=true"]
 
 
 def _env() -> dict:
@@ -79,6 +79,7 @@ def test_train_writes_a_model_folder_with_its_provenance(trained, phantoms):
     assert training["segmenter"]["stopped_by"] == "iterations"
     assert training["settings"]["unet_width"] == "tiny" and training["monai_sdfsmis_version"]
     assert training["settings"]["ae_downsampling"] == 4 and training["budget_minutes"] is None  # --set KEY=null kept
+    assert training["settings"]["amp_on_cpu"] is True
     # the end of the run: the protocol on the held-out volumes, the results file, one summary line and where to go
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == {"support-mask copy", "SD-FSMIS no-prior"} and results["test_ids"] == ["1", "2", "3"]

@@ -51,3 +51,17 @@ def test_folder_is_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(ValueError, match="a file of that name"):
         with atomic_folder(tmp_path / "a_file"):
             pass
+
+
+def test_training_autocast_runs_bf16_where_asked():
+    import torch
+
+    from monai_sdfsmis.utils import training_autocast
+
+    a, b = torch.ones(4, 4), torch.ones(4, 4)
+    with training_autocast("cpu", amp=True, amp_on_cpu=False):
+        assert (a @ b).dtype == torch.float32  # amp alone is for CUDA: CPU stays fp32
+    with training_autocast(torch.device("cpu"), amp=False, amp_on_cpu=True):
+        assert (a @ b).dtype == torch.bfloat16
+    with training_autocast("cuda", amp=False, amp_on_cpu=True):  # nothing for CUDA unless amp
+        assert (a @ b).dtype == torch.float32

@@ -24,6 +24,7 @@ part          width                         params    GFLOP (one forward)  vs SD
 ============  ============================  ========  ===================  ======================
 UNet default  (128, 256, 256, 256), 8 heads  52.1 M    19.3 (4x32x32)       8.9x cheaper
 UNet small    (64, 128, 256, 256), 4 heads   35.0 M     6.9                 25x cheaper
+UNet compact  (32, 64, 128, 128), 4 heads    8.8 M     not counted         -
 AE default    (64, 128, 256, 256)            20.9 M    67.8 enc / 155 dec   4x cheaper
 ============  ============================  ========  ===================  ======================
 

@@ -63,6 +63,7 @@ __all__ = [
 ]
 
 import copy
+import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -222,9 +223,12 @@ SUPPORT_STORE_KEY = "support_store"
 BLOCK_INPUT_KEY = "sii_block_input"
 """``cross_attention_kwargs`` key the block pre-hook adds for ``attn1``: the block input ``h``."""
 
-_CROSS_ATTENTION_KWARGS_INDEX = list(inspect.signature(BasicTransformerBlock.forward).parameters).index(
-    "cross_attention_kwargs"
-) - 1  # position in ``block(*args)``, without ``self``
+
+@functools.lru_cache(maxsize=None)
+def _forward_signature(block_type: type) -> inspect.Signature:
+    """The signature of ``block_type.forward`` without ``self``, read from the installed diffusers at run time."""
+    signature = inspect.signature(block_type.forward)
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 def _base_processor(attn: Attention) -> Any:
@@ -274,13 +278,12 @@ def _inject_block_input(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tu
     """
     if not isinstance(block.attn1.processor, SupportQueryAttnProcessor):
         return None  # SII was removed (set_attn_processor): plain SD, nothing to add
-    hidden_states = args[0] if args else kwargs["hidden_states"]
-    if len(args) > _CROSS_ATTENTION_KWARGS_INDEX:  # positional call (diffusers' gradient checkpointing)
-        i = _CROSS_ATTENTION_KWARGS_INDEX
-        extra = {**(args[i] or {}), BLOCK_INPUT_KEY: hidden_states}
-        return (*args[:i], extra, *args[i + 1:]), kwargs
-    extra = {**(kwargs.get("cross_attention_kwargs") or {}), BLOCK_INPUT_KEY: hidden_states}
-    return args, {**kwargs, "cross_attention_kwargs": extra}
+    # Bind by name (positional, as diffusers' gradient checkpointing calls blocks, or keyword): no argument position
+    # is assumed, so a diffusers release that reorders the block's arguments cannot hand SII the wrong tensor.
+    bound = _forward_signature(type(block)).bind(*args, **kwargs)
+    extra = {**(bound.arguments.get("cross_attention_kwargs") or {}), BLOCK_INPUT_KEY: bound.arguments["hidden_states"]}
+    bound.arguments["cross_attention_kwargs"] = extra
+    return bound.args, bound.kwargs
 
 
 class SupportQueryAttnProcessor:
