@@ -205,3 +205,46 @@ def test_volume_store_errors(tmp_path):
         VolumeStore([VolumeRecord("1", tmp_path / "image_1.nii.gz")], intensity="nope")
     with pytest.raises(ValueError, match="Duplicate volume id"):
         VolumeStore([VolumeRecord("1", tmp_path / "image_1.nii.gz")] * 2)
+
+
+def _las_case(tmp_path: Path, label_affine_change=None) -> tuple[VolumeRecord, np.ndarray]:
+    """An LAS image (CHAOS's orientation) and its label with one asymmetric organ; the label is written through
+    ``label_affine_change(image, label) -> label image``."""
+    affine = np.diag([-1.25, 1.25, 7.7, 1.0])
+    affine[:3, 3] = [160.0, -150.0, -40.0]
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(20, 24, 6)).astype(np.float32)
+    label = np.zeros((20, 24, 6), np.int16)
+    label[2:7, 3:15, 1:4] = 1  # near the first voxels along x, y and z: a mirror in any axis moves it
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "image_1.nii.gz"))
+    written = nib.Nifti1Image(label, affine)
+    if label_affine_change is not None:
+        written = label_affine_change(written)
+    nib.save(written, str(tmp_path / "label_1.nii.gz"))
+    return VolumeRecord("1", tmp_path / "image_1.nii.gz", label=tmp_path / "label_1.nii.gz"), label
+
+
+def test_volume_store_reads_a_label_saved_in_another_orientation_by_its_header(tmp_path):
+    """nibabel's as_closest_canonical stores the same voxels RAS (the x axis flipped, the header changed): read by
+    array index it would be the organ's mirror image."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    as_stored, label = _las_case(tmp_path / "a")
+    canonical, _ = _las_case(tmp_path / "b", nib.as_closest_canonical)
+    assert not np.array_equal(np.asarray(nib.load(str(canonical.label)).dataobj), label)  # stored differently
+    reference = VolumeStore([as_stored], spatial_size=None, orientation=None).label("1")
+    assert np.array_equal(reference, label)
+    assert np.array_equal(VolumeStore([canonical], spatial_size=None, orientation=None).label("1"), label)
+    ras = VolumeStore([canonical], spatial_size=None).label("1"), VolumeStore([as_stored], spatial_size=None).label("1")
+    assert np.array_equal(*ras)
+
+
+def test_volume_store_refuses_a_label_on_another_grid(tmp_path):
+    def shifted(img):
+        affine = img.affine.copy()
+        affine[0, 3] += 5.0  # four voxels away, same shape
+        return nib.Nifti1Image(np.asarray(img.dataobj), affine)
+
+    record, _ = _las_case(tmp_path, shifted)
+    with pytest.raises(ValueError, match=r"label_1.nii.gz' is not on the voxel grid of its image .*image_1.nii.gz"):
+        VolumeStore([record], spatial_size=None).label("1")

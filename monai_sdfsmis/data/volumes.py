@@ -17,7 +17,7 @@ from monai.utils import convert_to_numpy
 from monai_sdfsmis.data.layouts import VolumeRecord
 from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.transforms.intensity import ResizeSlicesd, ScaleToUnitRange
-from monai_sdfsmis.transforms.io import load_volume
+from monai_sdfsmis.transforms.io import axis_reorientation, load_volume
 
 _KINDS = ("image", "label", "supervoxel")
 T = TypeVar("T")
@@ -209,6 +209,29 @@ class VolumeStore:
         # Bilinear resizing stays inside [-1, 1]; the clip only guards against float rounding of the preset.
         return np.clip(image, -1.0, 1.0)
 
+    @staticmethod
+    def _label_on_image_grid(
+        label: MetaTensor, shape: tuple[int, ...], affine: torch.Tensor, path: Any, image_path: Any
+    ) -> MetaTensor:
+        """The label in its image's voxel order, read by header: a label saved in another orientation is transposed
+        and flipped onto the image's grid (exactly); one on another grid is refused, naming the file.
+
+        Supervoxel maps are not checked: the published ADNet/RPT ones carry an LPS header on the same voxels.
+        """
+        plan = axis_reorientation(convert_to_numpy(label.affine), convert_to_numpy(affine), tuple(label.shape[1:]), shape)
+        if plan is None:
+            if sorted(label.shape[1:]) != sorted(shape):
+                return label  # not even a reordering of the image's shape: the caller names both shapes
+            raise ValueError(
+                f"Label file '{path}' is not on the voxel grid of its image '{image_path}' (shape {tuple(label.shape[1:])} "
+                f"vs {shape}, or another spacing, origin or rotation); resample it onto the image grid first."
+            )
+        axes, flips = plan
+        if axes == tuple(range(len(axes))) and not flips:
+            return label
+        array = np.flip(np.transpose(convert_to_numpy(label.as_tensor()[0]), axes), flips)
+        return MetaTensor(torch.from_numpy(np.ascontiguousarray(array))[None], affine=affine)
+
     def _load_map(self, rec: VolumeRecord, kind: str) -> np.ndarray:
         path = rec.label if kind == "label" else rec.supervoxel
         if path is None:
@@ -220,6 +243,8 @@ class VolumeStore:
         raw_shape, raw_affine, _ = self._image_geometry(rec.id)
         # An integer dtype makes load_volume reject label files holding non-integer values, naming the file.
         raw = self._read_raw(path, np.int32)
+        if kind == "label":
+            raw = self._label_on_image_grid(raw, raw_shape, raw_affine, path, rec.image)
         if tuple(raw.shape[1:]) != raw_shape:
             raise ValueError(
                 f"{kind.capitalize()} file '{path}' has shape {tuple(raw.shape[1:])} but its image '{rec.image}' has "

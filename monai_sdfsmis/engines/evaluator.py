@@ -115,7 +115,9 @@ class ProtocolDataset(Dataset):
         As :func:`protocol_items` (CHAOS organ ids by default; SABS: ``organ_ids=(1, 2, 3, 6)``,
         ``organ_names=SABS_ORGANS``).
     intensity, spatial_size
-        ``VolumeStore`` settings when ``source`` is not a store.
+        ``VolumeStore`` settings when ``source`` is not a store. ``spatial_size=None`` (default) keeps every volume on
+        its own grid, so masks are measured against the labels as stored (the inferer resizes to the network's size
+        and back).
     """
 
     def __init__(
@@ -127,7 +129,7 @@ class ProtocolDataset(Dataset):
         folds: Sequence[Sequence[int]] | None = None,
         organ_names: Mapping[int, str] = CHAOS_ORGANS,
         intensity: str = "minmax",
-        spatial_size: int | None = 256,
+        spatial_size: int | None = None,
     ) -> None:
         if isinstance(source, VolumeStore):
             self.store = source

@@ -219,7 +219,11 @@ class ProtocolCheck:
     Parameters
     ----------
     store
-        The test volumes' :class:`~monai_sdfsmis.data.VolumeStore` (labels needed).
+        The test volumes' :class:`~monai_sdfsmis.data.VolumeStore` at the network's resolution (labels needed):
+        the autoencoder's round trip is measured on its slices.
+    protocol_store
+        The same volumes on their own grid (``spatial_size=None``), where the protocol measures the masks, as
+        ``python -m monai_sdfsmis protocol`` and the paper do; ``None`` uses ``store`` (masks and labels resized).
     fold, folds, organ_ids, organ_names, support_position, inferer
         The protocol's cases (:func:`~monai_sdfsmis.engines.evaluate_protocol`).
     output_dir
@@ -245,8 +249,10 @@ class ProtocolCheck:
         overlays: int = 1,
         device: torch.device | str | None = None,
         progress: bool = True,
+        protocol_store: Any = None,
     ) -> None:
         self.store, self.fold, self.folds = store, int(fold), folds
+        self.protocol_store = store if protocol_store is None else protocol_store
         self.organ_ids, self.organ_names, self.support_position = list(organ_ids), organ_names, support_position
         self.inferer, self.output_dir, self.method = inferer, Path(output_dir), method
         self.surface_metrics, self.overlays, self.device, self.progress = surface_metrics, overlays, device, progress
@@ -288,7 +294,7 @@ class ProtocolCheck:
         network.eval()
         try:
             return evaluate_protocol(
-                network, self.store, fold_ids=[self.fold], organ_ids=self.organ_ids, inferer=self.inferer,
+                network, self.protocol_store, fold_ids=[self.fold], organ_ids=self.organ_ids, inferer=self.inferer,
                 output_dir=self.output_dir / name, baseline=baseline, overlays=self.overlays if final else 0,
                 method=self.method, support_position=self.support_position, folds=self.folds,
                 organ_names=self.organ_names, surface_metrics=self.surface_metrics and final, device=self.device,
