@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.utils import REPO_ROOT, link_chaos_subset, requires_chaos
@@ -192,3 +193,44 @@ def test_a_resumed_run_rotates_the_checkpoints_of_the_run_it_resumes(tmp_path):
     assert engine.state.iteration == 30
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_iteration=25.pt", "checkpoint_iteration=30.pt"]
     assert set(_checkpoint(tmp_path / "checkpoint_iteration=30.pt")) == {"model", "optimizer", "trainer", "rng"}
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_loads(tmp_path):
+    from ignite.engine import Engine, Events
+
+    from monai_sdfsmis.engines import ResumeFromCheckpoint
+
+    engine, data = _saving_engine(tmp_path, 30)
+    engine.add_event_handler(Events.ITERATION_COMPLETED(once=15), lambda engine: engine.terminate())  # a crash
+    engine.run(data, max_epochs=1)
+    newest = tmp_path / "checkpoint_iteration=15.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # a full disk cut it short
+
+    model = torch.nn.Linear(2, 1)
+    resume = ResumeFromCheckpoint(tmp_path, {"model": model, "optimizer": torch.optim.SGD(model.parameters(), lr=0.1)})
+    started = []
+    engine = Engine(lambda engine, batch: None)
+    resume.attach(engine)
+    engine.add_event_handler(Events.STARTED, lambda engine: started.append(engine.state.iteration))
+    with pytest.warns(UserWarning, match=r"cannot resume from .*checkpoint_iteration=15.pt: .*trying an older"):
+        engine.run(range(30), max_epochs=1)
+    assert resume.loaded_from == tmp_path / "checkpoint_iteration=10.pt" and started == [10]
+    assert engine.state.iteration == 30
+
+
+def test_resume_refuses_in_one_line_when_no_checkpoint_fits(tmp_path):
+    from ignite.engine import Engine
+
+    from monai_sdfsmis.engines import ResumeFromCheckpoint
+
+    engine, data = _saving_engine(tmp_path, 10)
+    engine.run(data, max_epochs=1)
+    other = torch.nn.Linear(3, 1)  # another architecture: every checkpoint's weights have the wrong shape
+    resume = ResumeFromCheckpoint(tmp_path, {"model": other, "optimizer": torch.optim.SGD(other.parameters(), lr=0.1)})
+    engine = Engine(lambda engine, batch: None)
+    resume.attach(engine)
+    with pytest.warns(UserWarning), pytest.raises(ValueError) as error:
+        engine.run(range(10), max_epochs=1)
+    message = str(error.value)
+    assert message.startswith(f"no checkpoint in {tmp_path} can be resumed from: checkpoint_iteration=10.pt (")
+    assert "checkpoint_iteration=5.pt (" in message and "size mismatch" in message and "\n" not in message

@@ -18,16 +18,19 @@ __all__ = [
     "AtomicCheckpointSaver",
     "RandomStates",
     "latest_checkpoint",
+    "resumable_checkpoints",
     "remove_stale_temporaries",
     "ResumeFromCheckpoint",
 ]
 
 import logging
 import os
+import pickle
 import random
 import re
 import types
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping
 from os import PathLike
 from pathlib import Path
@@ -224,9 +227,15 @@ def latest_checkpoint(ckpt_dir: str | PathLike, prefix: str = "") -> Path | None
     at equal ``N`` the final one) and, only when there is none, ``..._epoch=N.pt``. Key-metric files
     (``model.pt``, ``..._key_metric=...``) are ignored: they hold no trainer state.
     """
+    found = resumable_checkpoints(ckpt_dir, prefix)
+    return found[0] if found else None
+
+
+def resumable_checkpoints(ckpt_dir: str | PathLike, prefix: str = "") -> list[Path]:
+    """Every resumable checkpoint in ``ckpt_dir``, newest first (the order of :func:`latest_checkpoint`)."""
     folder = Path(ckpt_dir)
     if not folder.is_dir():
-        return None
+        return []
     by_iteration: list[tuple[int, int, Path]] = []
     by_epoch: list[tuple[int, Path]] = []
     for path in folder.glob(f"{prefix}*.pt"):
@@ -240,10 +249,8 @@ def latest_checkpoint(ckpt_dir: str | PathLike, prefix: str = "") -> Path | None
         if match:
             by_epoch.append((int(match.group(1)), path))
     if by_iteration:
-        return max(by_iteration)[2]
-    if by_epoch:
-        return max(by_epoch)[1]
-    return None
+        return [path for *_, path in sorted(by_iteration, reverse=True)]
+    return [path for _, path in sorted(by_epoch, reverse=True)]
 
 
 class ResumeFromCheckpoint:
@@ -296,19 +303,36 @@ class ResumeFromCheckpoint:
             self.load_dict.setdefault(self.engine_key, engine)
         engine.add_event_handler(Events.STARTED, self)
 
-    def __call__(self, engine: Any) -> None:
-        path = latest_checkpoint(self.ckpt_dir, self.prefix)
-        if path is None:
-            engine.logger.info(f"No checkpoint in '{self.ckpt_dir}' to resume from; starting fresh.")
-            return
+    def _load(self, path: Path) -> dict:
+        """Read ``path`` and restore ``load_dict`` from it; raises if the file is unreadable or does not fit."""
         checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
         if len(self.load_dict) == 1 and next(iter(self.load_dict)) not in checkpoint:
             checkpoint = {next(iter(self.load_dict)): checkpoint}  # a bare state_dict, as CheckpointLoader allows
         missing = [key for key in self.load_dict if key not in checkpoint]
         if missing:
-            raise ValueError(f"checkpoint {path} holds no {missing} (it has {sorted(checkpoint)}); cannot resume from it")
-        prior_max_epochs = engine.state.max_epochs
+            raise ValueError(f"it holds no {missing} (it has {sorted(checkpoint)})")
         Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        return checkpoint
+
+    def __call__(self, engine: Any) -> None:
+        candidates = resumable_checkpoints(self.ckpt_dir, self.prefix)
+        if not candidates:
+            engine.logger.info(f"No checkpoint in '{self.ckpt_dir}' to resume from; starting fresh.")
+            return
+        prior_max_epochs = engine.state.max_epochs
+        failures: list[str] = []
+        for path in candidates:
+            try:
+                checkpoint = self._load(path)
+                break
+            except (RuntimeError, EOFError, ValueError, KeyError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+                # A checkpoint truncated by a full disk or a kill, or one of another network: an older one may be whole.
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+                reason = " ".join(lines[:2])  # torch's first line is only "Error(s) in loading state_dict for X:"
+                failures.append(f"{path.name} ({reason[:200]})")
+                warnings.warn(f"cannot resume from {path}: {reason[:200]}; trying an older checkpoint", stacklevel=2)
+        else:
+            raise ValueError(f"no checkpoint in {self.ckpt_dir} can be resumed from: {'; '.join(failures)}")
         if prior_max_epochs is not None:
             if engine.state.epoch > prior_max_epochs:
                 raise ValueError(
