@@ -152,16 +152,22 @@ def _block(seed: int = 0, block_type: type = BasicTransformerBlock) -> _Holder:
     return _Holder(block)
 
 
-def test_sii_block_follows_the_paper_order():
-    holder = _block()
-    bank = SupportBank()
+def _sii_block(holder: _Holder, bank: SupportBank) -> tuple:
+    """SII installed on the held block with a non-zero SQ attention, and support, query and condition tokens."""
     install_sii(holder, bank, "sii")
     block = holder.block
     with torch.no_grad():
         for p in block.attn_sq.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     g = torch.Generator().manual_seed(0)
-    hs, hq, ctx = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    tokens = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    return (block, *tokens)
+
+
+def test_sii_block_follows_the_paper_order():
+    holder = _block()
+    bank = SupportBank()
+    block, hs, hq, ctx = _sii_block(holder, bank)
     with torch.no_grad():
         with bank.storing() as features:
             block(hs, encoder_hidden_states=ctx)
@@ -297,13 +303,7 @@ def test_explicit_support_kwargs_follow_the_paper_order_without_bank_state(posit
     monkeypatch.setattr(logging.getLogger("diffusers"), "propagate", True)  # diffusers logs to its own handler
     holder = _block()
     bank = SupportBank()
-    install_sii(holder, bank, "sii")
-    block = holder.block
-    with torch.no_grad():
-        for p in block.attn_sq.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    g = torch.Generator().manual_seed(0)
-    hs, hq, ctx = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    block, hs, hq, ctx = _sii_block(holder, bank)
     with torch.no_grad(), caplog.at_level("WARNING"):
         store: dict = {}
         if positional:  # how diffusers' gradient checkpointing calls a block
@@ -322,14 +322,7 @@ def test_explicit_support_kwargs_follow_the_paper_order_without_bank_state(posit
 
 @pytest.mark.parametrize("positional", [False, True])
 def test_sii_binds_the_block_arguments_by_name_whatever_their_order(positional):
-    holder = _block(block_type=_ReorderedBlock)
-    install_sii(holder, SupportBank(), "sii")
-    block = holder.block
-    with torch.no_grad():
-        for p in block.attn_sq.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    g = torch.Generator().manual_seed(0)
-    hs, hq, ctx = torch.randn(1, 10, 16, generator=g), torch.randn(1, 6, 16, generator=g), torch.randn(1, 5, 12, generator=g)
+    block, hs, hq, ctx = _sii_block(_block(block_type=_ReorderedBlock), SupportBank())
     with torch.no_grad():
         store: dict = {}
         if positional:

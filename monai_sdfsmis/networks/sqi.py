@@ -63,7 +63,6 @@ __all__ = [
 ]
 
 import copy
-import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -224,13 +223,6 @@ BLOCK_INPUT_KEY = "sii_block_input"
 """``cross_attention_kwargs`` key the block pre-hook adds for ``attn1``: the block input ``h``."""
 
 
-@functools.lru_cache(maxsize=None)
-def _forward_signature(block_type: type) -> inspect.Signature:
-    """The signature of ``block_type.forward`` without ``self``, read from the installed diffusers at run time."""
-    signature = inspect.signature(block_type.forward)
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
-
-
 def _base_processor(attn: Attention) -> Any:
     """The processor ``attn`` had before SII, unwrapping an earlier install."""
     processor = attn.processor
@@ -269,21 +261,36 @@ def _support_for(
     return match_support_batch(features[key], batch_size, f"support features of block '{key}'")
 
 
-def _inject_block_input(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+class _BlockInputInjector:
     """Forward pre-hook on a block with an SII processor: add the block input ``h`` to its cross-attention kwargs.
 
-    The hook keeps nothing: it returns new arguments, so a gradient-checkpointing recomputation or a compiled graph
-    sees the same data flow as an eager call. ``BasicTransformerBlock`` passes ``cross_attention_kwargs`` on to
-    ``attn1`` (as it does for IP-Adapter processors), which is how the ``attn1`` processor gets ``h``.
+    ``BasicTransformerBlock`` passes ``cross_attention_kwargs`` on to ``attn1`` (as it does for IP-Adapter
+    processors), which is how the ``attn1`` processor gets ``h``. The argument positions are read from the signature
+    of the installed block's own ``forward`` when SII is installed (not assumed, and not inspected while running, so
+    that ``torch.compile(fullgraph=True)`` traces the hook): a diffusers release or a subclass that reorders the
+    block's arguments cannot hand SII the wrong tensor. The hook keeps nothing: it returns new arguments, so a
+    gradient-checkpointing recomputation or a compiled graph sees the same data flow as an eager call.
     """
-    if not isinstance(block.attn1.processor, SupportQueryAttnProcessor):
-        return None  # SII was removed (set_attn_processor): plain SD, nothing to add
-    # Bind by name (positional, as diffusers' gradient checkpointing calls blocks, or keyword): no argument position
-    # is assumed, so a diffusers release that reorders the block's arguments cannot hand SII the wrong tensor.
-    bound = _forward_signature(type(block)).bind(*args, **kwargs)
-    extra = {**(bound.arguments.get("cross_attention_kwargs") or {}), BLOCK_INPUT_KEY: bound.arguments["hidden_states"]}
-    bound.arguments["cross_attention_kwargs"] = extra
-    return bound.args, bound.kwargs
+
+    def __init__(self, block_type: type) -> None:
+        names = list(inspect.signature(block_type.forward).parameters)[1:]  # without self
+        if "hidden_states" not in names or "cross_attention_kwargs" not in names:
+            raise ValueError(
+                f"{block_type.__name__}.forward takes {names}: SII needs 'hidden_states' and 'cross_attention_kwargs'."
+            )
+        self.hidden_index = names.index("hidden_states")
+        self.kwargs_index = names.index("cross_attention_kwargs")
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not isinstance(block.attn1.processor, SupportQueryAttnProcessor):
+            return None  # SII was removed (set_attn_processor): plain SD, nothing to add
+        hidden_states = args[self.hidden_index] if len(args) > self.hidden_index else kwargs["hidden_states"]
+        i = self.kwargs_index
+        if len(args) > i:  # passed by position (diffusers' gradient checkpointing does)
+            extra = {**(args[i] or {}), BLOCK_INPUT_KEY: hidden_states}
+            return (*args[:i], extra, *args[i + 1:]), kwargs
+        extra = {**(kwargs.get("cross_attention_kwargs") or {}), BLOCK_INPUT_KEY: hidden_states}
+        return args, {**kwargs, "cross_attention_kwargs": extra}
 
 
 class SupportQueryAttnProcessor:
@@ -462,7 +469,7 @@ def install_sii(unet: nn.Module, bank: SupportBank, mode: str = "sii") -> list[S
         if mode == "sii":
             block.attn_sq = SupportQueryAttention(block.attn1, block.norm1)
             processor = SupportQueryAttnProcessor(bank, name, block.attn_sq, base)
-            block._sii_hook_handle = block.register_forward_pre_hook(_inject_block_input, with_kwargs=True)
+            block._sii_hook_handle = block.register_forward_pre_hook(_BlockInputInjector(type(block)), with_kwargs=True)
             layers.append(block.attn_sq)
         else:
             processor = KVConcatAttnProcessor(bank, name, base)
