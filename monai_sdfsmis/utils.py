@@ -5,11 +5,15 @@ Atomic file writing (a reader never sees a half-written file) and the CPU thread
 
 from __future__ import annotations
 
-__all__ = ["atomic_path", "atomic_write", "atomic_folder", "available_cpus", "configure_cpu_threads", "resolve_device"]
+__all__ = [
+    "atomic_path", "atomic_write", "atomic_folder", "remove_atomic_leftovers", "available_cpus", "configure_cpu_threads",
+    "resolve_device", "training_autocast",
+]
 
 import logging
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -41,6 +45,22 @@ def atomic_path(path: str | PathLike, suffix: str | None = None) -> Iterator[Pat
             os.remove(tmp)
         raise
     os.chmod(target, 0o666 & ~_umask())
+
+
+def remove_atomic_leftovers(path: str | PathLike) -> None:
+    """Remove the temporaries a killed :func:`atomic_path` write of ``path`` left: ``.<name>.<random><suffixes>``.
+
+    Only temporaries of this very file are touched, so another run writing other files into the folder is safe.
+    """
+    target = Path(path)
+    suffixes = "".join(target.suffixes)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[A-Za-z0-9_]+{re.escape(suffixes)}")
+    folder = target.parent
+    if not folder.is_dir():
+        return
+    for leftover in folder.iterdir():
+        if pattern.fullmatch(leftover.name) and leftover.is_file():
+            leftover.unlink(missing_ok=True)
 
 
 def _umask() -> int:

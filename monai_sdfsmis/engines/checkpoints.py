@@ -328,9 +328,9 @@ class ResumeFromCheckpoint:
             except (RuntimeError, EOFError, ValueError, KeyError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
                 # A checkpoint truncated by a full disk or a kill, or one of another network: an older one may be whole.
                 lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-                reason = " ".join(lines[:2])  # torch's first line is only "Error(s) in loading state_dict for X:"
-                failures.append(f"{path.name} ({reason[:200]})")
-                warnings.warn(f"cannot resume from {path}: {reason[:200]}; trying an older checkpoint", stacklevel=2)
+                reason = " ".join(lines[:2])[:200]  # torch's first line is only "Error(s) in loading state_dict for X:"
+                failures.append(f"{path.name} ({reason})")
+                warnings.warn(f"cannot resume from {path}: {reason}; trying an older checkpoint", stacklevel=2)
         else:
             raise ValueError(f"no checkpoint in {self.ckpt_dir} can be resumed from: {'; '.join(failures)}")
         if prior_max_epochs is not None:

@@ -35,7 +35,6 @@ import re
 import tempfile
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import ImageMetaKey, convert_to_numpy, ensure_tuple, get_equivalent_dtype, optional_import
 
 from monai_sdfsmis.extras import require
-from monai_sdfsmis.utils import atomic_path
+from monai_sdfsmis.utils import atomic_path, remove_atomic_leftovers
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -603,12 +602,12 @@ def axis_reorientation(
     return axes, tuple(flips)
 
 
-def check_written_volume(path: str | os.PathLike, spatial_shape: Sequence[int], name: Any = None) -> None:
+def check_written_volume(path: str | os.PathLike, shape: Sequence[int], name: Any = None) -> None:
     """Read a just-written volume back completely; raise ``OSError`` naming ``name`` when it is short or unreadable.
 
     NIfTI files are decompressed in full (gzip's checksum catches a truncated ``.nii.gz``); other formats are read
-    in full with ITK. ``spatial_shape`` is the spatial shape of the array the writer was given, in any axis order
-    (ITK's writer holds it reversed): the voxel count read back must equal its product.
+    in full with ITK. ``shape`` is the shape of the array the writer was given, in any axis order (ITK's writer
+    holds it reversed): the number of values read back must equal its product.
     """
     shown = os.fspath(name if name is not None else path)
     try:
@@ -621,7 +620,7 @@ def check_written_volume(path: str | os.PathLike, spatial_shape: Sequence[int], 
     except Exception as error:  # truncated gzip, short data, a header that does not parse
         raise OSError(f"writing {shown} failed: the file does not read back ({type(error).__name__}: {error}); is the "
                       "disk full?") from None
-    expected = int(np.prod([int(v) for v in spatial_shape]))
+    expected = int(np.prod([int(v) for v in shape]))
     if voxels != expected:
         raise OSError(f"writing {shown} failed: it reads back with {voxels} voxels, not {expected}; is the disk full?")
 
@@ -637,7 +636,7 @@ def _atomic_writer(writer_cls: type) -> type:
             with atomic_path(filename_or_obj) as tmp:
                 result = super().write(str(tmp), *args, **kwargs)
                 # Some writers (ITK's) ignore a short write on a full disk; only a file that reads back is published.
-                check_written_volume(tmp, self.data_obj.shape[:3], filename_or_obj)
+                check_written_volume(tmp, self.data_obj.shape, filename_or_obj)
                 return result
 
         @classmethod
@@ -721,24 +720,12 @@ class SaveVolumed(SaveImaged):
                 raise ValueError(
                     f"output {target} already exists; remove it, choose another output_dir or set overwrite=True"
                 )
-            _remove_stale_temporaries(target)
+            remove_atomic_leftovers(target)
         try:
             return super().__call__(d)
         except RuntimeError as error:
             # MONAI tries every writer and reports all their tracebacks; the first failure is the one that matters.
             raise OSError(f"could not write {', '.join(targets)}: {_first_writer_failure(str(error))}") from None
-
-
-def _remove_stale_temporaries(target: str) -> None:
-    """Remove what a killed save of ``target`` left: ``.<name>.<random><suffixes>`` (:func:`atomic_path`'s names).
-
-    Only temporaries of this very output are touched, so another run writing other files into the folder is safe.
-    """
-    folder, name = os.path.split(target)
-    suffixes = "".join(Path(name).suffixes)
-    for leftover in Path(folder or ".").glob(f".{glob_escape(name)}.*{glob_escape(suffixes)}"):
-        if leftover.is_file() and re.fullmatch(rf"\.{re.escape(name)}\.[A-Za-z0-9_]+{re.escape(suffixes)}", leftover.name):
-            leftover.unlink(missing_ok=True)
 
 
 def _first_writer_failure(report: str) -> str:

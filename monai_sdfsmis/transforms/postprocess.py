@@ -67,7 +67,8 @@ class OrganMaskPostprocess(Transform):
         Returns
         -------
         torch.Tensor
-            A new tensor of the same shape, type and device; the input is not modified.
+            A new tensor of the same shape, type and device (``mask`` itself when there is no step); the input is
+            never modified.
         """
         if not self.steps:
             return mask
