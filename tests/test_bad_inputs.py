@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from monai_sdfsmis.errors import expected_error, format_error
-from tests.test_transforms_io import two_series_folder
+from tests.test_transforms_io import two_series_folder, write_dicom_series
 from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
 
 pytestmark = requires_chaos
@@ -71,6 +71,9 @@ def inputs(tmp_path_factory):
     fractional[labels == 1] = 0.5
     save("label_fractional.nii.gz", fractional)
     two_series_folder(folder / "dicom_two_series")
+    slices = np.random.default_rng(4).integers(0, 500, size=(12, 10, 5)).astype(np.int16)
+    write_dicom_series(folder / "dicom_missing_slice", slices, "1.2.826.0.1.3680043.99.5", "gap",
+                       offsets=[0.0, 4.0, 12.0, 16.0, 20.0])
     before = _digest(folder)
     yield folder
     assert _digest(folder) == before, "an input file was modified"
@@ -117,6 +120,12 @@ def test_two_dicom_series_in_one_folder(inputs, tmp_path):
     line = _case(inputs, tmp_path, query="dicom_two_series")
     assert f"folder {inputs / 'dicom_two_series'} holds 2 DICOM series" in line
     assert "(T2 SPIR, 8 slices)" in line and "(T1 in-phase, 5 slices)" in line and "series_uid" in line
+
+
+def test_dicom_series_with_a_missing_slice(inputs, tmp_path):
+    line = _case(inputs, tmp_path, query="dicom_missing_slice")
+    assert f"DICOM series in {inputs / 'dicom_missing_slice'} is not evenly spaced" in line
+    assert "from IM00001.dcm to IM00002.dcm" in line and "1 slice(s) missing?" in line
 
 
 def test_2d_where_3d_is_needed(inputs, tmp_path):

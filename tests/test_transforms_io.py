@@ -302,11 +302,15 @@ LAS_ORIENTATION = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
 
 
 def write_dicom_series(folder, volume, series_uid, description, spacing=(1.5, 1.25, 4.0), origin=(-20.0, 30.0, 5.0),
-                       orientation=LAS_ORIENTATION, first_file=0):
+                       orientation=LAS_ORIENTATION, first_file=0, offsets=None, file_numbers=None, positions=None,
+                       orientations=None):
     """Write ``volume`` ``[rows, columns, slices]`` (int16) as one MR series of real DICOM files in ``folder``.
 
     Pixel ``(r, c)`` of slice ``k`` lies at ``origin + c * spacing[1] * row_dir + r * spacing[0] * col_dir +
     k * spacing[2] * normal`` millimetres (LPS), as DICOM's ImagePositionPatient/ImageOrientationPatient define it.
+    ``offsets[k]`` (mm along the normal) replaces ``k * spacing[2]``, ``positions[k]`` the whole position and
+    ``orientations[k]`` the orientation of slice ``k``; slice ``k`` is written to ``IM<file_numbers[k]>.dcm``
+    (default ``first_file + k``), so that file-name order need not be slice order.
     """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -319,15 +323,18 @@ def write_dicom_series(folder, volume, series_uid, description, spacing=(1.5, 1.
         meta.MediaStorageSOPClassUID = MRImageStorage
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        path = folder / f"IM{first_file + k:05d}.dcm"
+        number = first_file + k if file_numbers is None else file_numbers[k]
+        path = folder / f"IM{number:05d}.dcm"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.Modality, ds.PatientID, ds.PatientName = "MR", "TEST01", "Test^Patient"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.99.1", series_uid, "1.2.3"
         ds.StudyDate = ds.SeriesDate = "20260101"
         ds.SeriesDescription, ds.SeriesNumber, ds.InstanceNumber = description, 1, k + 1
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(origin) + k * spacing[2] * normal]
-        ds.ImageOrientationPatient = [float(v) for v in orientation]
+        offset = k * spacing[2] if offsets is None else offsets[k]
+        position = np.asarray(origin) + offset * normal if positions is None else np.asarray(positions[k])
+        ds.ImagePositionPatient = [float(v) for v in position]
+        ds.ImageOrientationPatient = [float(v) for v in (orientation if orientations is None else orientations[k])]
         ds.PixelSpacing = [spacing[0], spacing[1]]
         ds.SliceThickness = spacing[2]
         ds.Rows, ds.Columns = volume.shape[:2]
@@ -397,6 +404,53 @@ def test_a_single_dicom_series_needs_no_uid(tmp_path):
     image = load_volume(folder, dtype=None)
     r, c, k = _dicom_value_at(image.shape[1:], image.affine)
     np.testing.assert_array_equal(image[0].numpy().reshape(-1), volume[r, c, k])
+
+
+def test_dicom_slices_land_where_acquired_whatever_the_file_names(tmp_path):
+    """File-name order opposite to, then shuffled against, slice order: every voxel still reads its own slice."""
+    volume = np.random.default_rng(2).integers(0, 500, size=(12, 10, 7)).astype(np.int16)
+    for name, numbers in (("reversed", [6, 5, 4, 3, 2, 1, 0]), ("shuffled", [3, 0, 6, 1, 5, 2, 4])):
+        folder = write_dicom_series(tmp_path / name, volume, "1.2.826.0.1.3680043.99.3", name, file_numbers=numbers)
+        image = load_volume(folder, dtype=None)
+        r, c, k = _dicom_value_at(image.shape[1:], image.affine)
+        np.testing.assert_array_equal(image[0].numpy().reshape(-1), volume[r, c, k])
+
+
+def _refused_series(tmp_path, **geometry):
+    volume = np.random.default_rng(3).integers(0, 500, size=(12, 10, 6)).astype(np.int16)
+    folder = write_dicom_series(tmp_path / "series", volume, "1.2.826.0.1.3680043.99.4", "broken",
+                                file_numbers=[5, 0, 4, 1, 3, 2], **geometry)
+    with pytest.raises(ValueError) as info:
+        load_volume(folder)
+    message = str(info.value)
+    assert "\n" not in message and f"DICOM series in {folder}" in message
+    return message
+
+
+def test_dicom_series_with_two_slices_at_one_position_is_refused(tmp_path):
+    # slices 2 and 3 (files IM00004, IM00001) both at 8 mm: ITK would stack them by file name on a false grid
+    message = _refused_series(tmp_path, offsets=[0.0, 4.0, 8.0, 8.0, 12.0, 16.0])
+    assert "two slices at one position (3.000 mm along the slice normal)" in message
+    assert {"IM00004.dcm", "IM00001.dcm"} <= set(re.findall(r"IM\d+\.dcm", message))
+
+
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path):
+    message = _refused_series(tmp_path, offsets=[0.0, 4.0, 8.0, 16.0, 20.0, 24.0])
+    assert "not evenly spaced: 8.000 mm from IM00004.dcm to IM00001.dcm, 4.000 mm between the other slices" in message
+    assert "1 slice(s) missing?" in message
+
+
+def test_dicom_series_with_mixed_orientations_is_refused(tmp_path):
+    tilted = (1.0, 0.0, 0.0, 0.0, -0.98, 0.198997)
+    message = _refused_series(tmp_path, orientations=[LAS_ORIENTATION] * 3 + [tilted] + [LAS_ORIENTATION] * 2)
+    assert "mixes slice orientations: IM00001.dcm has" in message
+
+
+def test_dicom_series_shifted_within_the_slice_plane_is_refused(tmp_path):
+    # a tilted gantry: each slice 0.7 mm further along the column direction (-y LPS), 4 mm along the normal
+    origin, normal, column = np.array([-20.0, 30.0, 5.0]), np.array([0.0, 0.0, -1.0]), np.array([0.0, -1.0, 0.0])
+    message = _refused_series(tmp_path, positions=[origin + k * (4.0 * normal + 0.7 * column) for k in range(6)])
+    assert "slices shifted within their plane" in message and "tilted gantry" in message
 
 
 @requires_chaos

@@ -49,6 +49,7 @@ from monai.transforms.io.array import SUPPORTED_READERS
 from monai.utils import ImageMetaKey, convert_to_numpy, ensure_tuple, get_equivalent_dtype, optional_import
 
 from monai_sdfsmis.extras import require
+from monai_sdfsmis.transforms.dicom_geometry import check_slice_geometry, read_slice_geometry
 from monai_sdfsmis.utils import atomic_path, remove_atomic_leftovers
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -136,21 +137,22 @@ def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     return series
 
 
-def _series_reader(path: Path, reader: ImageReader, series_uid: str | None) -> ImageReader:
-    """``reader`` set to the one series of folder ``path`` to read; refuses a folder of several unless chosen."""
+def _chosen_series(path: Path, reader: ImageReader, series_uid: str | None) -> tuple[ImageReader, DicomSeries | None]:
+    """``reader`` set to the one series of folder ``path`` to read, and that series (``None`` when the folder holds
+    none that ITK lists); refuses a folder of several series unless one is chosen."""
     if not isinstance(reader, ITKReader):
         if series_uid is not None:
             raise ValueError(f"series_uid needs the ITKReader to read {path}, got {type(reader).__name__}")
-        return reader
+        return reader, None
     series = list_dicom_series(path)
     if not series:
-        return reader  # ITKReader's own error ("no DICOMs") is turned into a message below
+        return reader, None  # ITKReader's own error ("no DICOMs") is turned into a message below
     listing = "; ".join(
         f"{s.uid} ({s.description or 'no description'}, {len(s.files)} slices)" for s in series
     )
     if series_uid is None:
         if len(series) == 1:
-            return reader
+            return reader, series[0]
         raise ValueError(
             f"folder {path} holds {len(series)} DICOM series: {listing}; choose one with series_uid=<UID> "
             "or move each series into a folder of its own"
@@ -163,7 +165,7 @@ def _series_reader(path: Path, reader: ImageReader, series_uid: str | None) -> I
         raise ValueError(f"series {series_uid} in folder {path} has images of several kinds: {parts}; pass one of these")
     reader = copy.copy(reader)
     reader.series_name = chosen[0].identifier
-    return reader
+    return reader, chosen[0]
 
 
 def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> MetaTensor:
@@ -171,7 +173,9 @@ def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> Met
     if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
         raise ValueError(f"folder {path} contains no DICOM series: it holds no files")
     if path.is_dir():
-        reader = _series_reader(path, reader, series_uid)
+        reader, series = _chosen_series(path, reader, series_uid)
+        if series is not None:
+            check_slice_geometry(path, read_slice_geometry(series.files))
     elif series_uid is not None:
         raise ValueError(f"series_uid {series_uid} was given but {path} is a file, not a DICOM folder")
     try:
