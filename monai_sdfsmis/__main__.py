@@ -136,6 +136,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
     inferer = SlidingSupportInferer(
         spatial_size=model_folder.resolve_spatial_size(args.spatial_size, config),
         postprocess=model_folder.resolve_postprocess(args.postprocess, config),
+        flip_axes=args.flip_axes,
     )
     result = evaluate_protocol(
         network,
@@ -201,6 +202,11 @@ def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
         "--postprocess", nargs="+", choices=(*POSTPROCESS_STEPS, "none"),
         help="3D clean-up of each mask: largest_component, fill_holes, or none (default: the model folder's)",
     )
+    parser.add_argument(
+        "--flip_axes", type=int, nargs="+", choices=(0, 1), default=[],
+        help="flip test-time augmentation: in-plane volume axes (0 left-right, 1 anterior-posterior in RAS) along "
+        "which query and support are also segmented mirrored; the soft masks are averaged (default: none)",
+    )
 
 
 def _run_infer(args: argparse.Namespace) -> int:
@@ -227,6 +233,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         spatial_size=args.spatial_size,
         intensity=args.intensity,
         postprocess=args.postprocess,
+        flip_axes=args.flip_axes,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,

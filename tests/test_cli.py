@@ -406,10 +406,11 @@ def test_protocol_command_evaluates_a_no_prior_model(no_prior_model, tmp_path, c
     out = tmp_path / "results"
     rc = main(["protocol", "--dataset_dir", str(chaos_dir()), "--folds", "0", "--organs", "2", "--overlays", "0",
                "--checkpoint", str(no_prior_model / "model.pt"), "--network", "no_prior", "--output_dir", str(out),
-               "--no_progress", "--num_threads", "1"])
+               "--no_progress", "--num_threads", "1", "--flip_axes", "0", "--postprocess", "largest_component"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     results = json.loads((out / "protocol_results.json").read_text())
+    assert results["inference"]["flip_axes"] == [0] and results["inference"]["postprocess"] == ["largest_component"]
     rows = results["methods"]["SD-FSMIS"]["rows"]
     cases = sorted((r["support_id"], r["query_id"]) for r in rows)
     assert len(rows) == 4 and cases == sorted((r["support_id"], r["query_id"]) for r in

@@ -286,6 +286,8 @@ def test_bad_inputs_raise_clear_errors(change, message):
         ({"sw_batch_size": 0}, "sw_batch_size"),
         ({"spatial_size": 0}, "spatial_size"),
         ({"query_range": "organ"}, "query_range"),
+        ({"flip_axes": [2]}, "flip_axes"),
+        ({"flip_axes": [0, 0]}, "flip_axes"),
     ],
 )
 def test_bad_settings_raise(kwargs, message):
@@ -338,7 +340,8 @@ def test_infinite_query_is_rejected():
         SlidingSupportInferer(query_range="all")(bad, SupportMaskCopy(), support_image=query, support_label=label)
 
 
-def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive_path():
+def _tiny_sdfsmis_case():
+    """A tiny SDFSMIS whose support matters, a 7-slice query (organ slices 1-5) and a 6-slice support."""
     from monai_sdfsmis.networks.sdfsmis import SDFSMIS
     from monai_sdfsmis.networks.sqi import sii_blocks
 
@@ -356,6 +359,12 @@ def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive
     support_label[..., 20:30, 18:24, 2] = 0  # support slices differ, so a wrong pairing shows
     query_label = torch.zeros(1, 1, size, size, depth)
     query_label[..., 1:6] = 1  # 5 organ slices -> chunks of 1, 2, 2
+    return net, query, support, support_label, query_label
+
+
+def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive_path():
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    size = query.shape[2]
 
     calls: Counter = Counter()
     hooks = [
@@ -394,3 +403,33 @@ def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive
     assert bool(out.any())
     flips = (out != expected).float().mean()
     assert flips < 1e-3  # binarised at 0: a soft value within rounding of 0 may flip
+
+
+@pytest.mark.parametrize("flip_axes", [(0,), (0, 1)])
+def test_flip_tta_averages_the_mirrored_passes_of_query_and_support(flip_axes):
+    """Recomputed slice by slice: each flip mirrors query and support slice, the soft masks are mirrored back and
+    averaged with the plain pass, then binarised."""
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    out = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], flip_axes=flip_axes)(
+        query, net, support_image=support, support_label=support_label, query_label=query_label
+    )
+    plain = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2])(
+        query, net, support_image=support, support_label=support_label, query_label=query_label
+    )
+    picks = [1 + k for k in _rpt_support_positions(4)]
+    chunks = [[1], [2, 3], [4, 5]]
+    image = lambda v, d: v[0, :, :, :, d][None].expand(-1, 3, -1, -1)  # noqa: E731
+    expected = torch.zeros_like(out)
+    with torch.no_grad():
+        for j, slices in enumerate(chunks):
+            s_img, s_lab = image(support, picks[j]), support_label[0, :, :, :, picks[j]][None]
+            for d in slices:
+                softs = [net.segment(image(query, d), net.encode_support(s_img, s_lab))]
+                for axis in flip_axes:
+                    dim = axis + 2  # volume axis 0 is dim 2 of a [1, 3, H, W] slice
+                    mirrored = net.encode_support(s_img.flip(dim), s_lab.flip(dim))
+                    softs.append(net.segment(image(query, d).flip(dim), mirrored).flip(dim))
+                expected[0, 0, :, :, d] = net.binarize(torch.stack(softs).mean(0))[0, 0].float()
+    assert bool(out.any())
+    assert (out != expected).float().mean() < 1e-3  # binarised at 0: a soft value within rounding of 0 may flip
+    assert (out != plain).float().mean() > 0.01  # the flipped passes do change the mask

@@ -405,8 +405,8 @@ def evaluate_protocol(
     fold_ids, organ_ids, support_position, folds, organ_names
         Which cases (:func:`protocol_items`).
     inferer
-        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess`` applies to ``network``
-        only: the baseline is always the raw support-mask copy.
+        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess`` and ``flip_axes`` apply to
+        ``network`` only: the baseline is always the raw support-mask copy.
     output_dir
         Where ``protocol_cases.csv`` (one row per method and case), ``protocol_results.json`` (rows + summaries),
         ``protocol_table.md`` and ``overlays/<method>/*.png`` are written (atomically); ``None`` writes nothing.
@@ -455,7 +455,7 @@ def evaluate_protocol(
         anchor = network_device(network) if network is not None else torch.device("cpu")
         # The copy is the paper's baseline as published: raw, whatever clean-up the method's masks get.
         raw = copy.copy(inferer)
-        raw.postprocess = OrganMaskPostprocess(None)
+        raw.postprocess, raw.flip_axes = OrganMaskPostprocess(None), ()
         runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
     if network is not None:
         runs.append((method, network, inferer))
@@ -498,7 +498,14 @@ def evaluate_protocol(
             "json": str(
                 write_json(
                     out_dir / "protocol_results.json",
-                    {"methods": results["methods"], "fold_ids": fold_ids, "organ_ids": list(organ_ids)},
+                    {
+                        "methods": results["methods"], "fold_ids": fold_ids, "organ_ids": list(organ_ids),
+                        # how the method's masks were made (the baseline is always raw, one pass)
+                        "inference": {
+                            "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
+                            "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
+                        },
+                    },
                 )
             ),
             "table": str(atomic_write(out_dir / "protocol_table.md", table)),

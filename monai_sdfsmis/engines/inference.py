@@ -375,6 +375,7 @@ def segment_volumes(
     spatial_size: int | None = None,
     intensity: str | None = None,
     postprocess: Sequence[str] | str | None = None,
+    flip_axes: Sequence[int] = (),
     overwrite: bool = False,
     device: torch.device | str | None = None,
     n_chunks: int = 3,
@@ -403,6 +404,8 @@ def segment_volumes(
     postprocess
         3D clean-up steps (:data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS`, ``"none"`` for none);
         default: the model folder's (:func:`resolve_postprocess`).
+    flip_axes
+        Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
     ckpt_path
         Weights; default ``<model_dir>/model.pt``.
     overwrite
@@ -447,6 +450,7 @@ def segment_volumes(
         sw_batch_size=sw_batch_size,
         spatial_size=resolve_spatial_size(spatial_size, config),
         postprocess=resolve_postprocess(postprocess, config),
+        flip_axes=flip_axes,
         query_range="all",
         amp=amp,
     )

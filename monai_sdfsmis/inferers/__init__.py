@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-from .sliding_support import SlidingSupportInferer, largest_run
+from .sliding_support import SlidingSupportInferer, check_flip_axes, largest_run

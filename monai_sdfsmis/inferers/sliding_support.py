@@ -9,7 +9,7 @@ chunk's query slices go through the network in batches (on CUDA under bf16 autoc
 
 from __future__ import annotations
 
-__all__ = ["SlidingSupportInferer", "largest_run", "network_device"]
+__all__ = ["SlidingSupportInferer", "check_flip_axes", "largest_run", "network_device"]
 
 import itertools
 from collections.abc import Callable, Sequence
@@ -47,6 +47,14 @@ def largest_run(flags: Sequence[bool] | np.ndarray | torch.Tensor) -> tuple[int,
                 best = (start, i)
             start = None
     return best
+
+
+def check_flip_axes(flip_axes: Sequence[int] | int | None) -> tuple[int, ...]:
+    """``flip_axes`` as a sorted tuple of distinct in-plane axes (0, 1); ``ValueError`` for anything else."""
+    axes = () if flip_axes is None else (flip_axes,) if isinstance(flip_axes, int) else tuple(flip_axes)
+    if any(isinstance(a, bool) or a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError(f"flip_axes must name distinct in-plane axes 0 and/or 1, got {list(axes)}.")
+    return tuple(sorted(int(a) for a in axes))
 
 
 def network_device(network: Any) -> torch.device:
@@ -104,6 +112,11 @@ class SlidingSupportInferer(Inferer):
         3D clean-up of the whole predicted mask, names from
         :data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS` (``"largest_component"``,
         ``"fill_holes"``); ``None`` or ``[]`` for the raw per-slice predictions.
+    flip_axes
+        Flip test-time augmentation: each listed in-plane axis of the volume (``0``: its first axis, left-right in
+        RAS; ``1``: its second, anterior-posterior) adds a pass in which query and support slices are both
+        mirrored along it; the soft masks of all passes, mirrored back, are averaged before binarizing. ``()``
+        (default) is the single plain pass. Each axis costs one more support pass per chunk and one more query pass.
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class SlidingSupportInferer(Inferer):
         amp: bool = True,
         progress: bool = False,
         postprocess: Sequence[str] | str | None = None,
+        flip_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if int(n_chunks) < 1:
@@ -134,6 +148,7 @@ class SlidingSupportInferer(Inferer):
         self.amp = bool(amp)
         self.progress = bool(progress)
         self.postprocess = OrganMaskPostprocess(postprocess)
+        self.flip_axes = check_flip_axes(flip_axes)
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -223,29 +238,35 @@ class SlidingSupportInferer(Inferer):
         support: tuple[torch.Tensor, torch.Tensor],
         device: torch.device,
         bar: Any,
-        contexts: dict[int, Any],
+        contexts: dict[tuple[int, int | None], Any],
     ) -> dict[int, torch.Tensor]:
         """Segment the query slice numbers of each chunk with its support slice -> ``{slice: bool [S, S]}``.
 
-        ``contexts`` caches ``network.encode_support`` per chunk for the whole call: the support pass (VAE
+        ``contexts`` caches ``network.encode_support`` per chunk and flip for the whole call: the support pass (VAE
         encoder, VTCT, support UNet pass) runs once per support slice, however many query batches and passes use it.
         """
         support_images, support_labels = support
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
         )
+        # A slice [N, C, H, W] mirrored along volume axis a is flipped along its dim a + 2; None is the plain pass.
+        passes: list[int | None] = [None, *(a + 2 for a in self.flip_axes)]
+        mirror = lambda x, dim: x if dim is None else x.flip(dim)  # noqa: E731
         out: dict[int, torch.Tensor] = {}
         with autocast:
             for j, index in enumerate(chunks):
                 if index.numel() == 0:
                     continue
-                if j not in contexts:
-                    contexts[j] = network.encode_support(support_images[j : j + 1], support_labels[j : j + 1])
-                context = contexts[j]
+                for dim in passes:
+                    if (j, dim) not in contexts:
+                        contexts[(j, dim)] = network.encode_support(
+                            mirror(support_images[j : j + 1], dim), mirror(support_labels[j : j + 1], dim)
+                        )
                 for start in range(0, index.numel(), self.sw_batch_size):
                     batch_index = index[start : start + self.sw_batch_size]
                     queries = self._slices(inputs, batch_index, "image", device)
-                    masks = network.binarize(network.segment(queries, context))
+                    soft = sum(mirror(network.segment(mirror(queries, d), contexts[(j, d)]), d) for d in passes)
+                    masks = network.binarize(soft / len(passes) if len(passes) > 1 else soft)
                     if tuple(masks.shape) != (queries.shape[0], 1, *queries.shape[-2:]):
                         raise ValueError(
                             f"network.binarize(network.segment(...)) returned shape {tuple(masks.shape)}, expected "
@@ -349,7 +370,7 @@ class SlidingSupportInferer(Inferer):
         height, width, depth = (int(s) for s in inputs.shape[2:])
         with torch.no_grad():
             support = self._support(support_image, support_label, device)[:2]
-            contexts: dict[int, Any] = {}
+            contexts: dict[tuple[int, int | None], Any] = {}
             if self.query_range == "protocol":
                 assert query_label is not None
                 present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
