@@ -234,3 +234,38 @@ def test_resume_refuses_in_one_line_when_no_checkpoint_fits(tmp_path):
     message = str(error.value)
     assert message.startswith(f"no checkpoint in {tmp_path} can be resumed from: checkpoint_iteration=10.pt (")
     assert "checkpoint_iteration=5.pt (" in message and "size mismatch" in message and "\n" not in message
+
+
+def _interrupted_at(folder: Path, at: int | None, iterations: int = 30) -> None:
+    from ignite.engine import Events
+
+    engine, data = _saving_engine(folder, iterations)
+    if at is not None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=at), lambda engine: engine.terminate())  # a crash
+    engine.run(data, max_epochs=1)
+
+
+@pytest.mark.parametrize("killed_at, planned", [(15, 20), (None, 50), (15, 45)])
+def test_a_resume_trains_to_the_iterations_it_plans_not_the_interrupted_runs(tmp_path, killed_at, planned):
+    """Shorten an interrupted run, extend a finished one: the resumed run stops at its own planned iteration."""
+    from ignite.engine import Events
+
+    _interrupted_at(tmp_path, killed_at)
+    start = 30 if killed_at is None else killed_at
+    engine, data = _saving_engine(tmp_path, planned, resume=True)
+    trained: list[int] = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: trained.append(engine.state.iteration))
+    engine.run(data, max_epochs=1)
+    assert trained == list(range(start + 1, planned + 1))
+    assert (tmp_path / f"checkpoint_iteration={planned}.pt").is_file()
+
+
+def test_a_resume_planning_fewer_iterations_than_done_is_refused_in_one_line(tmp_path):
+    _interrupted_at(tmp_path, 15)
+    engine, data = _saving_engine(tmp_path, 10, resume=True)
+    with pytest.raises(ValueError) as error:
+        engine.run(data, max_epochs=1)
+    message = str(error.value)
+    assert message == (f"checkpoint {tmp_path / 'checkpoint_iteration=15.pt'} is at iteration 15, beyond the 10 "
+                       "iterations this run plans; plan at least 15 iterations to resume from it, or start afresh in "
+                       "a new ckpt_dir")

@@ -319,7 +319,7 @@ class ResumeFromCheckpoint:
         if not candidates:
             engine.logger.info(f"No checkpoint in '{self.ckpt_dir}' to resume from; starting fresh.")
             return
-        prior_max_epochs = engine.state.max_epochs
+        prior_max_epochs, planned_length = engine.state.max_epochs, engine.state.epoch_length
         failures: list[str] = []
         for path in candidates:
             try:
@@ -333,6 +333,8 @@ class ResumeFromCheckpoint:
                 warnings.warn(f"cannot resume from {path}: {reason}; trying an older checkpoint", stacklevel=2)
         else:
             raise ValueError(f"no checkpoint in {self.ckpt_dir} can be resumed from: {'; '.join(failures)}")
+        if planned_length is not None and engine.state.epoch_length != planned_length:
+            self._adopt_planned_length(engine, path, planned_length, prior_max_epochs)
         if prior_max_epochs is not None:
             if engine.state.epoch > prior_max_epochs:
                 raise ValueError(
@@ -349,10 +351,28 @@ class ResumeFromCheckpoint:
         if self.engine_key is not None and state.max_epochs is not None and state.epoch >= state.max_epochs:
             warnings.warn(
                 f"'{path}' is the end of a finished run (epoch {state.epoch} of {state.max_epochs}, iteration "
-                f"{state.iteration}); nothing is left to train. Raise max_epochs to train on, or use a new ckpt_dir "
-                "to start again.",
+                f"{state.iteration}); nothing is left to train. Plan more iterations (the bundle's 'iterations', or "
+                "max_epochs) to train on, or use a new ckpt_dir to start again.",
                 stacklevel=2,
             )
+
+    @staticmethod
+    def _adopt_planned_length(engine: Any, path: Path, planned_length: int, max_epochs: int | None) -> None:
+        """This run's epoch length, not the checkpoint's: the bundle trains one epoch of ``iterations`` episodes, so a
+        resume with another ``iterations`` stops at (or extends to) the new count instead of the interrupted run's."""
+        iteration, saved_length = int(engine.state.iteration), engine.state.epoch_length
+        planned_total = planned_length * (max_epochs or 1)
+        if iteration > planned_total:
+            raise ValueError(
+                f"checkpoint {path} is at iteration {iteration}, beyond the {planned_total} iterations this run plans; "
+                f"plan at least {iteration} iterations to resume from it, or start afresh in a new ckpt_dir"
+            )
+        engine.state.epoch_length = planned_length
+        engine.state.epoch = iteration // planned_length
+        engine.logger.info(
+            f"{path.name} comes from a run of {saved_length} iterations per epoch; this run's {planned_length} apply: "
+            f"training goes on from iteration {iteration} to {planned_total}."
+        )
 
     @staticmethod
     def _restore_random_states_later(engine: Any, state: dict) -> None:
