@@ -57,7 +57,8 @@ def require(extra: str, feature: str) -> ModuleType:
 
 def numba_njit(**options: Any) -> Callable[[Callable], Callable]:
     """``numba.njit(**options)`` where numba is installed; else a decorator whose functions raise
-    :class:`MissingExtraError` when called, so that importing the module still works."""
+    :class:`MissingExtraError` when called, so that importing the module still works. With ``cache=True`` and no
+    writable cache folder, the function is compiled without the on-disk cache (slower first call, same result)."""
     try:
         from numba import njit
     except ImportError:
@@ -70,7 +71,20 @@ def numba_njit(**options: Any) -> Callable[[Callable], Callable]:
             return missing
 
         return decorate
-    return njit(**options)
+    if not options.get("cache"):
+        return njit(**options)
+
+    def decorate_cached(func: Callable) -> Callable:
+        try:
+            return njit(**options)(func)
+        except RuntimeError as err:
+            # No writable cache folder (read-only install and read-only HOME, NUMBA_CACHE_DIR unset): numba refuses
+            # the decoration itself, which would fail every import of the module; compile on each run instead.
+            if "no locator available" not in str(err):
+                raise
+            return njit(**{**options, "cache": False})(func)
+
+    return decorate_cached
 
 
 @functools.lru_cache(maxsize=None)

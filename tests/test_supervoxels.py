@@ -65,6 +65,31 @@ def test_two_constant_blocks_become_two_segments():
     assert (labels[:10] == 0).all() and (labels[10:] == 1).all()
 
 
+def test_supervoxels_import_and_run_where_numba_can_write_no_cache(tmp_path):
+    """A read-only install and a read-only HOME: every numba cache folder refuses writes. Root ignores file modes,
+    so the refusal is made where numba probes a folder; importing the package and running its kernels must work."""
+    script = textwrap.dedent(
+        """
+        import numba.core.caching as caching
+        def read_only(self):
+            raise OSError(30, "Read-only file system", self.get_cache_path())
+        caching._CacheLocator.ensure_cache_path = read_only
+        import numpy as np
+        from monai_sdfsmis.data import supervoxels
+        import monai_sdfsmis.engines.inference  # what infer imports
+        parent = np.array([1, 2, 2, 0], dtype=np.int64)  # 3 -> 0 -> 1 -> 2
+        # one kernel compiled uncached (all of them take minutes on a busy CPU); the path is the same for each
+        print(supervoxels._find(parent, 3), parent.tolist())
+        """
+    )
+    env = {**os.environ, "HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "2 [2, 2, 2, 2]"  # the root, every node compressed onto it
+
+
 def test_compute_supervoxels_removes_background_and_numbers_consecutively():
     vol = np.zeros((24, 24, 6))
     vol[2:12, 2:22] = 100.0
