@@ -81,6 +81,11 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset_dir", type=Path, required=True, help="ALPNet-layout folder (image_N, label_N)")
     parser.add_argument("--output_dir", type=Path, default=Path("protocol_results"), help="where results are written")
     parser.add_argument("--folds", type=int, nargs="+", help="fold indices (default: all)")
+    parser.add_argument(
+        "--fold_volumes", type=_fold_volumes,
+        help="the folds' test volumes as JSON, indices into the numerically sorted volumes, e.g. '[[0,1,2],[3,4,5]]' "
+        "(default: RPT's five folds, defined for 20 or 30 volumes)",
+    )
     parser.add_argument("--organs", type=int, nargs="+", default=[1, 2, 3, 4], help="organ label ids (CHAOS ids)")
     parser.add_argument("--organ_set", choices=("chaos", "sabs"), default="chaos", help="organ names and label ids")
     parser.add_argument(
@@ -97,6 +102,20 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     _add_postprocess_argument(parser)
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run_protocol)
+
+
+def _fold_volumes(text: str) -> list[list[int]]:
+    import json
+
+    try:
+        folds = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not (isinstance(folds, list) and folds and all(
+            isinstance(f, list) and f and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in f)
+            for f in folds)):
+        raise argparse.ArgumentTypeError(f"a non-empty list of non-empty lists of volume indices is needed, got {text!r}")
+    return folds
 
 
 def _add_network_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +161,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
         network,
         args.dataset_dir,
         fold_ids=args.folds,
+        folds=args.fold_volumes,
         organ_ids=args.organs,
         output_dir=args.output_dir,
         baseline=True,

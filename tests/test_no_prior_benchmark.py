@@ -39,6 +39,27 @@ def test_benchmark_runs_the_product_command_per_fold_and_merges(tmp_path):
     assert "| support-mask copy" in markdown and "| SD-FSMIS no-prior" in markdown and "Note: nothing else ran." in markdown
     assert "How each fold was trained" in markdown and "Learning curves" in markdown
 
+    # inference variants on the trained fold model, through the protocol command
+    variants = _load("inference_variants").main([
+        "--dataset_dir", str(data), "--output_dir", str(tmp_path / "variants"), "--models",
+        f"0={out / 'fold_0' / 'model'}", "--num_threads", "1", "--fold_volumes", "[[0,1,2],[3,4,5]]",
+        "--variant", "raw=--postprocess none",
+        "--variant", "flip=--flip_axes 0 --postprocess largest_component"])
+    runs = {name: json.loads((tmp_path / "variants" / name / "fold_0" / "protocol_results.json").read_text())
+            for name in ("raw", "flip")}
+    assert runs["flip"]["inference"]["flip_axes"] == [0] and runs["raw"]["inference"]["flip_axes"] == []
+    for name, run in runs.items():  # each organ's figure is the mean of the protocol's own rows, recomputed here
+        rows = next(v["rows"] for m, v in run["methods"].items() if m != "support-mask copy")
+        for organ, value in variants["summaries"][name]["dice"]["per_organ"].items():
+            assert value == pytest.approx(sum(r["dice"] for r in rows if r["organ"] == organ)
+                                          / sum(r["organ"] == organ for r in rows))
+    # the raw variant re-scores the train command's own final evaluation: the same masks, the same figures
+    trained = {(r["organ"], r["query_id"]): r["dice"] for r in record["rows"]["SD-FSMIS no-prior"]}
+    rescored = {(r["organ"], r["query_id"]): r["dice"]
+                for r in runs["raw"]["methods"]["SD-FSMIS"]["rows"]}
+    assert rescored == pytest.approx(trained)
+    assert "| flip | `--flip_axes 0 --postprocess largest_component` |" in (tmp_path / "variants" / "results.md").read_text()
+
     # fold 0 is not trained again; fold 1 goes into another folder and the two merge
     other = tmp_path / "other"
     bench.main(["--dataset_dir", str(data), "--output_dir", str(other), "--folds", "1", "--set", *tiny])
