@@ -209,6 +209,11 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's training size)")
     parser.add_argument("--intensity", help="intensity preset (default: the model's, else minmax)")
     _add_postprocess_argument(parser)
+    parser.add_argument(
+        "--format", choices=("nifti", "dicom_seg"), default="nifti", dest="output_format",
+        help="mask file format: nifti (QUERY_seg.nii.gz) or dicom_seg (SERIES_seg.dcm, a DICOM Segmentation of a DICOM "
+        "series query, for PACS and OHIF; needs pip install 'monai-sdfsmis[dicom_seg]')",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no_progress", action="store_true", help="no progress lines")
     _add_network_arguments(parser)
@@ -254,6 +259,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         intensity=args.intensity,
         postprocess=args.postprocess,
         flip_axes=args.flip_axes,
+        output_format=args.output_format,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,

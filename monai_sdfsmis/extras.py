@@ -9,6 +9,7 @@ extra         package          needed for
 itk           ``itk``          reading DICOM series, NRRD and other non-NIfTI formats (ITK)
 supervoxels   ``numba``        computing supervoxel pseudo-labels (``supervoxels`` command)
 tensorboard   ``tensorboard``  TensorBoard training logs (skipped, with a warning, without)
+dicom_seg     ``highdicom``    writing masks of DICOM series as DICOM-SEG (``infer --format dicom_seg``)
 ============  ===============  ==========================================================
 """
 
@@ -23,7 +24,7 @@ from types import ModuleType
 from typing import Any, Callable
 
 #: Import name of the package behind each extra.
-EXTRAS = {"itk": "itk", "supervoxels": "numba", "tensorboard": "tensorboard"}
+EXTRAS = {"itk": "itk", "supervoxels": "numba", "tensorboard": "tensorboard", "dicom_seg": "highdicom"}
 
 _logger = logging.getLogger(__name__)
 

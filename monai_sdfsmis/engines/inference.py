@@ -9,8 +9,10 @@ from :mod:`monai_sdfsmis.engines.model_folder`.
 from __future__ import annotations
 
 __all__ = [
+    "OUTPUT_FORMATS",
     "query_datalist",
     "output_path",
+    "check_output_format",
     "check_outputs",
     "inference_preprocessing",
     "inference_postprocessing",
@@ -53,6 +55,8 @@ from monai_sdfsmis.engines.model_folder import (
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OUTPUT_POSTFIX = "seg"
 _OUTPUT_EXT = ".nii.gz"
+#: Mask file formats of ``infer``: a uint8 NIfTI on the query's grid, or a DICOM-SEG referencing a DICOM series query.
+OUTPUT_FORMATS = ("nifti", "dicom_seg")
 #: Item keys of the files a query item reads: an output must never replace one of them.
 _INPUT_KEYS = ("image", "support_image", "support_label")
 
@@ -148,14 +152,47 @@ def query_datalist(
     return items
 
 
-def output_path(query: str | PathLike, output_dir: str | PathLike) -> Path:
-    """Where the mask of ``query`` is written: ``<output_dir>/<query name>_seg.nii.gz`` (``SaveImaged``'s naming)."""
+def output_path(query: str | PathLike, output_dir: str | PathLike, output_format: str = "nifti") -> Path:
+    """Where the mask of ``query`` is written: ``<output_dir>/<query name>_seg.nii.gz`` (``SaveImaged``'s naming), or
+    ``<output_dir>/<series folder name>_seg.dcm`` for ``output_format="dicom_seg"``."""
+    check_output_format(output_format)
+    if output_format == "dicom_seg":
+        from monai_sdfsmis.transforms.dicom_seg import SaveDicomSegd
+
+        return SaveDicomSegd.output_path(query, output_dir)
     layout = FolderLayout(os.fspath(output_dir), postfix=_OUTPUT_POSTFIX, extension=_OUTPUT_EXT, makedirs=False)
     return Path(layout.filename(subject=os.fspath(query)))
 
 
-def check_outputs(datalist: Sequence[Mapping[str, Any]], output_dir: str | PathLike, overwrite: bool = False) -> None:
-    """Refuse, before any inference, outputs that already exist (unless ``overwrite``) or that two queries share."""
+def check_output_format(output_format: str) -> str:
+    if output_format not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
+    return output_format
+
+
+def check_outputs(
+    datalist: Sequence[Mapping[str, Any]],
+    output_dir: str | PathLike,
+    overwrite: bool = False,
+    output_format: str = "nifti",
+) -> None:
+    """Refuse, before any inference, outputs that already exist (unless ``overwrite``) or that two queries share, and
+    a DICOM-SEG for a query that is not a DICOM series folder."""
+    if output_format == "dicom_seg":
+        from monai_sdfsmis.extras import require
+
+        require("dicom_seg", "writing a DICOM-SEG")
+        for item in datalist:
+            if not Path(item["image"]).is_dir():
+                raise ValueError(
+                    f"--format dicom_seg writes masks of DICOM series, but the query {item['image']} is a file; "
+                    "pass the series' folder, or use the default NIfTI output"
+                )
+            if Path(item["image"]).resolve() == Path(output_dir).resolve():
+                raise ValueError(
+                    f"refusing to write a DICOM-SEG into the series folder {item['image']}: it would become a second "
+                    "series there; choose another output_dir"
+                )
     seen: dict[Path, str] = {}
     inputs = {
         Path(value).resolve(): key
@@ -164,7 +201,7 @@ def check_outputs(datalist: Sequence[Mapping[str, Any]], output_dir: str | PathL
         if key in _INPUT_KEYS and value
     }
     for item in datalist:
-        target = output_path(item["image"], output_dir)
+        target = output_path(item["image"], output_dir, output_format)
         if target.resolve() in inputs:
             # overwrite never applies to inputs: a mask must not replace the scan or annotation it was made from
             raise ValueError(
@@ -213,11 +250,21 @@ def inference_preprocessing(organ_id: int | None, intensity: str = DEFAULT_INTEN
 
 
 def inference_postprocessing(
-    output_dir: str | PathLike, overwrite: bool = False, protected: Sequence[str | PathLike] | None = None
+    output_dir: str | PathLike,
+    overwrite: bool = False,
+    protected: Sequence[str | PathLike] | None = None,
+    output_format: str = "nifti",
+    segment_label: str = "organ",
 ) -> Compose:
-    """Save ``pred`` as a uint8 NIfTI on the query's own grid and orientation, atomically, never over an input."""
+    """Save ``pred`` as a uint8 NIfTI on the query's own grid and orientation, atomically, never over an input; or,
+    for ``output_format="dicom_seg"``, as a DICOM-SEG of the query's DICOM series (one segment, ``segment_label``)."""
     from monai_sdfsmis.transforms.io import SaveVolumed
 
+    if check_output_format(output_format) == "dicom_seg":
+        from monai_sdfsmis import __version__
+        from monai_sdfsmis.transforms.dicom_seg import SaveDicomSegd
+
+        return Compose([SaveDicomSegd("pred", output_dir, segment_label, overwrite, software_version=__version__)])
     return Compose(
         [
             SaveVolumed(
@@ -260,8 +307,10 @@ class InferenceProgress:
         Where lines go (default ``sys.stderr``).
     """
 
-    def __init__(self, output_dir: str | PathLike, datalist: Sequence[Mapping[str, Any]], stream: Any = None) -> None:
+    def __init__(self, output_dir: str | PathLike, datalist: Sequence[Mapping[str, Any]], stream: Any = None,
+                 output_format: str = "nifti") -> None:
         self.output_dir = output_dir
+        self.output_format = output_format
         self.queries = [os.fspath(item["image"]) for item in datalist]
         self.stream = stream
         self._start = 0.0
@@ -279,7 +328,7 @@ class InferenceProgress:
         k = engine.state.iteration
         query = self.queries[k - 1] if 0 < k <= len(self.queries) else "?"
         print(
-            f"inference: {k}/{len(self.queries)} {query} -> {output_path(query, self.output_dir)} "
+            f"inference: {k}/{len(self.queries)} {query} -> {output_path(query, self.output_dir, self.output_format)} "
             f"({time.perf_counter() - self._start:.1f} s)",
             file=self.stream or sys.stderr,
             flush=True,
@@ -307,8 +356,9 @@ class EmptyMaskWarning:
     """
 
     def __init__(self, output_dir: str | PathLike, datalist: Sequence[Mapping[str, Any]], organ_id: int | None,
-                 stream: Any = None) -> None:
+                 stream: Any = None, output_format: str = "nifti") -> None:
         self.output_dir = output_dir
+        self.output_format = output_format
         self.queries = [os.fspath(item["image"]) for item in datalist]
         self.organ_id = organ_id
         self.stream = stream
@@ -325,7 +375,7 @@ class EmptyMaskWarning:
         k = engine.state.iteration
         query = self.queries[k - 1] if 0 < k <= len(self.queries) else "?"
         if all(not bool(torch.as_tensor(item["pred"]).any()) for item in items):
-            target = output_path(query, self.output_dir)
+            target = output_path(query, self.output_dir, self.output_format)
             self.empty.append(target)
             organ = "the organ" if self.organ_id is None else f"organ {self.organ_id}"
             print(f"WARNING: empty mask: no voxel of {organ} found in {query} ({target} holds only zeros)",
@@ -376,6 +426,7 @@ def segment_volumes(
     intensity: str | None = None,
     postprocess: Sequence[str] | str | None = None,
     flip_axes: Sequence[int] = (),
+    output_format: str = "nifti",
     overwrite: bool = False,
     device: torch.device | str | None = None,
     n_chunks: int = 3,
@@ -406,6 +457,8 @@ def segment_volumes(
         default: the model folder's (:func:`resolve_postprocess`).
     flip_axes
         Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
+    output_format
+        ``"nifti"`` or ``"dicom_seg"`` (every query a DICOM series folder; needs the ``dicom_seg`` extra).
     ckpt_path
         Weights; default ``<model_dir>/model.pt``.
     overwrite
@@ -439,7 +492,7 @@ def segment_volumes(
         raise FileNotFoundError(f"checkpoint {ckpt} not found (the model folder must hold model.pt)")
     datalist = query_datalist(query, support_image, support_label)
     check_output_folder(output_dir)
-    check_outputs(datalist, output_dir, overwrite)
+    check_outputs(datalist, output_dir, overwrite, output_format)
 
     print_model_warnings(config)
     network = build_network(kind, ckpt.parent, **network_kwargs)
@@ -454,17 +507,18 @@ def segment_volumes(
         query_range="all",
         amp=amp,
     )
-    empty = EmptyMaskWarning(output_dir, datalist, organ_id)
-    handlers = [empty, *([InferenceProgress(output_dir, datalist)] if progress else [])]
+    empty = EmptyMaskWarning(output_dir, datalist, organ_id, output_format=output_format)
+    handlers = [empty, *([InferenceProgress(output_dir, datalist, output_format=output_format)] if progress else [])]
     evaluator = build_inference_evaluator(
         network,
         inference_dataloader(datalist, inference_preprocessing(organ_id, resolve_intensity(intensity, config))),
         inferer,
-        inference_postprocessing(output_dir, overwrite, protected_inputs(datalist)),
+        inference_postprocessing(output_dir, overwrite, protected_inputs(datalist), output_format,
+                                 segment_label="organ" if organ_id is None else f"organ {organ_id}"),
         device,
         handlers,
     )
     evaluator.run()
     if empty_masks is not None:
         empty_masks.extend(empty.empty)
-    return [output_path(item["image"], output_dir) for item in datalist]
+    return [output_path(item["image"], output_dir, output_format) for item in datalist]
