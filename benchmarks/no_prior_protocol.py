@@ -146,7 +146,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     for record in results["fold_records"]:
         t, env = record["training"], record.get("environment", {})
         ae, seg = t.get("autoencoder") or {}, t["segmenter"]
-        device = env.get("gpu") or f"{env.get('device')} ({env.get('cpu_count')} CPUs)"
+        device = env.get("gpu") or f"{env.get('device')} ({env.get('cpu')}, {env.get('cpu_count')} CPUs)"
         lines.append(f"| {record['fold']} | {device} | {t.get('threads')} | {_cell(t.get('budget_minutes'), digits=1)} | "
                      f"{t['training_minutes']:.1f} | {ae.get('iterations', '-')} | {seg['iterations']} x {seg['batch']} | "
                      f"{seg.get('stopped_by') or '-'} | {seg['episodes_per_second']:.2f} | {t.get('date', '-')} |")

@@ -354,6 +354,20 @@ def _curve_point(result: Mapping[str, Any], method: str, fold: int, minutes: flo
             "dice": summary["dice"]["per_fold"].get(str(fold), summary["dice"])}
 
 
+def cpu_model_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, e.g. "AMD EPYC 9B14"), else the architecture: timings
+    of runs on different machines must be told apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment(device: torch.device | str) -> dict[str, Any]:
     import diffusers
     import monai
@@ -364,7 +378,7 @@ def _environment(device: torch.device | str) -> dict[str, Any]:
     return {
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
