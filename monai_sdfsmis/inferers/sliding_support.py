@@ -266,7 +266,7 @@ class SlidingSupportInferer(Inferer):
                     batch_index = index[start : start + self.sw_batch_size]
                     queries = self._slices(inputs, batch_index, "image", device)
                     soft = sum(mirror(network.segment(mirror(queries, d), contexts[(j, d)]), d) for d in passes)
-                    masks = network.binarize(soft / len(passes) if len(passes) > 1 else soft)
+                    masks = network.binarize(soft / len(passes))  # x / 1 is x exactly
                     if tuple(masks.shape) != (queries.shape[0], 1, *queries.shape[-2:]):
                         raise ValueError(
                             f"network.binarize(network.segment(...)) returned shape {tuple(masks.shape)}, expected "

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
@@ -224,7 +223,7 @@ class SaveDicomSegd(MapTransform):
             target = self.output_path(query, self.output_dir)
             if target.exists() and not self.overwrite:
                 raise ValueError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
-            mask = torch.as_tensor(pred.as_tensor()).detach().cpu().numpy()
+            mask = pred.as_tensor().detach().cpu().numpy()
             write_dicom_seg(mask[0], np.asarray(pred.affine, dtype=float), query, target, self.segment_label,
                             self.software_version)
         return d
