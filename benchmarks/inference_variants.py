@@ -80,14 +80,20 @@ def _protocol_command(args: argparse.Namespace, fold: int, model: Path, flags: l
 def merge_variants(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """``{variant: [protocol_results.json content per fold]}`` -> summaries of the method per variant, the copy once.
 
-    The copy's rows are taken from the first variant (the copy is always raw, so every variant's are the same).
+    The copy is always raw and one pass, so every variant's copy is the same, except under ``--shots K`` (a majority
+    vote of K support masks): a variant whose copy differs from every copy row so far gets its own row,
+    ``"support-mask copy (<variant>)"``.
     """
     summaries: dict[str, Any] = {}
     for name, results in runs.items():
-        if BASELINE not in summaries:
-            copy_rows = [row for r in results for row in r["methods"].get(BASELINE, {}).get("rows", [])]
-            if copy_rows:
-                summaries[BASELINE] = summarize(copy_rows, metrics=["dice", "hd95"])
+        copy_rows = [row for r in results for row in r["methods"].get(BASELINE, {}).get("rows", [])]
+        if copy_rows:
+            copy_summary = summarize(copy_rows, metrics=["dice", "hd95"])
+            copies = [v for k, v in summaries.items() if k.startswith(BASELINE)]
+            if not copies:
+                summaries[BASELINE] = copy_summary
+            elif all(copy_summary != v for v in copies):
+                summaries[f"{BASELINE} ({name})"] = copy_summary
         method_rows = [row for r in results for m, v in r["methods"].items() if m != BASELINE for row in v["rows"]]
         summaries[name] = summarize(method_rows, metrics=["dice", "hd95"])
     return summaries
@@ -105,7 +111,11 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [f"| Variant | flags | {head} | Mean Dice (%) | Mean HD95 (mm) | wall s, all folds |", "|---" * (len(organs) + 5) + "|"]
     for name, summary in summaries.items():
         cells = " | ".join(f"{100 * summary['dice']['per_organ'][o]:.2f}" for o in organs)
-        flags = "(raw, one pass)" if name == BASELINE else " ".join(results["flags"][name]) or "(model's)"
+        if name.startswith(BASELINE):
+            variant = name[len(BASELINE):].strip(" ()")
+            flags = "(raw, one pass)" + (f" with {' '.join(results['flags'][variant])}" if variant else "")
+        else:
+            flags = " ".join(results["flags"][name]) or "(model's)"
         seconds = results["seconds"].get(name)
         lines.append(f"| {name} | `{flags}` | {cells} | {100 * summary['dice']['mean']:.2f} | "
                      f"{summary['hd95']['mean']:.2f} | {'-' if seconds is None else f'{seconds:.0f}'} |")

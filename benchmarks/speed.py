@@ -245,10 +245,10 @@ def fast_volume(net: SDFSMIS, case: dict, batch: int, device: torch.device, cloc
     inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=batch, spatial_size=case["query"].shape[2],
                                     device=device, amp=True)
     softs: list[torch.Tensor] = []
-    segment = net.segment
+    decode = net.decode_mask  # the inferer's last step to a soft mask (it encodes each query slice once, then decodes)
 
-    def keep(query: torch.Tensor, context: Any) -> torch.Tensor:
-        soft = segment(query, context)
+    def keep(latent: torch.Tensor) -> torch.Tensor:
+        soft = decode(latent)
         softs.append(soft)
         return soft
 
@@ -257,14 +257,14 @@ def fast_volume(net: SDFSMIS, case: dict, batch: int, device: torch.device, cloc
         return inferer(case["query"].to(device), net, support_image=case["support"].to(device),
                        support_label=case["support_label"].to(device), query_label=case["query_label"].to(device))
 
-    net.segment = keep  # instance attribute: records the soft masks the inferer binarises
+    net.decode_mask = keep  # instance attribute: records the soft masks the inferer binarises
     try:
         first_s, _ = clock.time(run)  # warm-up; with --compile this includes the compilation
         reset_peak(device)
         times = [clock.time(run)[0] for _ in range(repeats)]
         soft = torch.cat([s.float().cpu() for s in softs])
     finally:
-        del net.segment
+        del net.decode_mask
     n = case["query"].shape[-1]
     best = min(times)
     return {"volume_s": best, "slices": n, "ms_per_slice_end_to_end": 1e3 * best / n, "first_run_s": first_s,

@@ -88,9 +88,7 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--organs", type=int, nargs="+", default=[1, 2, 3, 4], help="organ label ids (CHAOS ids)")
     parser.add_argument("--organ_set", choices=("chaos", "sabs"), default="chaos", help="organ names and label ids")
-    parser.add_argument(
-        "--intensity", help="intensity preset: minmax, mr, ct or zscore (default: the model's, else minmax)"
-    )
+    _add_intensity_argument(parser)
     parser.add_argument(
         "--checkpoint",
         type=Path,
@@ -99,6 +97,11 @@ def _add_protocol(subparsers: argparse._SubParsersAction) -> None:
     _add_network_arguments(parser)
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's, else 256)")
     parser.add_argument("--overlays", type=int, default=2, help="PNG overlays per query volume (0 for none)")
+    parser.add_argument(
+        "--shots", type=int, default=1,
+        help="support volumes per query (k-shot): the fold's support, then the fold's next volumes in fold order, "
+        "never the query itself; the soft masks of all supports are averaged (default 1, the paper's protocol)",
+    )
     _add_postprocess_argument(parser)
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=_run_protocol)
@@ -135,7 +138,9 @@ def _run_protocol(args: argparse.Namespace) -> int:
     if not args.dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
     if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+        where = "is a folder, not a weights file (give the model folder's model.pt)" if args.checkpoint.is_dir() else (
+            "not found")
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} {where}")
 
     import torch
 
@@ -156,6 +161,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
         spatial_size=model_folder.resolve_spatial_size(args.spatial_size, config),
         postprocess=model_folder.resolve_postprocess(args.postprocess, config),
         flip_axes=args.flip_axes,
+        support_fusion=args.support_fusion,
     )
     result = evaluate_protocol(
         network,
@@ -170,6 +176,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
         intensity=model_folder.resolve_intensity(args.intensity, config),
         progress=not args.no_progress,
         inferer=inferer,
+        shots=args.shots,
     )
     print(result["table"])
     print(f"protocol: results written to {args.output_dir}")
@@ -197,9 +204,19 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         "--query", type=Path, nargs="+", required=True,
         help="query volume(s): NIfTI/NRRD files, a DICOM series folder, a folder of volumes or a JSON datalist",
     )
-    parser.add_argument("--support", type=Path, required=True, help="the annotated support volume")
-    parser.add_argument("--support_label", type=Path, required=True, help="the support volume's label map")
-    parser.add_argument("--organ_id", type=int, required=True, help="label id of the organ in --support_label")
+    parser.add_argument(
+        "--support", type=Path, nargs="+", required=True,
+        help="the annotated support volume; several for k-shot (each query chunk is segmented with every support and "
+        "the soft masks are averaged)",
+    )
+    parser.add_argument(
+        "--support_label", type=Path, nargs="+", required=True,
+        help="the support volume's label map (k-shot: one per --support, in the same order)",
+    )
+    parser.add_argument(
+        "--organ_id", type=int, nargs="+", required=True,
+        help="label id of the organ in --support_label; several ids write one label map with those organs",
+    )
     parser.add_argument(
         "--model", type=Path, required=True,
         help="model folder (model.pt, model_config.json and for no_prior autoencoder/), or a checkpoint file in it",
@@ -207,17 +224,30 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--output_dir", type=Path, default=Path("segmentations"), help="where masks are written")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never an input)")
     parser.add_argument("--spatial_size", type=int, help="slice side in pixels (default: the model's training size)")
-    parser.add_argument("--intensity", help="intensity preset (default: the model's, else minmax)")
+    _add_intensity_argument(parser)
     _add_postprocess_argument(parser)
     parser.add_argument(
         "--format", choices=("nifti", "dicom_seg"), default="nifti", dest="output_format",
         help="mask file format: nifti (QUERY_seg.nii.gz) or dicom_seg (SERIES_seg.dcm, a DICOM Segmentation of a DICOM "
         "series query, for PACS and OHIF; needs pip install 'monai-sdfsmis[dicom_seg]')",
     )
+    parser.add_argument(
+        "--save_probabilities", action="store_true",
+        help="also write QUERY_prob.nii.gz: the organ's foreground probability (float32 in [0, 1] on the mask's grid; "
+        "> 0.5 exactly where the mask is 1); NIfTI output only",
+    )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no_progress", action="store_true", help="no progress lines")
     _add_network_arguments(parser)
     parser.set_defaults(func=_run_infer)
+
+
+def _add_intensity_argument(parser: argparse.ArgumentParser) -> None:
+    from monai_sdfsmis.transforms.intensity import PRESETS
+
+    parser.add_argument(
+        "--intensity", choices=PRESETS, help="intensity preset (default: the model's, else minmax)",
+    )
 
 
 def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +256,11 @@ def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--postprocess", nargs="+", choices=(*POSTPROCESS_STEPS, "none"),
         help="3D clean-up of each mask: largest_component, fill_holes, or none (default: the model folder's)",
+    )
+    parser.add_argument(
+        "--support_fusion", choices=("average", "network"), default="average",
+        help="with several supports: average their soft masks, or fuse them inside the network (SII attends to the "
+        "tokens of all supports; one query pass)",
     )
     parser.add_argument(
         "--flip_axes", type=int, nargs="+", choices=(0, 1), default=[],
@@ -238,9 +273,15 @@ def _run_infer(args: argparse.Namespace) -> int:
     from monai_sdfsmis.engines.inference import segment_volumes
     from monai_sdfsmis.utils import configure_cpu_threads
 
-    for what, path in (("support volume", args.support), ("support label", args.support_label)):
-        if not path.exists():
-            raise FileNotFoundError(f"{what} not found: {path}")
+    if len(args.support) != len(args.support_label):
+        raise ValueError(
+            f"got {len(args.support)} --support volume(s) and {len(args.support_label)} --support_label map(s); give "
+            "one label map per support volume, in the same order"
+        )
+    for what, paths in (("support volume", args.support), ("support label", args.support_label)):
+        for path in paths:
+            if not path.exists():
+                raise FileNotFoundError(f"{what} not found: {path}")
     if not args.model.exists():
         raise FileNotFoundError(f"model folder not found: {args.model}")
     model_dir, ckpt = (args.model, None) if args.model.is_dir() else (args.model.parent, args.model)
@@ -248,9 +289,9 @@ def _run_infer(args: argparse.Namespace) -> int:
     empty: list = []
     written = segment_volumes(
         [str(q) for q in args.query],
-        args.support,
-        args.support_label,
-        args.organ_id,
+        args.support if len(args.support) > 1 else args.support[0],
+        args.support_label if len(args.support_label) > 1 else args.support_label[0],
+        args.organ_id if len(args.organ_id) > 1 else args.organ_id[0],
         model_dir,
         ckpt_path=ckpt,
         output_dir=args.output_dir,
@@ -259,15 +300,21 @@ def _run_infer(args: argparse.Namespace) -> int:
         intensity=args.intensity,
         postprocess=args.postprocess,
         flip_axes=args.flip_axes,
+        support_fusion=args.support_fusion,
         output_format=args.output_format,
+        save_probabilities=args.save_probabilities,
         overwrite=args.overwrite,
         device=args.device,
         progress=not args.no_progress,
         empty_masks=empty,
         **_network_kwargs(args),
     )
-    note = f", {len(empty)} empty: no voxel of organ {args.organ_id} found" if empty else ""
-    print(f"infer: {len(written)} mask{'s' if len(written) != 1 else ''} written to {args.output_dir}{note}")
+    if len(args.organ_id) > 1:
+        note = f", {len(empty)} missing an organ (see the warnings)" if empty else ""
+    else:
+        note = f", {len(empty)} empty: no voxel of organ {args.organ_id[0]} found" if empty else ""
+    probabilities = " (and their probability maps)" if args.save_probabilities else ""
+    print(f"infer: {len(written)} mask{'s' if len(written) != 1 else ''}{probabilities} written to {args.output_dir}{note}")
     return 0
 
 

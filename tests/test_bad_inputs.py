@@ -162,7 +162,9 @@ def test_absent_label_id(inputs, tmp_path):
 @pytest.mark.parametrize("organ_id, message", [
     (1.5, "organ_id: 1.5 is not a label id"),
     ("liver", "organ_id: 'liver' is not a label id"),
-    ([1, 2], "organ_id: [1, 2] is not a label id"),
+    ([1, 1], "organ_id lists an organ twice: [1, 1]"),  # a list of distinct ids is a label map of several organs
+    ([1, "liver"], "organ_id: 'liver' is not a label id"),
+    (10**12, "organ id 1000000000000 absent from"),
 ])
 def test_organ_id_that_is_not_a_label_id(inputs, tmp_path, organ_id, message):
     line = _case(inputs, tmp_path, organ_id=organ_id)

@@ -86,6 +86,33 @@ def test_inference_writes_the_mask(case, tmp_path):
     assert values.shape == (12, 12, 6) and set(np.unique(values)) == {0, 1}
 
 
+def test_save_probabilities_writes_a_float_map_beside_the_mask(case, tmp_path):
+    """The copy network's soft mask is -1/1, so its probability is exactly 0/1, and > 0.5 is the mask."""
+    written = _run(tmp_path / "out", case, save_probabilities=True)
+    assert sorted(p.name for p in written.parent.iterdir()) == ["query_prob.nii.gz", "query_seg.nii.gz"]
+    mask, prob = nib.load(str(written)), nib.load(str(written.parent / "query_prob.nii.gz"))
+    assert prob.get_data_dtype() == np.float32 and prob.shape == mask.shape == (12, 12, 6)
+    np.testing.assert_allclose(prob.affine, AFFINE)
+    p, m = np.asarray(prob.dataobj), np.asarray(mask.dataobj)
+    assert m.sum() > 0 and set(np.unique(p)) <= {0.0, 1.0} and np.array_equal(p > 0.5, m == 1)
+
+
+def test_several_organs_and_supports_from_the_bundle(case, tmp_path):
+    """organ_id [1, 2] writes one label map; with the copy network and disjoint organs it is the support's label map
+    copied chunk by chunk. Two identical supports (k-shot lists) give the same map."""
+    written = _run(tmp_path / "out", case, organ_id=[1, 2])
+    got = np.asarray(nib.load(str(written)).dataobj)
+    # by hand: every support slice of organ 1 is the 5x5 square, of organ 2 the 2x2 one, and every query slice has
+    # a copy in the first pass, so the extent is the whole volume
+    expected = np.zeros((12, 12, 6), dtype=np.uint8)
+    expected[3:8, 3:8] = 1
+    expected[8:10, 8:10] = 2
+    np.testing.assert_array_equal(got, expected)
+    k_shot = _run(tmp_path / "k", {**case, "support_image": [case["support_image"]] * 2,
+                                   "support_label": [case["support_label"]] * 2}, organ_id=[1, 2])
+    np.testing.assert_array_equal(np.asarray(nib.load(str(k_shot)).dataobj), got)
+
+
 @pytest.mark.parametrize("organ_id", [0, -1])
 def test_organ_id_zero_or_negative_is_refused(case, tmp_path, organ_id):
     with pytest.raises(Exception) as info:

@@ -143,7 +143,14 @@ def test_protocol_command_errors(tmp_path, capsys):
     assert main(["protocol", "--dataset_dir", str(tmp_path / "missing")]) == 1
     assert "dataset folder not found" in capsys.readouterr().err
     assert main(["protocol", "--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "none.pt")]) == 1
-    assert "checkpoint not found" in capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'none.pt'} not found" in capsys.readouterr().err
+    (tmp_path / "model.pt").mkdir()
+    assert main(["protocol", "--dataset_dir", str(tmp_path), "--checkpoint", str(tmp_path / "model.pt")]) == 1
+    assert "model.pt is a folder, not a weights file" in capsys.readouterr().err
+    # an unknown intensity preset names the flag (argparse: exit 2)
+    with pytest.raises(SystemExit):
+        main(["protocol", "--dataset_dir", str(tmp_path), "--intensity", "hounsfield"])
+    assert "--intensity: invalid choice: 'hounsfield'" in capsys.readouterr().err
 
 
 def _one_line_error(capsys) -> str:
@@ -263,9 +270,9 @@ def test_model_folder_records_the_training_network(no_prior_model):
     assert "unet.conv_in.query.weight" in state and not any(k.startswith("vae.") for k in state)
 
 
-def _independent_mask(model_dir, query, support, support_label, organ_id, spatial_size):
+def _independent_mask(model_dir, query, support, support_label, organ_id, spatial_size, channel=0):
     """The mask recomputed outside the inference code: nibabel reads and reorients (to RAS, and back to the file's
-    own axes), the same network and inferer segment."""
+    own axes), the same network and inferer segment. ``channel=1``: the foreground probability instead."""
     import torch
 
     from monai_sdfsmis.engines.model_folder import build_network
@@ -281,11 +288,17 @@ def _independent_mask(model_dir, query, support, support_label, organ_id, spatia
     net = build_network("no_prior", model_dir)
     net.load_state_dict(torch.load(model_dir / "model.pt", map_location="cpu", weights_only=True))
     net.eval()
-    organ = torch.from_numpy((ras(support_label) == organ_id).astype(np.float32))[None, None]
-    inferer = SlidingSupportInferer(spatial_size=spatial_size, query_range="all")
+
+    def organ(path):
+        return torch.from_numpy((ras(path) == organ_id).astype(np.float32))[None, None]
+
+    several = isinstance(support, (list, tuple))
+    images = [unit(ras(p))[None] for p in support] if several else unit(ras(support))[None]
+    organs = [organ(p) for p in support_label] if several else organ(support_label)
+    inferer = SlidingSupportInferer(spatial_size=spatial_size, query_range="all", probabilities=channel == 1)
     with torch.no_grad():
-        pred = inferer(unit(ras(query))[None], net, support_image=unit(ras(support))[None], support_label=organ)
-    pred_ras = np.asarray(pred[0, 0]).astype(np.uint8)
+        pred = inferer(unit(ras(query))[None], net, support_image=images, support_label=organs)
+    pred_ras = np.asarray(pred[0, channel]).astype(np.uint8 if channel == 0 else np.float32)
     query_img = nib.load(str(query))
     to_file = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"),
                                               nib.orientations.io_orientation(query_img.affine))
@@ -329,6 +342,85 @@ def test_infer_on_a_las_chaos_volume_matches_an_independent_recomputation(no_pri
     assert 0 < expected.sum() < expected.size  # not empty nor full ...
     assert (expected != expected[::-1]).mean() > 0.01  # ... nor left-right symmetric, so a flip shows
     np.testing.assert_array_equal(ours, expected)
+
+
+@requires_chaos
+def test_infer_saves_probabilities_that_threshold_to_the_mask_on_the_query_grid(no_prior_model, tmp_path, capsys):
+    chaos = chaos_dir()
+    query, support, support_label = (chaos / f"{n}.nii.gz" for n in ("image_1", "image_2", "label_2"))
+    out = tmp_path / "masks"
+    args = ["infer", "--query", str(query), "--support", str(support), "--support_label", str(support_label),
+            "--organ_id", "1", "--model", str(no_prior_model), "--output_dir", str(out), "--num_threads", "1"]
+    assert main([*args, "--save_probabilities"]) == 0
+    assert "1 mask (and their probability maps) written" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["image_1_prob.nii.gz", "image_1_seg.nii.gz"]
+    mask, prob = (nib.load(str(out / f"image_1_{k}.nii.gz")) for k in ("seg", "prob"))
+    assert prob.get_data_dtype() == np.float32 and prob.shape == mask.shape == nib.load(str(query)).shape
+    np.testing.assert_allclose(prob.affine, nib.load(str(query)).affine, atol=1e-5)  # LAS, as the query
+    p = np.asarray(prob.dataobj)
+    assert p.min() >= 0 and p.max() <= 1 and ((p > 0.05) & (p < 0.95)).any()  # a probability, not a mask
+    np.testing.assert_array_equal(p > 0.5, np.asarray(mask.dataobj) == 1)
+    expected = _independent_mask(no_prior_model, query, support, support_label, 1, 64, channel=1)
+    np.testing.assert_allclose(p, expected, atol=1e-6)
+
+    # an existing probability map is refused before anything is segmented; so is a DICOM-SEG with probabilities
+    (out / "image_1_seg.nii.gz").unlink()
+    assert main([*args, "--save_probabilities"]) == 1
+    assert "image_1_prob.nii.gz already exists" in _one_line_error(capsys)
+    assert sorted(p.name for p in out.iterdir()) == ["image_1_prob.nii.gz"]
+    assert main([*args, "--save_probabilities", "--format", "dicom_seg", "--output_dir", str(tmp_path / "d")]) == 1
+    assert "--save_probabilities" in _one_line_error(capsys)
+
+
+@requires_chaos
+def test_infer_several_organs_writes_the_label_map_of_the_separate_calls(no_prior_model, tmp_path, capsys):
+    chaos = chaos_dir()
+    common = ["infer", "--query", str(chaos / "image_1.nii.gz"), "--support", str(chaos / "image_2.nii.gz"),
+              "--support_label", str(chaos / "label_2.nii.gz"), "--model", str(no_prior_model), "--num_threads", "1",
+              "--save_probabilities"]
+    assert main([*common, "--organ_id", "1", "4", "--output_dir", str(tmp_path / "both")]) == 0
+    for organ in (1, 4):
+        assert main([*common, "--organ_id", str(organ), "--output_dir", str(tmp_path / str(organ))]) == 0
+    capsys.readouterr()
+    both = tmp_path / "both"
+    assert sorted(p.name for p in both.iterdir()) == ["image_1_prob_1.nii.gz", "image_1_prob_4.nii.gz",
+                                                      "image_1_seg.nii.gz"]
+    labels = nib.load(str(both / "image_1_seg.nii.gz"))
+    assert labels.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(labels.affine, nib.load(str(chaos / "image_1.nii.gz")).affine, atol=1e-5)
+    got = np.asarray(labels.dataobj)
+    masks = {o: np.asarray(nib.load(str(tmp_path / str(o) / "image_1_seg.nii.gz")).dataobj) == 1 for o in (1, 4)}
+    probs = {o: np.asarray(nib.load(str(tmp_path / str(o) / "image_1_prob.nii.gz")).dataobj) for o in (1, 4)}
+    expected = np.zeros_like(got)
+    expected[masks[1]] = 1
+    expected[masks[4] & (~masks[1] | (probs[4] > probs[1]))] = 4
+    assert set(np.unique(expected)) == {0, 1, 4}
+    np.testing.assert_array_equal(got, expected)
+    for organ in (1, 4):
+        p = np.asarray(nib.load(str(both / f"image_1_prob_{organ}.nii.gz")).dataobj)
+        np.testing.assert_array_equal(p > 0.5, got == organ)
+
+
+@requires_chaos
+def test_infer_with_several_supports_averages_them(no_prior_model, tmp_path, capsys):
+    chaos = chaos_dir()
+    query = chaos / "image_1.nii.gz"
+    supports = [chaos / "image_2.nii.gz", chaos / "image_3.nii.gz"]
+    labels = [chaos / "label_2.nii.gz", chaos / "label_3.nii.gz"]
+    common = ["infer", "--query", str(query), "--organ_id", "1", "--model", str(no_prior_model), "--num_threads", "1"]
+    assert main([*common, "--support", *map(str, supports), "--support_label", *map(str, labels),
+                 "--output_dir", str(tmp_path / "two")]) == 0
+    assert main([*common, "--support", str(supports[0]), "--support_label", str(labels[0]),
+                 "--output_dir", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    two, one = (np.asarray(nib.load(str(tmp_path / k / "image_1_seg.nii.gz")).dataobj) for k in ("two", "one"))
+    np.testing.assert_array_equal(two, _independent_mask(no_prior_model, query, supports, labels, 1, 64))
+    assert (two != one).mean() > 1e-4  # the second support counts
+
+    assert main([*common, "--support", *map(str, supports), "--support_label", str(labels[0]),
+                 "--output_dir", str(tmp_path / "bad")]) == 1
+    assert "got 2 --support volume(s) and 1 --support_label map(s)" in _one_line_error(capsys)
+    assert not (tmp_path / "bad").exists()
 
 
 @requires_chaos

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from monai.data import DataLoader
@@ -302,3 +304,42 @@ def test_protocol_dataset_subset_feeds_evaluator_with_copy(tmp_path):
     )
     evaluator.run()
     assert 0.3 < evaluator.state.metrics["val_mean_dice"] < 0.8
+
+
+@requires_chaos
+def test_k_shot_protocol_copy_is_the_majority_vote_of_the_support_masks(tmp_path):
+    """3-shot copy baseline on fold 0, right kidney, recomputed by hand: chunk j of the query's kidney slices gets
+    the majority of slice j of the three supports' masks (all CHAOS slices are 256 x 256: no resizing)."""
+    import nibabel as nib
+
+    from monai_sdfsmis.engines import evaluate_protocol
+
+    chaos = chaos_dir()
+    result = evaluate_protocol(None, chaos, fold_ids=[0], organ_ids=[2], shots=3, output_dir=tmp_path,
+                               surface_metrics=False, overlays=0, progress=False)
+    rows = result["methods"]["support-mask copy"]["rows"]
+    kidney = {i: np.asarray(nib.load(str(chaos / f"label_{i}.nii.gz")).dataobj) == 2 for i in (1, 2, 3, 5, 8)}
+
+    def organ_slices(mask):
+        return np.flatnonzero(mask.any(axis=(0, 1)))
+
+    supports_of = {"1": ("3", "5", "8"), "2": ("3", "5", "8"), "5": ("3", "8", "1"), "8": ("3", "5", "1")}
+    for row in rows:
+        query = kidney[int(row["query_id"])]
+        assert row["support_id"] == "+".join(supports_of[row["query_id"]])
+        present = organ_slices(query)
+        edges = np.linspace(0, len(present), 4).astype(int)  # RPT's chunks
+        predicted = np.zeros_like(query)
+        for j in range(3):
+            copies = []
+            for sid in supports_of[row["query_id"]]:
+                s_present = organ_slices(kidney[int(sid)])
+                pick = s_present[int((1 / 6 + (1 - 1 / 3) / 2 * j) * len(s_present))]  # RPT get_support_index
+                copies.append(kidney[int(sid)][:, :, pick])
+            vote = np.mean(copies, axis=0) > 0.5
+            for d in present[edges[j]:edges[j + 1]]:
+                predicted[:, :, d] = vote
+        dice = 2 * (predicted & query).sum() / (predicted.sum() + query.sum())
+        assert row["dice"] == pytest.approx(dice, abs=1e-6)
+    saved = json.loads((tmp_path / "protocol_results.json").read_text())
+    assert saved["inference"]["shots"] == 3

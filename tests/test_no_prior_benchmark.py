@@ -60,6 +60,33 @@ def test_benchmark_runs_the_product_command_per_fold_and_merges(tmp_path):
     assert rescored == pytest.approx(trained)
     assert "| flip | `--flip_axes 0 --postprocess largest_component` |" in (tmp_path / "variants" / "results.md").read_text()
 
+    # k-shot as a variant: its copy (the vote of two supports' masks) differs from the 1-shot copy, and gets its row
+    kshot = _load("inference_variants").main([
+        "--dataset_dir", str(data), "--output_dir", str(tmp_path / "kshot"), "--models", f"0={out / 'fold_0' / 'model'}",
+        "--num_threads", "1", "--fold_volumes", "[[0,1,2],[3,4,5]]", "--variant", "k1=", "--variant", "k2=--shots 2",
+        "--variant", "k2net=--shots 2 --support_fusion network"])
+    # the fused variant's copy is the same vote as k2's (the copy always averages), so it gets no row of its own
+    assert {"support-mask copy", "support-mask copy (k2)", "k1", "k2", "k2net"} == set(kshot["summaries"])
+    assert kshot["summaries"]["k2net"] != kshot["summaries"]["k2"]
+    k2 = json.loads((tmp_path / "kshot" / "k2" / "fold_0" / "protocol_results.json").read_text())
+    assert k2["inference"]["shots"] == 2 and {r["support_id"] for r in k2["methods"]["SD-FSMIS"]["rows"]} == {
+        "3+1", "3+2"}
+
+    # several organs in one infer call against one call per organ, scored from the written files
+    import nibabel as nib
+    import numpy as np
+
+    multi_out = tmp_path / "multi"
+    multi = _load("multi_organ").main([
+        "--dataset_dir", str(data), "--model", str(out / "fold_0" / "model"), "--support", "3", "--queries", "1", "2",
+        "--organs", "1", "2", "--output_dir", str(multi_out), "--num_threads", "1"])
+    written = np.asarray(nib.load(str(multi_out / "together" / "image_2_seg.nii.gz")).dataobj) == 2
+    truth = np.asarray(nib.load(str(data / "label_2.nii.gz")).dataobj) == 2
+    by_hand = 2 * (written & truth).sum() / (written.sum() + truth.sum())
+    assert multi["dice"]["one call"]["2"]["2"] == pytest.approx(by_hand)
+    assert set(multi["seconds"]["one call per organ"]) == {1, 2}
+    assert (multi_out / "organ_1" / "image_1_seg.nii.gz").is_file() and (multi_out / "results.md").is_file()
+
     # fold 0 is not trained again; fold 1 goes into another folder and the two merge
     other = tmp_path / "other"
     bench.main(["--dataset_dir", str(data), "--output_dir", str(other), "--folds", "1", "--set", *tiny])

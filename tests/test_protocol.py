@@ -15,6 +15,7 @@ from monai_sdfsmis.data import (
     chunk_bounds,
     find_alpnet_volumes,
     fold_split,
+    k_shot_supports,
     organ_slices,
     protocol_cases,
     rpt_folds,
@@ -179,3 +180,23 @@ def test_protocol_cases_sabs_names_and_explicit_folds():
         protocol_cases(_records(20), organ_ids=[1.5])
     with pytest.raises(ValueError, match=r"organ_ids: True is not a label id"):
         protocol_cases(_records(20), organ_ids=[True])
+
+
+@requires_chaos
+def test_k_shot_supports_follow_the_fold_from_the_support_and_skip_the_query():
+    records = find_alpnet_volumes(chaos_dir(), require_labels=True)
+    # fold 0 = volumes 1, 2, 3, 5, 8 (RPT); the 1-shot support is 3 (position 2): then 5, 8, 1, 2, wrapping around
+    cases = protocol_cases(records, fold_ids=[0], organ_ids=[2], shots=3)
+    assert [(c.query.id, c.support.id, [r.id for r in c.extra_supports]) for c in cases] == [
+        ("1", "3", ["5", "8"]),
+        ("2", "3", ["5", "8"]),
+        ("5", "3", ["8", "1"]),
+        ("8", "3", ["5", "1"]),
+    ]
+    one_shot = protocol_cases(records, fold_ids=[0], organ_ids=[2])
+    assert [c.query.id for c in one_shot] == [c.query.id for c in cases] and all(not c.extra_supports for c in one_shot)
+    _, test = fold_split(records, 0)
+    assert [r.id for r in k_shot_supports(test, test[0], 4)] == ["3", "5", "8", "2"]
+    for shots in (0, 5):
+        with pytest.raises(ValueError, match="shots must be 1 to 4 for a test fold of 5 volumes"):
+            k_shot_supports(test, test[0], shots)

@@ -598,3 +598,42 @@ def test_unet_compiles_fullgraph_for_training():
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert set(compiled.state_dict()) == set(eager.state_dict())
+
+
+def _vae_mask_latent(vae, label: torch.Tensor) -> torch.Tensor:
+    """A mask's scaled posterior-mean latent straight from diffusers' VAE (independent of SDFSMIS's helpers)."""
+    image = (label * 2 - 1).repeat(1, 3, 1, 1)
+    return vae.encode(image).latent_dist.mean * vae.config.scaling_factor
+
+
+def test_residual_from_support_starts_from_the_support_copy_and_adds_the_paper_prediction():
+    si, sl, qi, ql = _episode(batch=2)
+    residual = SDFSMIS.tiny(seed=0, vae_sample_in_training=False, residual_from_support=True).eval()
+    assert residual.settings["residual_from_support"] is True
+    with torch.no_grad():
+        z_sm, z_qm = _vae_mask_latent(residual.vae, sl), _vae_mask_latent(residual.vae, ql)
+        # untrained: the prediction is the support's mask latent, decoded as diffusers decodes it
+        context = residual.encode_support(si, sl)
+        assert torch.allclose(residual.predict_mask_latent(residual.encode_latents(qi), context), z_sm, atol=1e-5)
+        decoded = residual.vae.decode(z_sm / residual.vae.config.scaling_factor).sample.clamp(-1, 1).mean(1, keepdim=True)
+        assert torch.allclose(residual.segment(qi, context), decoded, atol=1e-5)
+        # the training loss at the start is the copy's latent error, by hand
+        expected = ((z_sm - z_qm) ** 2).mean()
+        assert residual.train().compute_loss(si, sl, qi, ql).item() == pytest.approx(expected.item(), rel=1e-5)
+        residual.eval()
+
+        # trained weights (conv_out moved off zero): the paper's prediction with the same weights, plus z_sm
+        _perturb(residual)
+        torch.nn.init.normal_(residual.unet.conv_out.weight, std=0.05, generator=torch.Generator().manual_seed(3))
+        paper = SDFSMIS.tiny(seed=0, vae_sample_in_training=False).eval()
+        paper.load_state_dict(residual.state_dict())
+        qz = residual.encode_latents(qi)
+        got = residual.predict_mask_latent(qz, residual.encode_support(si, sl))
+        plain = paper.predict_mask_latent(qz, paper.encode_support(si, sl))
+        assert plain.abs().amax() > 1e-3
+        assert torch.allclose(got, plain + z_sm, atol=1e-5)
+        # one support for many queries: each query is edited from that support's mask latent
+        one = residual.encode_support(si[:1], sl[:1])
+        many = residual.predict_mask_latent(qz, one)
+        assert torch.allclose(many - paper.predict_mask_latent(qz, paper.encode_support(si[:1], sl[:1])),
+                              z_sm[:1].expand(2, -1, -1, -1), atol=1e-5)

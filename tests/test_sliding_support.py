@@ -255,7 +255,9 @@ def _valid():
         ({"support_label": torch.zeros(1, 1, 16, 16, 5)}, "support_label is empty"),
         ({"support_label": torch.full((1, 1, 16, 16, 5), 3.0)}, "binary organ mask"),
         ({"support_label": torch.zeros(1, 1, 8, 16, 5)}, "same spatial shape"),
-        ({"support_label": torch.zeros(1, 2, 16, 16, 5)}, "support_label must be"),
+        ({"support_label": torch.zeros(1, 0, 16, 16, 5)}, r"support_label must be \[1, C, H, W, D\] with C >= 1"),
+        # two organs need the query's mask of both in protocol mode
+        ({"support_label": torch.zeros(1, 2, 16, 16, 5)}, r"query_label must be \[1, C, H, W, D\] with C in \(2,\)"),
         ({"query_label": None}, "needs query_label"),
         ({"query_label": torch.zeros(1, 1, 16, 16, 5)}, "query_label is empty"),
         ({"query_label": torch.ones(1, 1, 16, 16, 4)}, "same spatial shape"),
@@ -373,12 +375,12 @@ def test_tiny_sdfsmis_runs_the_support_pass_once_per_chunk_and_matches_the_naive
     ]
     inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=size)
     soft_calls: list[torch.Tensor] = []
-    segment = net.segment
-    net.segment = lambda q, c: soft_calls.append(segment(q, c)) or soft_calls[-1]  # keep the soft masks
+    decode = net.decode_mask
+    net.decode_mask = lambda z: soft_calls.append(decode(z)) or soft_calls[-1]  # keep the soft masks
     try:
         out = inferer(query, net, support_image=support, support_label=support_label, query_label=query_label)
     finally:
-        del net.segment
+        del net.decode_mask
         for h in hooks:
             h.remove()
     # one support pass per chunk (support + mask in one VAE call), one VAE call and UNet call per query batch
@@ -433,3 +435,183 @@ def test_flip_tta_averages_the_mirrored_passes_of_query_and_support(flip_axes):
     assert bool(out.any())
     assert (out != expected).float().mean() < 1e-3  # binarised at 0: a soft value within rounding of 0 may flip
     assert (out != plain).float().mean() > 0.01  # the flipped passes do change the mask
+
+
+@pytest.mark.parametrize("postprocess", [None, "largest_component"])
+def test_probabilities_are_the_soft_masks_and_threshold_to_the_mask(postprocess):
+    """Recomputed slice by slice: (soft + 1) / 2 of each query slice with its chunk's support, 0 off the organ
+    range; > 0.5 exactly where the returned mask is 1, also where post-processing or the binarization rule decided
+    otherwise."""
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    net.binarize_mode = "relative"  # a threshold that is not soft > 0: the probability must still cut at 0.5
+    inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], probabilities=True,
+                                    postprocess=postprocess)
+    out = inferer(query, net, support_image=support, support_label=support_label, query_label=query_label)
+    mask_only = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], postprocess=postprocess)(
+        query, net, support_image=support, support_label=support_label, query_label=query_label
+    )
+    assert out.shape == (1, 2, *query.shape[2:]) and out.dtype == torch.float32
+    assert torch.equal(out[:, :1], mask_only)
+    mask, probability = out[0, 0].bool(), out[0, 1]
+    assert torch.equal(probability > 0.5, mask)
+    assert float(probability.min()) >= 0.0 and float(probability.max()) <= 1.0
+
+    picks = [1 + k for k in _rpt_support_positions(4)]
+    chunks = [[1], [2, 3], [4, 5]]
+    image = lambda v, d: v[0, :, :, :, d][None].expand(-1, 3, -1, -1)  # noqa: E731
+    expected = torch.zeros(query.shape[2:])
+    with torch.no_grad():
+        for j, slices in enumerate(chunks):
+            ctx = net.encode_support(image(support, picks[j]), support_label[0, :, :, :, picks[j]][None])
+            for d in slices:
+                expected[:, :, d] = ((net.segment(image(query, d), ctx)[0, 0] + 1) / 2).clamp(0, 1)
+    # the probability is the recomputed one wherever it already agrees with the mask; elsewhere it sits at 0.5
+    agrees = (expected > 0.5) == mask
+    assert bool(agrees.any()) and bool((~agrees).any())  # the relative rule keeps some soft < 0 voxels
+    torch.testing.assert_close(probability[agrees], expected[agrees], rtol=0, atol=1e-5)
+    assert torch.all((probability[~agrees] - 0.5).abs() < 1e-6)
+    assert torch.equal(probability[..., [0, 6]], torch.zeros_like(probability[..., [0, 6]]))  # off the organ range
+
+
+def test_k_shot_averages_the_soft_masks_of_every_support_for_each_chunk():
+    """Two supports of different sizes: chunk j of the query is segmented with slice j of each support; recomputed
+    slice by slice, the two soft masks averaged, then binarised. Their order does not matter; one support in a list
+    is the 1-shot call."""
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    g = torch.Generator().manual_seed(5)
+    second = torch.rand(1, 1, 64, 64, 9, generator=g) * 2 - 1
+    second_label = torch.zeros(1, 1, 64, 64, 9)
+    second_label[..., 10:30, 30:50, 2:8] = 1  # 6 organ slices, another place than the first support's
+    inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], probabilities=True)
+    call = lambda images, labels: inferer(query, net, support_image=images, support_label=labels,  # noqa: E731
+                                          query_label=query_label)
+    out = call([support, second], [support_label, second_label])
+    one_shot = call(support, support_label)
+    assert torch.equal(call([support], [support_label]), one_shot)
+    assert torch.allclose(call([second, support], [second_label, support_label]), out, atol=1e-6)
+
+    picks = ([1 + k for k in _rpt_support_positions(4)], [2 + k for k in _rpt_support_positions(6)])
+    chunks = [[1], [2, 3], [4, 5]]
+    image = lambda v, d: v[0, :, :, :, d][None].expand(-1, 3, -1, -1)  # noqa: E731
+    expected = torch.zeros(query.shape[2:])
+    with torch.no_grad():
+        for j, slices in enumerate(chunks):
+            contexts = [net.encode_support(image(v, p[j]), m[0, :, :, :, p[j]][None])
+                        for v, m, p in ((support, support_label, picks[0]), (second, second_label, picks[1]))]
+            for d in slices:
+                expected[:, :, d] = torch.stack([net.segment(image(query, d), c) for c in contexts]).mean(0)[0, 0]
+    mask = out[0, 0].bool()
+    assert (mask != (expected > 0)).float().mean() < 1e-3
+    assert (mask != one_shot[0, 0].bool()).float().mean() > 0.01  # the second support does change the mask
+    agrees = ((expected > 0) == mask)[..., 1:6]  # the query's organ slices
+    torch.testing.assert_close(out[0, 1][..., 1:6][agrees], ((expected[..., 1:6][agrees] + 1) / 2).clamp(0, 1),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "images, labels, message",
+    [
+        ("two", "one", r"got 2 support image\(s\) and 1 support label\(s\)"),
+        ("two", "second empty", r"support_label\[1\] is empty"),
+        ("two", "second not binary", r"support_label\[1\] must be a binary organ mask"),
+    ],
+)
+def test_k_shot_errors_name_the_support(images, labels, message):
+    query = torch.rand(1, 1, 16, 16, 4) * 2 - 1
+    label = torch.zeros(1, 1, 16, 16, 4)
+    label[..., 4:10, 4:10, 1:3] = 1
+    bad = {"one": [label], "second empty": [label, torch.zeros_like(label)], "second not binary": [label, label * 2]}
+    with pytest.raises(ValueError, match=message):
+        SlidingSupportInferer(spatial_size=16, query_range="all")(
+            query, SupportMaskCopy(), support_image=[query, query], support_label=bad[labels]
+        )
+
+
+def test_several_organs_in_one_call_are_the_separate_calls_with_overlaps_to_the_more_probable():
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    second = torch.zeros_like(support_label)
+    second[..., 10:36, 24:60, 1:6] = 1  # overlaps the first organ's region in the support
+    both = torch.cat([support_label, second], dim=1)
+    inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], query_range="all",
+                                    probabilities=True)
+    out = inferer(query, net, support_image=support, support_label=both)
+    alone = [inferer(query, net, support_image=support, support_label=m) for m in (support_label, second)]
+    masks = torch.cat([a[:, :1] for a in alone], dim=1).bool()
+    probs = torch.cat([a[:, 1:] for a in alone], dim=1)
+    assert out.shape == (1, 3, *query.shape[2:])
+    labels = out[0, 0]
+    # by hand: outside every mask 0; in one mask that organ; in both the larger probability (the first on a tie)
+    expected = torch.zeros_like(labels)
+    expected[masks[0, 0]] = 1
+    expected[masks[0, 1] & ~masks[0, 0]] = 2
+    contested = masks[0, 0] & masks[0, 1]
+    expected[contested & (probs[0, 1] > probs[0, 0])] = 2
+    assert bool(contested.any()) and bool(((labels == 1) & masks[0, 0]).any()) and bool((labels == 2).any())
+    assert torch.equal(labels, expected)
+    for k in (0, 1):
+        assert torch.equal(out[0, 1 + k] > 0.5, labels == k + 1)
+        kept = labels == k + 1
+        torch.testing.assert_close(out[0, 1 + k][kept], probs[0, k][kept])
+    # without probabilities: the label map alone
+    plain = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], query_range="all")
+    assert torch.equal(plain(query, net, support_image=support, support_label=both), out[:, :1])
+
+
+def test_the_query_is_encoded_once_for_all_supports_and_organs():
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    encoded: list[int] = []
+    hook = net.vae.encoder.register_forward_hook(lambda m, i, o: encoded.append(int(i[0].shape[0])))
+    second = torch.zeros_like(support_label)
+    second[..., 10:36, 24:60, 1:6] = 1
+    try:
+        inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], query_range="all")
+        inferer(query, net, support_image=[support, support], support_label=[torch.cat([support_label, second], 1)] * 2)
+    finally:
+        hook.remove()
+    # supports: 2 volumes x 2 organs x 3 chunks, each one VAE call of image + mask; the query's 7 slices once
+    support_calls = [n for n in encoded if n == 2]
+    assert len(support_calls) >= 12 and sum(encoded) - 2 * 12 == 7
+
+
+def test_network_fusion_attends_to_every_support_in_one_query_pass():
+    """SDFSMIS.fuse_supports: a support fused with itself is that support (attention over duplicated tokens is
+    unchanged); the inferer's "network" fusion is one query pass per chunk with the fused context, recomputed here."""
+    from monai_sdfsmis.networks.sdfsmis import SDFSMIS
+
+    net, query, support, support_label, query_label = _tiny_sdfsmis_case()
+    image = lambda v, d: v[0, :, :, :, d][None].expand(-1, 3, -1, -1)  # noqa: E731
+    with torch.no_grad():
+        one = net.encode_support(image(support, 2), support_label[0, :, :, :, 2][None])
+        other = net.encode_support(image(support, 4), support_label[0, :, :, :, 4][None])
+        twice = SDFSMIS.fuse_supports([one, one])
+        assert all(twice.features[k].shape[1] == 2 * one.features[k].shape[1] for k in one.features)
+        q = image(query, 3)
+        torch.testing.assert_close(net.segment(q, twice), net.segment(q, one), rtol=1e-4, atol=1e-5)
+        both = net.segment(q, SDFSMIS.fuse_supports([one, other]))
+        assert (both - net.segment(q, one)).abs().max() > 1e-3 and (both - net.segment(q, other)).abs().max() > 1e-3
+
+    second = torch.flip(support, dims=[2])
+    second_label = torch.flip(support_label, dims=[2])
+    queries: list[int] = []
+    hook = net.unet.register_forward_pre_hook(lambda m, i: queries.append(1) if m.conv_in.branch == "query" else None)
+    try:
+        out = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], support_fusion="network")(
+            query, net, support_image=[support, second], support_label=[support_label, second_label],
+            query_label=query_label)
+    finally:
+        hook.remove()
+    assert len(queries) == 3  # one query pass per chunk (batches of 1, 2, 2 slices), not one per support
+    picks = [1 + k for k in _rpt_support_positions(4)]
+    chunks = [[1], [2, 3], [4, 5]]
+    expected = torch.zeros_like(out)
+    with torch.no_grad():
+        for j, slices in enumerate(chunks):
+            fused = SDFSMIS.fuse_supports([net.encode_support(image(v, picks[j]), m[0, :, :, :, picks[j]][None])
+                                           for v, m in ((support, support_label), (second, second_label))])
+            for d in slices:
+                expected[0, 0, :, :, d] = net.binarize(net.segment(image(query, d), fused))[0, 0].float()
+    assert bool(out.any()) and (out != expected).float().mean() < 1e-3
+    with pytest.raises(ValueError, match="needs a network with fuse_supports"):
+        SlidingSupportInferer(spatial_size=16, query_range="all", support_fusion="network")(
+            torch.zeros(1, 1, 16, 16, 4), SupportMaskCopy(), support_image=[torch.zeros(1, 1, 16, 16, 4)] * 2,
+            support_label=[torch.ones(1, 1, 16, 16, 4)] * 2)

@@ -200,6 +200,23 @@ def test_complex_and_overflowing_volumes_are_refused_by_name(tmp_path):
     assert load_volume(_save_nifti(tmp_path / "fine.nii.gz", fine)).shape == (1, 6, 7, 8)
 
 
+@pytest.mark.parametrize("how", ["zero slice spacing", "collapsed axes"])
+def test_a_degenerate_voxel_grid_is_refused_by_name(tmp_path, how):
+    data = np.random.rand(6, 7, 8).astype(np.float32)
+    path = tmp_path / "degenerate.nii.gz"
+    if how == "zero slice spacing":  # the header's pixdim says 0 mm between slices (no sform)
+        image = nib.Nifti1Image(data, None)
+        image.header.set_zooms((1.25, 1.25, 0.0))
+    else:  # an sform whose second and third axes point the same way
+        affine = np.eye(4)
+        affine[:3, 2] = affine[:3, 1]
+        image = nib.Nifti1Image(data, affine)
+        image.header.set_qform(None, code=0)
+    nib.save(image, str(path))
+    with pytest.raises(ValueError, match=re.escape(f"{path} has a degenerate voxel grid")):
+        load_volume(path)
+
+
 def test_non_integer_label_rejected(tmp_path):
     soft = _save_nifti(tmp_path / "soft.nii.gz", np.full((6, 7, 8), 0.3, np.float32))
     with pytest.raises(ValueError, match=re.escape(f"{soft} contains non-integer values (e.g. 0.3)")):

@@ -18,6 +18,7 @@ from .protocol import (
     ProtocolCase,
     chunk_bounds,
     fold_split,
+    k_shot_supports,
     organ_slices,
     protocol_cases,
     rpt_folds,

@@ -25,6 +25,7 @@ __all__ = [
     "rpt_folds",
     "fold_split",
     "support_and_queries",
+    "k_shot_supports",
     "organ_slices",
     "support_slice_indices",
     "chunk_bounds",
@@ -261,13 +262,33 @@ def chunk_bounds(n_slices: int, n_chunks: int = 3) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class ProtocolCase:
-    """One evaluation unit: segment ``organ_id`` in the ``query`` volume with slices of the ``support`` volume."""
+    """One evaluation unit: segment ``organ_id`` in the ``query`` volume with slices of the ``support`` volume (and,
+    k-shot, of the ``extra_supports``)."""
 
     fold: int
     organ_id: int
     organ_name: str
     support: VolumeRecord
     query: VolumeRecord
+    extra_supports: tuple[VolumeRecord, ...] = ()
+
+
+def k_shot_supports(
+    test_records: Sequence[VolumeRecord], query: VolumeRecord, shots: int, support_position: int = 2
+) -> list[VolumeRecord]:
+    """The ``shots`` support volumes of ``query`` in its test fold: the fold's support (position ``support_position``),
+    then the fold's volumes after it in fold order, wrapping around, never ``query`` itself.
+
+    With RPT's CHAOS folds (4 volumes) ``shots`` can be 1 to 3; for 3 every other volume of the fold is a support.
+    """
+    position = support_position % len(test_records)
+    if int(shots) < 1 or int(shots) > len(test_records) - 1:
+        raise ValueError(
+            f"shots must be 1 to {len(test_records) - 1} for a test fold of {len(test_records)} volumes (the query is "
+            f"never its own support), got {shots}."
+        )
+    order = [test_records[(position + i) % len(test_records)] for i in range(len(test_records))]
+    return [r for r in order if r.id != query.id][: int(shots)]
 
 
 def protocol_cases(
@@ -277,6 +298,7 @@ def protocol_cases(
     organ_ids: Sequence[int] = (1, 2, 3, 4),
     organ_names: Mapping[int, str] = CHAOS_ORGANS,
     support_position: int = 2,
+    shots: int = 1,
 ) -> list[ProtocolCase]:
     """Every (fold, organ, query volume) case of the protocol on one dataset root.
 
@@ -294,6 +316,9 @@ def protocol_cases(
         Id -> name (:data:`CHAOS_ORGANS`, :data:`SABS_ORGANS`); ids missing from it are named ``label_<id>``.
     support_position
         Position of the support volume inside each fold (RPT scripts: 2).
+    shots
+        Support volumes per query (:func:`k_shot_supports`); the queries stay those of the 1-shot protocol, so the
+        k-shot rows compare case by case with the 1-shot ones.
 
     Returns
     -------
@@ -310,5 +335,7 @@ def protocol_cases(
         for organ_id in organ_ids:
             name = organ_names.get(int(organ_id), f"label_{int(organ_id)}")
             for query in queries:
-                cases.append(ProtocolCase(fold=fold, organ_id=int(organ_id), organ_name=name, support=support, query=query))
+                extra = tuple(k_shot_supports(test, query, shots, support_position)[1:])
+                cases.append(ProtocolCase(fold=fold, organ_id=int(organ_id), organ_name=name, support=support,
+                                          query=query, extra_supports=extra))
     return cases

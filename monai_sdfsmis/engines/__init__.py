@@ -31,6 +31,7 @@ from .metrics import (
     volume_metrics,
 )
 from .overlays import OverlaySaver, overlay_png, overlay_slices, save_overlay
+from .support_batch import PrepareSupportBatch, support_keys
 from .tables import (
     ORGAN_COLUMNS,
     ROW_FIELDS,

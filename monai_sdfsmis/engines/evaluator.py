@@ -3,7 +3,7 @@
 One item per (fold, organ, query volume) case: the query volume (``image``), its organ mask
 (``label``), the fold's support volume and its organ mask. The evaluator hands the support and the
 query mask to :class:`~monai_sdfsmis.inferers.SlidingSupportInferer` through
-``PrepareBatchExtraInput``; Dice, HD95 and ASSD are computed per query volume (HD95/ASSD in mm from
+:class:`~monai_sdfsmis.engines.support_batch.PrepareSupportBatch`; Dice, HD95 and ASSD are computed per query volume (HD95/ASSD in mm from
 the items' affines). In protocol mode the prediction and the ground truth are both zero outside the
 query's organ slices, so the Dice over the whole volume is the Dice over the stacked organ slices.
 An empty prediction is scored (Dice 0, HD95/ASSD the volume's diagonal,
@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from monai.data import DataLoader, MetaTensor
 from monai.engines import SupervisedEvaluator
-from monai.engines.utils import PrepareBatchExtraInput
 from monai.handlers import MeanDice, from_engine
 from monai.utils import optional_import
 from torch.utils.data import Dataset
@@ -42,6 +41,7 @@ from monai_sdfsmis.data.protocol import CHAOS_ORGANS, protocol_cases
 from monai_sdfsmis.data.volumes import VolumeStore
 from monai_sdfsmis.engines.metrics import SpacedHausdorffDistance, SpacedSurfaceDistance
 from monai_sdfsmis.engines.overlays import OverlaySaver, path_slug
+from monai_sdfsmis.engines.support_batch import PrepareSupportBatch, support_keys
 from monai_sdfsmis.engines.tables import folds_title, format_table, summarize, write_json, write_rows_csv
 from monai_sdfsmis.inferers.sliding_support import SlidingSupportInferer, network_device
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
@@ -51,7 +51,7 @@ from monai_sdfsmis.utils import atomic_write
 
 Events, _ = optional_import("ignite.engine", name="Events")
 
-#: Inferer keyword -> batch key, for ``PrepareBatchExtraInput``.
+#: Inferer keyword -> batch key of the protocol's batches (``PrepareBatchExtraInput`` style; the supports go through ``PrepareSupportBatch``).
 PROTOCOL_EXTRA_KEYS: dict[str, str] = {
     "support_image": "support_image",
     "support_label": "support_label",
@@ -60,6 +60,8 @@ PROTOCOL_EXTRA_KEYS: dict[str, str] = {
 #: Metric names the evaluator registers by default (key metric first).
 DEFAULT_METRIC_NAMES: dict[str, str] = {"dice": "val_mean_dice", "hd95": "val_hd95", "assd": "val_assd"}
 _CASE_FIELDS = ("fold", "organ_id", "organ", "support_id", "query_id")
+#: Joins the support volume ids of a k-shot case in its ``support_id``.
+SUPPORT_ID_SEPARATOR = "+"
 
 
 def protocol_items(
@@ -69,6 +71,7 @@ def protocol_items(
     support_position: int = 2,
     folds: Sequence[Sequence[int]] | None = None,
     organ_names: Mapping[int, str] = CHAOS_ORGANS,
+    shots: int = 1,
 ) -> list[dict[str, Any]]:
     """The protocol's cases as light dicts (ids only; :class:`ProtocolDataset` loads the volumes).
 
@@ -76,7 +79,8 @@ def protocol_items(
     -------
     list[dict]
         ``{"fold", "organ_id", "organ", "support_id", "query_id"}`` ordered by fold, organ, query
-        (:func:`monai_sdfsmis.data.protocol.protocol_cases`).
+        (:func:`monai_sdfsmis.data.protocol.protocol_cases`); k-shot (``shots > 1``): ``support_id`` joins the
+        support ids with ``+`` (``"3+5+2"``, :func:`~monai_sdfsmis.data.protocol.k_shot_supports`).
     """
     cases = protocol_cases(
         records,
@@ -85,13 +89,14 @@ def protocol_items(
         organ_ids=organ_ids,
         organ_names=organ_names,
         support_position=support_position,
+        shots=shots,
     )
     return [
         {
             "fold": int(c.fold),
             "organ_id": int(c.organ_id),
             "organ": c.organ_name,
-            "support_id": c.support.id,
+            "support_id": SUPPORT_ID_SEPARATOR.join(r.id for r in (c.support, *c.extra_supports)),
             "query_id": c.query.id,
         }
         for c in cases
@@ -103,7 +108,8 @@ class ProtocolDataset(Dataset):
 
     Item keys: ``image`` (query volume) ``[1, H, W, D]`` float32 in ``[-1, 1]``; ``label`` (query organ mask)
     ``[1, H, W, D]`` float32 in ``{0, 1}``; ``support_image`` / ``support_label`` likewise for the fold's support
-    volume; all four are ``MetaTensor`` whose affine is ``diag(spacing)`` in mm; plus ``fold``, ``organ_id``,
+    volume (k-shot: also ``support_image_2`` ... for the others, :func:`~monai_sdfsmis.engines.support_batch.
+    support_keys`); all are ``MetaTensor`` whose affine is ``diag(spacing)`` in mm; plus ``fold``, ``organ_id``,
     ``organ``, ``support_id``, ``query_id``.
 
     Parameters
@@ -111,7 +117,7 @@ class ProtocolDataset(Dataset):
     source
         Dataset folder in the ALPNet layout, a list of :class:`~monai_sdfsmis.data.layouts.VolumeRecord`
         (fold order), or a ``VolumeStore`` (its records, and its already-loaded volumes, are used).
-    fold_ids, organ_ids, support_position, folds, organ_names
+    fold_ids, organ_ids, support_position, folds, organ_names, shots
         As :func:`protocol_items` (CHAOS organ ids by default; SABS: ``organ_ids=(1, 2, 3, 6)``,
         ``organ_names=SABS_ORGANS``).
     intensity, spatial_size
@@ -130,7 +136,9 @@ class ProtocolDataset(Dataset):
         organ_names: Mapping[int, str] = CHAOS_ORGANS,
         intensity: str = "minmax",
         spatial_size: int | None = None,
+        shots: int = 1,
     ) -> None:
+        self.shots = int(shots)
         if isinstance(source, VolumeStore):
             self.store = source
         else:
@@ -143,6 +151,7 @@ class ProtocolDataset(Dataset):
             support_position=support_position,
             folds=folds,
             organ_names=organ_names,
+            shots=shots,
         )
 
     def __len__(self) -> int:
@@ -165,20 +174,17 @@ class ProtocolDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         case = self.items[index]
         image, label = self._volume(case["query_id"], case["organ_id"])
-        support_image, support_label = self._volume(case["support_id"], case["organ_id"])
-        return {
-            "image": image,
-            "label": label,
-            "support_image": support_image,
-            "support_label": support_label,
-            **case,
-        }
+        supports = case["support_id"].split(SUPPORT_ID_SEPARATOR)
+        item = {"image": image, "label": label, **case}
+        for (image_key, label_key), volume_id in zip(support_keys(len(supports)), supports):
+            item[image_key], item[label_key] = self._volume(volume_id, case["organ_id"])
+        return item
 
 
 class ProtocolEvaluator(SupervisedEvaluator):
     """``SupervisedEvaluator`` preset for the protocol: support-aware batches, per-volume Dice/HD95/ASSD.
 
-    Defaults: ``prepare_batch = PrepareBatchExtraInput(PROTOCOL_EXTRA_KEYS)``, ``inferer =
+    Defaults: ``prepare_batch = PrepareSupportBatch(shots, {"query_label": "label"})``, ``inferer =
     SlidingSupportInferer()`` (protocol mode), key metric ``val_mean_dice`` (MONAI ``MeanDice``, one value
     per query volume) and, when ``surface_metrics``, ``val_hd95`` / ``val_assd`` in mm. Any argument of
     ``SupervisedEvaluator`` can be given; explicit ``key_val_metric``/``additional_metrics`` replace the defaults.
@@ -193,6 +199,8 @@ class ProtocolEvaluator(SupervisedEvaluator):
         A network with the ``SDFSMIS`` inference interface, or ``SupportMaskCopy``.
     surface_metrics
         Also compute HD95 and ASSD (about 0.2 s per case on CPU).
+    shots
+        Support volumes per case (the loader's :class:`ProtocolDataset` ``shots``).
     """
 
     def __init__(
@@ -205,6 +213,7 @@ class ProtocolEvaluator(SupervisedEvaluator):
         key_val_metric: dict | None = None,
         additional_metrics: dict | None = None,
         val_handlers: Sequence | None = None,
+        shots: int = 1,
         **kwargs: Any,
     ) -> None:
         transform = from_engine(["pred", "label"])
@@ -217,7 +226,7 @@ class ProtocolEvaluator(SupervisedEvaluator):
                 DEFAULT_METRIC_NAMES["hd95"]: SpacedHausdorffDistance(percentile=95, output_transform=transform),
                 DEFAULT_METRIC_NAMES["assd"]: SpacedSurfaceDistance(symmetric=True, output_transform=transform),
             }
-        kwargs.setdefault("prepare_batch", PrepareBatchExtraInput(extra_keys=dict(PROTOCOL_EXTRA_KEYS)))
+        kwargs.setdefault("prepare_batch", PrepareSupportBatch(shots, {"query_label": PROTOCOL_EXTRA_KEYS["query_label"]}))
         super().__init__(
             device=torch.device(device),
             val_data_loader=val_data_loader,
@@ -393,6 +402,7 @@ def evaluate_protocol(
     progress: bool = True,
     intensity: str = "minmax",
     extra_handlers: Sequence[Callable] | None = None,
+    shots: int = 1,
 ) -> dict[str, Any]:
     """Run the protocol for a network (and the support-mask copy baseline) and write the results.
 
@@ -405,8 +415,9 @@ def evaluate_protocol(
     fold_ids, organ_ids, support_position, folds, organ_names
         Which cases (:func:`protocol_items`).
     inferer
-        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess`` and ``flip_axes`` apply to
-        ``network`` only: the baseline is always the raw support-mask copy.
+        Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess``, ``flip_axes`` and
+        ``support_fusion`` apply to ``network`` only: the baseline is always the raw support-mask copy (k-shot: the
+        average of the supports' copies, a majority vote).
     output_dir
         Where ``protocol_cases.csv`` (one row per method and case), ``protocol_results.json`` (rows + summaries),
         ``protocol_table.md`` and ``overlays/<method>/*.png`` are written (atomically); ``None`` writes nothing.
@@ -426,6 +437,10 @@ def evaluate_protocol(
         ``VolumeStore`` intensity preset when ``records`` is not a store.
     extra_handlers
         More ignite handlers attached to each evaluator run (e.g. ``StatsHandler``).
+    shots
+        Support volumes per query (k-shot, :func:`~monai_sdfsmis.data.protocol.k_shot_supports`); each query chunk
+        is segmented with every support and the soft masks averaged, the copy baseline's too (a majority vote of the
+        support masks).
 
     Returns
     -------
@@ -443,6 +458,7 @@ def evaluate_protocol(
         folds=folds,
         organ_names=organ_names,
         intensity=intensity,
+        shots=shots,
     )
     if len(dataset) == 0:
         raise ValueError("The protocol selection (fold_ids, organ_ids) has no case.")
@@ -455,7 +471,7 @@ def evaluate_protocol(
         anchor = network_device(network) if network is not None else torch.device("cpu")
         # The copy is the paper's baseline as published: raw, whatever clean-up the method's masks get.
         raw = copy.copy(inferer)
-        raw.postprocess, raw.flip_axes = OrganMaskPostprocess(None), ()
+        raw.postprocess, raw.flip_axes, raw.support_fusion = OrganMaskPostprocess(None), (), "average"
         runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
     if network is not None:
         runs.append((method, network, inferer))
@@ -479,6 +495,7 @@ def evaluate_protocol(
             surface_metrics=surface_metrics,
             val_handlers=handlers,
             metric_cmp_fn=_no_model_selection,
+            shots=shots,
         )
         evaluator.run()
         results["methods"][name] = {"rows": saver.rows, "summary": saver.summary}
@@ -504,6 +521,7 @@ def evaluate_protocol(
                         "inference": {
                             "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
                             "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
+                            "shots": int(shots), "support_fusion": inferer.support_fusion,
                         },
                     },
                 )

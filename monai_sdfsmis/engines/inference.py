@@ -11,7 +11,12 @@ from __future__ import annotations
 __all__ = [
     "OUTPUT_FORMATS",
     "query_datalist",
+    "count_supports",
     "output_path",
+    "probability_path",
+    "probability_postfixes",
+    "organ_ids_of",
+    "segment_name",
     "check_output_format",
     "check_outputs",
     "inference_preprocessing",
@@ -26,6 +31,7 @@ __all__ = [
 ]
 
 import json
+import numbers
 import os
 import sys
 import time
@@ -51,14 +57,20 @@ from monai_sdfsmis.engines.model_folder import (
     resolve_postprocess,
     resolve_spatial_size,
 )
+from monai_sdfsmis.engines.support_batch import PrepareSupportBatch, support_keys
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OUTPUT_POSTFIX = "seg"
+_PROBABILITY_POSTFIX = "prob"
 _OUTPUT_EXT = ".nii.gz"
 #: Mask file formats of ``infer``: a uint8 NIfTI on the query's grid, or a DICOM-SEG referencing a DICOM series query.
 OUTPUT_FORMATS = ("nifti", "dicom_seg")
-#: Item keys of the files a query item reads: an output must never replace one of them.
-_INPUT_KEYS = ("image", "support_image", "support_label")
+
+
+def _is_input_key(key: str) -> bool:
+    """Item keys of the files a query item reads (the query, every support image and label): an output must never
+    replace one of them."""
+    return key == "image" or key.startswith(("support_image", "support_label"))
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -85,12 +97,22 @@ def _datalist_entries(path: Path) -> list[Any]:
     return content
 
 
+def _path_list(paths: str | PathLike | Sequence[str | PathLike]) -> list[str]:
+    return [os.fspath(paths)] if isinstance(paths, (str, PathLike)) else [os.fspath(p) for p in paths]
+
+
+def count_supports(support_image: str | PathLike | Sequence[str | PathLike]) -> int:
+    """How many support volumes ``support_image`` names (one path, or a list of ``k`` for k-shot)."""
+    return len(_path_list(support_image))
+
+
 def query_datalist(
     query: str | PathLike | Sequence[str | PathLike | Mapping[str, Any]],
-    support_image: str | PathLike,
-    support_label: str | PathLike,
+    support_image: str | PathLike | Sequence[str | PathLike],
+    support_label: str | PathLike | Sequence[str | PathLike],
 ) -> list[dict[str, str]]:
-    """The items ``{"image", "support_image", "support_label"}`` to segment.
+    """The items ``{"image", "support_image", "support_label"}`` to segment (k-shot: also ``support_image_2``,
+    ``support_label_2``, ... :func:`~monai_sdfsmis.engines.support_batch.support_keys`).
 
     Parameters
     ----------
@@ -100,7 +122,8 @@ def query_datalist(
         JSON datalist (a list, or a ``"testing"`` list, of paths or ``{"image": ...}`` dicts that may name their own
         ``support_image`` / ``support_label``; relative paths are relative to the JSON file); or a list of these.
     support_image, support_label
-        The annotated support volume and its label map, used where an item names none.
+        The annotated support volume and its label map, used where an item names none; k-shot: lists of ``k``
+        volumes and their label maps (then no datalist item may name its own support).
 
     Raises
     ------
@@ -146,9 +169,21 @@ def query_datalist(
             items.append({"image": str(path)})
     if not items:
         raise FileNotFoundError(f"no query volume in {query}")
+    images, labels = _path_list(support_image), _path_list(support_label)
+    if not images or len(images) != len(labels):
+        raise ValueError(
+            f"got {len(images)} support volume(s) and {len(labels)} support label(s); give one label map per support"
+        )
     for item in items:
-        item.setdefault("support_image", os.fspath(support_image))
-        item.setdefault("support_label", os.fspath(support_label))
+        if len(images) > 1 and ("support_image" in item or "support_label" in item):
+            raise ValueError(
+                f"the datalist item {item['image']} names its own support, which cannot be combined with "
+                f"{len(images)} support volumes; give the supports in one place"
+            )
+        item.setdefault("support_image", images[0])
+        item.setdefault("support_label", labels[0])
+        for (image_key, label_key), image, label in list(zip(support_keys(len(images)), images, labels))[1:]:
+            item[image_key], item[label_key] = image, label
     return items
 
 
@@ -164,6 +199,26 @@ def output_path(query: str | PathLike, output_dir: str | PathLike, output_format
     return Path(layout.filename(subject=os.fspath(query)))
 
 
+def probability_postfixes(organ_ids: Sequence[int] | None) -> list[str]:
+    """File postfixes of the probability maps: ``prob`` for one organ, ``prob_<id>`` per organ for several."""
+    if organ_ids is None or len(organ_ids) == 1:
+        return [_PROBABILITY_POSTFIX]
+    return [f"{_PROBABILITY_POSTFIX}_{organ}" for organ in organ_ids]
+
+
+def probability_path(query: str | PathLike, output_dir: str | PathLike, postfix: str = _PROBABILITY_POSTFIX) -> Path:
+    """Where a foreground probability of ``query`` is written: ``<output_dir>/<query name>_<postfix>.nii.gz``
+    (:func:`probability_postfixes`)."""
+    layout = FolderLayout(os.fspath(output_dir), postfix=postfix, extension=_OUTPUT_EXT, makedirs=False)
+    return Path(layout.filename(subject=os.fspath(query)))
+
+
+def segment_name(organ_id: int | Sequence[int] | None) -> str:
+    """The DICOM-SEG segment label of a call: ``"organ"`` (all foreground) or ``"organ N"``."""
+    organ_ids = organ_ids_of(organ_id)
+    return "organ" if organ_ids is None else "organ " + "+".join(str(o) for o in organ_ids)
+
+
 def check_output_format(output_format: str) -> str:
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
@@ -175,9 +230,22 @@ def check_outputs(
     output_dir: str | PathLike,
     overwrite: bool = False,
     output_format: str = "nifti",
+    save_probabilities: bool = False,
+    organ_id: int | Sequence[int] | None = None,
 ) -> None:
     """Refuse, before any inference, outputs that already exist (unless ``overwrite``) or that two queries share, and
-    a DICOM-SEG for a query that is not a DICOM series folder."""
+    a DICOM-SEG for a query that is not a DICOM series folder (or for several organs)."""
+    organ_ids = organ_ids_of(organ_id)
+    if output_format == "dicom_seg" and organ_ids is not None and len(organ_ids) > 1:
+        raise ValueError(
+            f"--format dicom_seg writes one segment; for {len(organ_ids)} organs write the NIfTI label map (the "
+            "default) or run once per organ"
+        )
+    if save_probabilities and output_format != "nifti":
+        raise ValueError(
+            f"--save_probabilities writes float32 NIfTI probability maps beside NIfTI masks; it cannot be combined "
+            f"with --format {output_format}"
+        )
     if output_format == "dicom_seg":
         from monai_sdfsmis.extras import require
 
@@ -198,53 +266,78 @@ def check_outputs(
         Path(value).resolve(): key
         for item in datalist
         for key, value in item.items()
-        if key in _INPUT_KEYS and value
+        if _is_input_key(key) and value
     }
     for item in datalist:
-        target = output_path(item["image"], output_dir, output_format)
-        if target.resolve() in inputs:
-            # overwrite never applies to inputs: a mask must not replace the scan or annotation it was made from
-            raise ValueError(
-                f"refusing to write {target}: it is an input file ({inputs[target.resolve()]}); choose another output_dir"
-            )
-        if target in seen:
-            raise ValueError(f"queries {seen[target]} and {item['image']} would both be written to {target}")
-        seen[target] = item["image"]
-        if target.exists() and not overwrite:
-            raise ValueError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
+        targets = [output_path(item["image"], output_dir, output_format)]
+        if save_probabilities:
+            targets.extend(probability_path(item["image"], output_dir, p) for p in probability_postfixes(organ_ids))
+        for target in targets:
+            if target.resolve() in inputs:
+                # overwrite never applies to inputs: a mask must not replace the scan or annotation it was made from
+                raise ValueError(
+                    f"refusing to write {target}: it is an input file ({inputs[target.resolve()]}); choose another "
+                    "output_dir"
+                )
+            if target in seen:
+                raise ValueError(f"queries {seen[target]} and {item['image']} would both be written to {target}")
+            seen[target] = item["image"]
+            if target.exists() and not overwrite:
+                raise ValueError(f"{target} already exists; pass overwrite (--overwrite) to replace it")
 
 
-def _select_organ(organ_id: int | None):
+def organ_ids_of(organ_id: int | Sequence[int] | None) -> list[int] | None:
+    """The organ ids of a call as a checked list (``None``: every foreground label as one organ)."""
+    if organ_id is None:
+        return None
+    from monai_sdfsmis.data.protocol import organ_id_list
+
+    ids = organ_id_list([organ_id] if isinstance(organ_id, (str, numbers.Number)) else organ_id, key="organ_id")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"organ_id lists an organ twice: {ids}")
+    return ids
+
+
+def _select_organs(organ_ids: list[int] | None):
     def select(label: torch.Tensor) -> torch.Tensor:
-        return ((label > 0) if organ_id is None else (label == organ_id)).float()
+        if organ_ids is None:
+            return (label > 0).float()
+        return torch.cat([label == organ for organ in organ_ids], dim=0).float()  # [K, H, W, D]: one mask per organ
 
     return select
 
 
-def inference_preprocessing(organ_id: int | None, intensity: str = DEFAULT_INTENSITY, orientation: str = "RAS") -> Compose:
-    """Load query, support image and label (checked, one grid), select the organ, scale intensities to [-1, 1].
+def inference_preprocessing(
+    organ_id: int | Sequence[int] | None,
+    intensity: str = DEFAULT_INTENSITY,
+    orientation: str = "RAS",
+    n_supports: int = 1,
+) -> Compose:
+    """Load query, support images and labels (checked, each label on its image's grid), select the organ(s), scale
+    intensities to [-1, 1].
 
-    ``organ_id`` ``None`` takes every foreground label as the organ.
+    ``organ_id`` ``None`` takes every foreground label as the organ; a list of ``K`` ids gives each support label
+    ``K`` channels, one mask per organ. ``n_supports``: the support volumes of each item
+    (:func:`~monai_sdfsmis.engines.support_batch.support_keys`).
     """
     from monai_sdfsmis.transforms.intensity import ScaleToUnitRanged
     from monai_sdfsmis.transforms.io import CheckLabelIdsd, LoadVolumed
 
-    if organ_id is not None:
-        from monai_sdfsmis.data.protocol import organ_id_list
+    organ_ids = organ_ids_of(organ_id)
 
-        (organ_id,) = organ_id_list([organ_id], key="organ_id")
-
+    pairs = support_keys(n_supports)
+    image_keys, label_keys = [i for i, _ in pairs], [m for _, m in pairs]
     return Compose(
         [
             LoadVolumed(
-                keys=["image", "support_image", "support_label"],
+                keys=["image", *[k for pair in pairs for k in pair]],
                 orientation=orientation,
-                label_keys=["support_label"],
-                same_grid={"support_label": "support_image"},
+                label_keys=label_keys,
+                same_grid={m: i for i, m in pairs},
             ),
-            CheckLabelIdsd(keys="support_label", required_ids=[] if organ_id is None else [organ_id]),
-            Lambdad(keys="support_label", func=_select_organ(organ_id)),
-            ScaleToUnitRanged(keys=["image", "support_image"], preset=intensity),
+            CheckLabelIdsd(keys=label_keys, required_ids=organ_ids or []),
+            Lambdad(keys=label_keys, func=_select_organs(organ_ids)),
+            ScaleToUnitRanged(keys=["image", *image_keys], preset=intensity),
         ]
     )
 
@@ -255,38 +348,58 @@ def inference_postprocessing(
     protected: Sequence[str | PathLike] | None = None,
     output_format: str = "nifti",
     segment_label: str = "organ",
+    save_probabilities: bool = False,
+    organ_id: int | Sequence[int] | None = None,
 ) -> Compose:
     """Save ``pred`` as a uint8 NIfTI on the query's own grid and orientation, atomically, never over an input; or,
-    for ``output_format="dicom_seg"``, as a DICOM-SEG of the query's DICOM series (one segment, ``segment_label``)."""
+    for ``output_format="dicom_seg"``, as a DICOM-SEG of the query's DICOM series (one segment, ``segment_label``).
+
+    For several organs (``organ_id`` a list of ``K`` ids) ``pred`` is the inferer's label map ``1..K``, saved with
+    the organs' own ids (uint16 when an id exceeds 255). With ``save_probabilities`` the probability channels that
+    follow are saved as float32 NIfTI files ``<query>_prob.nii.gz`` (one organ) or ``<query>_prob_<id>.nii.gz``."""
+    from monai.transforms import MapLabelValued
+
     from monai_sdfsmis.transforms.io import SaveVolumed
+    from monai_sdfsmis.transforms.postprocess import SplitProbabilityd
 
     if check_output_format(output_format) == "dicom_seg":
         from monai_sdfsmis import __version__
         from monai_sdfsmis.transforms.dicom_seg import SaveDicomSegd
 
         return Compose([SaveDicomSegd("pred", output_dir, segment_label, overwrite, software_version=__version__)])
-    return Compose(
-        [
-            SaveVolumed(
-                keys="pred",
-                output_dir=output_dir,
-                overwrite=overwrite,
-                protected=list(protected or []),
-                output_postfix=_OUTPUT_POSTFIX,
-                output_ext=_OUTPUT_EXT,
-                output_dtype=np.uint8,
-                resample=True,
-                mode="nearest",
-                separate_folder=False,
-                print_log=False,
-            )
-        ]
-    )
+
+    def save(key: str, postfix: str, dtype: type) -> SaveVolumed:
+        return SaveVolumed(
+            keys=key,
+            output_dir=output_dir,
+            overwrite=overwrite,
+            protected=list(protected or []),
+            output_postfix=postfix,
+            output_ext=_OUTPUT_EXT,
+            output_dtype=dtype,
+            resample=True,
+            mode="nearest",
+            separate_folder=False,
+            print_log=False,
+        )
+
+    organ_ids = organ_ids_of(organ_id)
+    several = organ_ids is not None and len(organ_ids) > 1
+    steps: list[Any] = []
+    postfixes = probability_postfixes(organ_ids)
+    if save_probabilities:
+        steps.append(SplitProbabilityd("pred", postfixes))
+    if several:
+        steps.append(MapLabelValued("pred", orig_labels=list(range(1, len(organ_ids) + 1)), target_labels=organ_ids))
+    steps.append(save("pred", _OUTPUT_POSTFIX, np.uint16 if several and max(organ_ids) > 255 else np.uint8))
+    if save_probabilities:
+        steps.extend(save(postfix, postfix, np.float32) for postfix in postfixes)
+    return Compose(steps)
 
 
 def protected_inputs(datalist: Sequence[Mapping[str, Any]]) -> list[str]:
     """Every query, support image and support label of ``datalist``: files an output must never replace."""
-    return sorted({v for item in datalist for k, v in item.items() if k in _INPUT_KEYS})
+    return sorted({v for item in datalist for k, v in item.items() if _is_input_key(k)})
 
 
 def inference_dataloader(datalist: Sequence[Mapping[str, Any]], preprocessing: Compose) -> DataLoader:
@@ -345,7 +458,7 @@ class EmptyMaskWarning:
     output_dir, datalist
         As :class:`InferenceProgress`, to name the query and the written file.
     organ_id
-        The organ asked for (for the message).
+        The organ asked for (for the message); several: a line for each organ missing from a label map.
     stream
         Where lines go (default ``sys.stderr``).
 
@@ -355,12 +468,12 @@ class EmptyMaskWarning:
         The written paths of the empty masks, in order.
     """
 
-    def __init__(self, output_dir: str | PathLike, datalist: Sequence[Mapping[str, Any]], organ_id: int | None,
-                 stream: Any = None, output_format: str = "nifti") -> None:
+    def __init__(self, output_dir: str | PathLike, datalist: Sequence[Mapping[str, Any]],
+                 organ_id: int | Sequence[int] | None, stream: Any = None, output_format: str = "nifti") -> None:
         self.output_dir = output_dir
         self.output_format = output_format
         self.queries = [os.fspath(item["image"]) for item in datalist]
-        self.organ_id = organ_id
+        self.organ_ids = organ_ids_of(organ_id)
         self.stream = stream
         self.empty: list[Path] = []
 
@@ -374,10 +487,19 @@ class EmptyMaskWarning:
         items = output if isinstance(output, (list, tuple)) else [output]
         k = engine.state.iteration
         query = self.queries[k - 1] if 0 < k <= len(self.queries) else "?"
-        if all(not bool(torch.as_tensor(item["pred"]).any()) for item in items):
-            target = output_path(query, self.output_dir, self.output_format)
+        target = output_path(query, self.output_dir, self.output_format)
+        preds = [torch.as_tensor(item["pred"]) for item in items]
+        if self.organ_ids is not None and len(self.organ_ids) > 1:
+            missing = [o for o in self.organ_ids if not any(bool((p == o).any()) for p in preds)]
+            if missing:
+                self.empty.append(target)
+            for organ in missing:
+                print(f"WARNING: empty mask: no voxel of organ {organ} found in {query} ({target} has no label {organ})",
+                      file=self.stream or sys.stderr, flush=True)
+            return
+        if all(not bool(p.any()) for p in preds):
             self.empty.append(target)
-            organ = "the organ" if self.organ_id is None else f"organ {self.organ_id}"
+            organ = "the organ" if self.organ_ids is None else f"organ {self.organ_ids[0]}"
             print(f"WARNING: empty mask: no voxel of {organ} found in {query} ({target} holds only zeros)",
                   file=self.stream or sys.stderr, flush=True)
 
@@ -397,16 +519,18 @@ def build_inference_evaluator(
     postprocessing: Compose,
     device: torch.device | str,
     handlers: Sequence[Any] = (),
+    n_supports: int = 1,
 ):
-    """MONAI ``SupervisedEvaluator`` that hands the support to the few-shot inferer and saves each mask."""
-    from monai.engines import PrepareBatchExtraInput, SupervisedEvaluator
+    """MONAI ``SupervisedEvaluator`` that hands the support (k-shot: the ``n_supports`` supports) to the few-shot
+    inferer and saves each mask."""
+    from monai.engines import SupervisedEvaluator
 
     return SupervisedEvaluator(
         device=torch.device(device),
         val_data_loader=dataloader,
         network=network,
         inferer=inferer,
-        prepare_batch=PrepareBatchExtraInput(extra_keys={"support_image": "support_image", "support_label": "support_label"}),
+        prepare_batch=PrepareSupportBatch(n_supports),
         postprocessing=postprocessing,
         val_handlers=list(handlers),
     )
@@ -414,9 +538,9 @@ def build_inference_evaluator(
 
 def segment_volumes(
     query: str | PathLike | Sequence[str | PathLike | Mapping[str, Any]],
-    support_image: str | PathLike,
-    support_label: str | PathLike,
-    organ_id: int | None,
+    support_image: str | PathLike | Sequence[str | PathLike],
+    support_label: str | PathLike | Sequence[str | PathLike],
+    organ_id: int | Sequence[int] | None,
     model_dir: str | PathLike,
     *,
     output_dir: str | PathLike = "segmentations",
@@ -426,7 +550,9 @@ def segment_volumes(
     intensity: str | None = None,
     postprocess: Sequence[str] | str | None = None,
     flip_axes: Sequence[int] = (),
+    support_fusion: str = "average",
     output_format: str = "nifti",
+    save_probabilities: bool = False,
     overwrite: bool = False,
     device: torch.device | str | None = None,
     n_chunks: int = 3,
@@ -445,7 +571,11 @@ def segment_volumes(
     query
         Volume file, folder or JSON datalist (:func:`query_datalist`).
     support_image, support_label, organ_id
-        The annotated example and the organ's label id (``None``: all foreground).
+        The annotated example and the organ's label id (``None``: all foreground; a list of ids: one label map with
+        those organs, each segmented as alone, a voxel claimed by several going to the most probable). k-shot: lists
+        of ``k`` support
+        volumes and their label maps; each query chunk is then segmented with every support and the soft masks are
+        averaged (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`).
     model_dir
         Model folder: ``model.pt``, ``model_config.json`` and, for ``no_prior``, ``autoencoder/``.
     output_dir
@@ -457,8 +587,14 @@ def segment_volumes(
         default: the model folder's (:func:`resolve_postprocess`).
     flip_axes
         Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
+    support_fusion
+        k-shot: ``"average"`` (the supports' soft masks) or ``"network"`` (their contexts, inside the network).
     output_format
         ``"nifti"`` or ``"dicom_seg"`` (every query a DICOM series folder; needs the ``dicom_seg`` extra).
+    save_probabilities
+        Also write ``<query>_prob.nii.gz``: the organ's foreground probability, float32 in ``[0, 1]`` on the mask's
+        grid; ``probability > 0.5`` is exactly the mask (:func:`~monai_sdfsmis.inferers.sliding_support.
+        foreground_probability`). NIfTI output only.
     ckpt_path
         Weights; default ``<model_dir>/model.pt``.
     overwrite
@@ -489,10 +625,12 @@ def segment_volumes(
         )
     kind = resolve_network_type(network_type, config)
     if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {ckpt} not found (the model folder must hold model.pt)")
+        where = "is a folder, not a weights file" if ckpt.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {ckpt} {where} (the model folder must hold the file model.pt)")
     datalist = query_datalist(query, support_image, support_label)
+    n_supports = count_supports(support_image)
     check_output_folder(output_dir)
-    check_outputs(datalist, output_dir, overwrite, output_format)
+    check_outputs(datalist, output_dir, overwrite, output_format, save_probabilities, organ_id)
 
     print_model_warnings(config)
     network = build_network(kind, ckpt.parent, **network_kwargs)
@@ -506,17 +644,24 @@ def segment_volumes(
         flip_axes=flip_axes,
         query_range="all",
         amp=amp,
+        probabilities=save_probabilities,
+        support_fusion=support_fusion,
     )
     empty = EmptyMaskWarning(output_dir, datalist, organ_id, output_format=output_format)
     handlers = [empty, *([InferenceProgress(output_dir, datalist, output_format=output_format)] if progress else [])]
     evaluator = build_inference_evaluator(
         network,
-        inference_dataloader(datalist, inference_preprocessing(organ_id, resolve_intensity(intensity, config))),
+        inference_dataloader(
+            datalist,
+            inference_preprocessing(organ_id, resolve_intensity(intensity, config), n_supports=n_supports),
+        ),
         inferer,
         inference_postprocessing(output_dir, overwrite, protected_inputs(datalist), output_format,
-                                 segment_label="organ" if organ_id is None else f"organ {organ_id}"),
+                                 segment_label=segment_name(organ_id), save_probabilities=save_probabilities,
+                                 organ_id=organ_id),
         device,
         handlers,
+        n_supports=n_supports,
     )
     evaluator.run()
     if empty_masks is not None:

@@ -353,6 +353,10 @@ def resolve_postprocess(
 def resolve_intensity(intensity: str | None, config: Mapping[str, Any] | None = None) -> str:
     """``intensity`` if given, else the preset the model was trained with, else ``"minmax"``."""
     if intensity is not None:
+        from monai_sdfsmis.transforms.intensity import PRESETS
+
+        if intensity not in PRESETS:
+            raise ValueError(f"intensity (--intensity) must be one of {', '.join(PRESETS)}, got {intensity!r}")
         return intensity
     return str((config or {}).get("intensity") or DEFAULT_INTENSITY)
 

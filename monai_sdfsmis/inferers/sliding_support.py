@@ -9,7 +9,15 @@ chunk's query slices go through the network in batches (on CUDA under bf16 autoc
 
 from __future__ import annotations
 
-__all__ = ["SlidingSupportInferer", "check_flip_axes", "largest_run", "network_device"]
+__all__ = [
+    "SUPPORT_FUSIONS",
+    "SlidingSupportInferer",
+    "check_flip_axes",
+    "foreground_probability",
+    "largest_run",
+    "network_device",
+    "organ_label_map",
+]
 
 import itertools
 from collections.abc import Callable, Sequence
@@ -28,6 +36,8 @@ from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.transforms.postprocess import OrganMaskPostprocess
 
 QUERY_RANGES = ("protocol", "all")
+#: k-shot fusion: average the supports' soft masks, or fuse their contexts inside the network (``fuse_supports``).
+SUPPORT_FUSIONS = ("average", "network")
 _RANGE_TOLERANCE = 1e-3
 
 
@@ -57,6 +67,38 @@ def check_flip_axes(flip_axes: Sequence[int] | int | None) -> tuple[int, ...]:
     return tuple(sorted(int(a) for a in axes))
 
 
+def foreground_probability(soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Soft mask in ``[-1, 1]`` -> probability ``(soft + 1) / 2`` in ``[0, 1]`` that thresholds to ``mask`` at 0.5.
+
+    Where ``mask`` is 1 the probability is raised to at least the next float32 above 0.5, elsewhere lowered to at
+    most 0.5, so ``probability > 0.5`` reproduces ``mask`` exactly (a relative binarization threshold or a removed
+    island would otherwise disagree with a plain 0.5 cut). Same shape as ``soft``, float32.
+    """
+    return _agree_at_half(((soft.float() + 1.0) / 2.0).clamp(0.0, 1.0), mask)
+
+
+def _agree_at_half(probability: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    half = torch.tensor(0.5, dtype=torch.float32, device=probability.device)
+    above = torch.nextafter(half, torch.ones_like(half))
+    return torch.where(mask.bool(), probability.clamp(min=above), probability.clamp(max=half))
+
+
+def organ_label_map(masks: torch.Tensor, probabilities: torch.Tensor, with_probabilities: bool = False) -> torch.Tensor:
+    """``K`` organs' masks and probabilities ``[1, K, H, W, D]`` -> one label map ``[1, 1, H, W, D]``.
+
+    The label map holds ``k + 1`` where organ ``k``'s mask is 1 and 0 where no organ's is; a voxel in several masks
+    goes to the organ with the higher probability (the first on a tie). ``with_probabilities``: the ``K``
+    probabilities follow as channels ``1..K``, each > 0.5 exactly where the label map holds its organ.
+    """
+    inside = masks.bool()
+    score = torch.where(inside, probabilities, torch.full_like(probabilities, -1.0))
+    labels = torch.where(inside.any(dim=1, keepdim=True), score.argmax(dim=1, keepdim=True) + 1, 0).to(torch.float32)
+    if not with_probabilities:
+        return labels
+    organs = torch.arange(1, masks.shape[1] + 1, device=labels.device, dtype=labels.dtype).view(1, -1, 1, 1, 1)
+    return torch.cat([labels, _agree_at_half(probabilities, labels == organs)], dim=1)
+
+
 def network_device(network: Any) -> torch.device:
     """The device of a module's first parameter or buffer; otherwise CUDA when available, else the CPU."""
     if isinstance(network, torch.nn.Module):
@@ -72,7 +114,9 @@ class SlidingSupportInferer(Inferer):
     The network must offer the interface of :class:`monai_sdfsmis.networks.sdfsmis.SDFSMIS`:
     ``ctx = network.encode_support(image [1, 3, S, S], label [1, 1, S, S])``,
     ``soft = network.segment(images [N, 3, S, S], ctx)`` and ``network.binarize(soft) -> bool [N, 1, S, S]``
-    (``S = spatial_size``). :class:`monai_sdfsmis.networks.support_copy.SupportMaskCopy` is such a network.
+    (``S = spatial_size``). :class:`monai_sdfsmis.networks.support_copy.SupportMaskCopy` is such a network. When the
+    network also splits ``segment`` into ``encode_latents``, ``predict_mask_latent`` and ``decode_mask`` (as
+    ``SDFSMIS`` does), each query slice is encoded once per call and flip, and every support and organ reuses it.
 
     Slices run along the last axis. Support slices: the support organ's slices (those where
     ``support_label`` has foreground) are split into ``n_chunks`` parts and the middle one of each part is
@@ -117,6 +161,14 @@ class SlidingSupportInferer(Inferer):
         RAS; ``1``: its second, anterior-posterior) adds a pass in which query and support slices are both
         mirrored along it; the soft masks of all passes, mirrored back, are averaged before binarizing. ``()``
         (default) is the single plain pass. Each axis costs one more support pass per chunk and one more query pass.
+    probabilities
+        Also return the organ's foreground probability as a second channel: ``(soft + 1) / 2`` of the (averaged)
+        soft mask, resized like the mask and set just above 0.5 where the mask is 1 and to at most 0.5 elsewhere, so
+        that ``probability > 0.5`` is exactly the mask, whatever the binarization rule and post-processing.
+    support_fusion
+        k-shot (several support volumes): ``"average"`` segments each chunk with every support and averages the soft
+        masks; ``"network"`` fuses the supports' contexts with the network's ``fuse_supports`` (SDFSMIS: SII attends
+        to the tokens of all supports) and runs one query pass per chunk.
     """
 
     def __init__(
@@ -130,6 +182,8 @@ class SlidingSupportInferer(Inferer):
         progress: bool = False,
         postprocess: Sequence[str] | str | None = None,
         flip_axes: Sequence[int] = (),
+        probabilities: bool = False,
+        support_fusion: str = "average",
     ) -> None:
         super().__init__()
         if int(n_chunks) < 1:
@@ -149,16 +203,24 @@ class SlidingSupportInferer(Inferer):
         self.progress = bool(progress)
         self.postprocess = OrganMaskPostprocess(postprocess)
         self.flip_axes = check_flip_axes(flip_axes)
+        self.probabilities = bool(probabilities)
+        if support_fusion not in SUPPORT_FUSIONS:
+            raise ValueError(f"support_fusion must be one of {SUPPORT_FUSIONS}, got {support_fusion!r}.")
+        self.support_fusion = support_fusion
 
     # ------------------------------------------------------------------ checks
     @staticmethod
-    def _check_volume(name: str, volume: Any, channels: Sequence[int]) -> torch.Tensor:
+    def _check_volume(name: str, volume: Any, channels: Sequence[int] | None) -> torch.Tensor:
+        """``channels`` ``None``: any number (an organ mask per channel)."""
         if not isinstance(volume, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor [1, C, H, W, D], got {type(volume).__name__}.")
-        if volume.ndim != 5 or volume.shape[0] != 1 or volume.shape[1] not in channels:
+        allowed = "C >= 1" if channels is None else f"C in {tuple(channels)}"
+        if volume.ndim != 5 or volume.shape[0] != 1 or (channels is not None and volume.shape[1] not in channels) or (
+            volume.shape[1] < 1
+        ):
             raise ValueError(
-                f"{name} must be [1, C, H, W, D] with C in {tuple(channels)} (one volume, slices along the last "
-                f"axis), got shape {tuple(volume.shape)}."
+                f"{name} must be [1, C, H, W, D] with {allowed} (one volume, slices along the last axis), got shape "
+                f"{tuple(volume.shape)}."
             )
         if min(volume.shape[2:]) < 1:
             raise ValueError(f"{name} has an empty spatial shape {tuple(volume.shape)}.")
@@ -191,6 +253,45 @@ class SlidingSupportInferer(Inferer):
                 "(e.g. label == organ_id)."
             )
 
+    def _checked_supports(
+        self, support_image: Any, support_label: Any
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The support volumes and masks as plain tensors, each pair checked; one pair, or ``k`` for k-shot."""
+        if support_image is None or support_label is None:
+            raise ValueError("SlidingSupportInferer needs support_image and support_label (the annotated support volume).")
+        several = isinstance(support_image, (list, tuple))
+        images = list(support_image) if several else [support_image]
+        labels = list(support_label) if isinstance(support_label, (list, tuple)) else [support_label]
+        if not images or len(images) != len(labels):
+            raise ValueError(
+                f"got {len(images)} support image(s) and {len(labels)} support label(s); give one organ mask per "
+                "support volume."
+            )
+        pairs = []
+        for k, (image, label) in enumerate(zip(images, labels)):
+            suffix = f"[{k}]" if several else ""
+            image_name, label_name = f"support_image{suffix}", f"support_label{suffix}"
+            self._check_volume(image_name, image, (1, 3))
+            self._check_volume(label_name, label, None)
+            if label.shape[1] != labels[0].shape[1]:
+                raise ValueError(
+                    f"{label_name} has {label.shape[1]} organ channel(s) but support_label[0] has "
+                    f"{labels[0].shape[1]}; every support needs the same organs."
+                )
+            if label.shape[2:] != image.shape[2:]:
+                raise ValueError(
+                    f"{label_name} {tuple(label.shape)} and {image_name} {tuple(image.shape)} must have the same "
+                    "spatial shape."
+                )
+            image, label = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (image, label))
+            self._check_finite(image_name, image)
+            if label.is_floating_point():
+                self._check_finite(label_name, label)
+            self._check_range(image_name, image)
+            self._check_mask(label_name, label)
+            pairs.append((image, label))
+        return pairs
+
     # ------------------------------------------------------------------ slices
     def _slices(self, volume: torch.Tensor, index: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
         """``volume [1, C, H, W, D]`` at slice numbers ``index [n]`` -> ``[n, C', S, S]`` float32 on ``device``."""
@@ -209,13 +310,14 @@ class SlidingSupportInferer(Inferer):
         return slices.contiguous()
 
     def _support(
-        self, support_image: torch.Tensor, support_label: torch.Tensor, device: torch.device
+        self, support_image: torch.Tensor, support_label: torch.Tensor, device: torch.device,
+        name: str = "support_label",
     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """The ``n_chunks`` support slices: images ``[n, 3, S, S]``, masks ``[n, 1, S, S]`` and slice numbers."""
         present = torch.nonzero(support_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
         if present.numel() == 0:
             raise ValueError(
-                "support_label is empty: the support volume's mask has no foreground voxel, so there is no support "
+                f"{name} is empty: the support volume's mask has no foreground voxel, so there is no support "
                 "slice to take; pass the organ mask of the support volume."
             )
         picked = present[support_slice_indices(int(present.numel()), self.n_chunks)]
@@ -224,7 +326,7 @@ class SlidingSupportInferer(Inferer):
         if not bool(labels.flatten(1).any(dim=1).all()):
             # Nearest resizing can drop a very thin structure; the network must still see a non-empty support.
             raise ValueError(
-                f"support_label: a support slice's mask vanished when resized to {self.spatial_size}x"
+                f"{name}: a support slice's mask vanished when resized to {self.spatial_size}x"
                 f"{self.spatial_size}; the organ is too small in slices {picked.tolist()}."
             )
         return images, labels, picked.tolist()
@@ -235,38 +337,55 @@ class SlidingSupportInferer(Inferer):
         network: Any,
         inputs: torch.Tensor,
         chunks: list[torch.Tensor],
-        support: tuple[torch.Tensor, torch.Tensor],
+        supports: list[tuple[torch.Tensor, torch.Tensor]],
         device: torch.device,
         bar: Any,
-        contexts: dict[tuple[int, int | None], Any],
-    ) -> dict[int, torch.Tensor]:
-        """Segment the query slice numbers of each chunk with its support slice -> ``{slice: bool [S, S]}``.
+        contexts: dict[tuple[int, int, int | None], Any],
+        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Segment the query slice numbers of each chunk with its support slices -> ``{slice: (bool [S, S], soft [S, S])}``.
 
-        ``contexts`` caches ``network.encode_support`` per chunk and flip for the whole call: the support pass (VAE
-        encoder, VTCT, support UNet pass) runs once per support slice, however many query batches and passes use it.
+        Chunk ``j`` is segmented with slice ``j`` of every support volume; the soft masks of all supports and flip
+        passes are averaged. ``contexts`` caches ``network.encode_support`` per support, chunk and flip for the whole
+        call: the support pass (VAE encoder, VTCT, support UNet pass) runs once per support slice, however many query
+        batches and passes use it. ``latents`` (a network with ``encode_latents`` / ``predict_mask_latent`` /
+        ``decode_mask``) caches each query slice's latent per flip for the whole call, so supports and organs share
+        one encoding of the query.
         """
-        support_images, support_labels = support
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
         )
         # A slice [N, C, H, W] mirrored along volume axis a is flipped along its dim a + 2; None is the plain pass.
         passes: list[int | None] = [None, *(a + 2 for a in self.flip_axes)]
         mirror = lambda x, dim: x if dim is None else x.flip(dim)  # noqa: E731
-        out: dict[int, torch.Tensor] = {}
+        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with autocast:
             for j, index in enumerate(chunks):
                 if index.numel() == 0:
                     continue
-                for dim in passes:
-                    if (j, dim) not in contexts:
-                        contexts[(j, dim)] = network.encode_support(
-                            mirror(support_images[j : j + 1], dim), mirror(support_labels[j : j + 1], dim)
+                runs = list(itertools.product(range(len(supports)), passes))
+                for k, dim in runs:
+                    if (k, j, dim) not in contexts:
+                        images, labels = supports[k]
+                        contexts[(k, j, dim)] = network.encode_support(
+                            mirror(images[j : j + 1], dim), mirror(labels[j : j + 1], dim)
                         )
+                if self.support_fusion == "network" and len(supports) > 1:
+                    for dim in passes:
+                        if (-1, j, dim) not in contexts:
+                            contexts[(-1, j, dim)] = network.fuse_supports(
+                                [contexts[(k, j, dim)] for k in range(len(supports))]
+                            )
+                    runs = [(-1, dim) for dim in passes]  # -1: the fused context
                 for start in range(0, index.numel(), self.sw_batch_size):
                     batch_index = index[start : start + self.sw_batch_size]
                     queries = self._slices(inputs, batch_index, "image", device)
-                    soft = sum(mirror(network.segment(mirror(queries, d), contexts[(j, d)]), d) for d in passes)
-                    masks = network.binarize(soft / len(passes))  # x / 1 is x exactly
+                    soft = sum(
+                        mirror(self._soft_masks(network, mirror(queries, d), batch_index, d, contexts[(k, j, d)], latents), d)
+                        for k, d in runs
+                    )
+                    soft = soft / len(runs)  # x / 1 is x exactly
+                    masks = network.binarize(soft)
                     if tuple(masks.shape) != (queries.shape[0], 1, *queries.shape[-2:]):
                         raise ValueError(
                             f"network.binarize(network.segment(...)) returned shape {tuple(masks.shape)}, expected "
@@ -274,10 +393,109 @@ class SlidingSupportInferer(Inferer):
                         )
                     masks = masks[:, 0].to(torch.bool)
                     for k, slice_number in enumerate(batch_index.tolist()):
-                        out[slice_number] = masks[k]
+                        out[slice_number] = (masks[k], soft[k, 0].float())
                     if bar is not None:
                         bar.update(int(batch_index.numel()))
         return out
+
+    @staticmethod
+    def _soft_masks(
+        network: Any,
+        queries: torch.Tensor,
+        slice_numbers: torch.Tensor,
+        flip: int | None,
+        context: Any,
+        latents: dict[tuple[int, int | None], torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """``network.segment(queries, context)``, with the query latents taken from (and added to) ``latents``."""
+        if latents is None:
+            return network.segment(queries, context)
+        keys = [(d, flip) for d in slice_numbers.tolist()]
+        todo = [i for i, key in enumerate(keys) if key not in latents]
+        if todo:
+            for i, latent in zip(todo, network.encode_latents(queries[todo])):
+                latents[keys[i]] = latent
+        return network.decode_mask(network.predict_mask_latent(torch.stack([latents[key] for key in keys]), context))
+
+    def _segment_organ(
+        self,
+        network: Any,
+        query: torch.Tensor,
+        supports: list[tuple[torch.Tensor, torch.Tensor]],
+        query_label: torch.Tensor | None,
+        device: torch.device,
+        with_soft: bool,
+        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One organ of the query: its mask ``[1, 1, H, W, D]`` (post-processed) and, ``with_soft``, its
+        :func:`foreground_probability` ``[1, 1, H, W, D]`` (else ``None``)."""
+        height, width, depth = (int(s) for s in query.shape[2:])
+        names = ["support_label"] if len(supports) == 1 else [f"support_label[{k}]" for k in range(len(supports))]
+        support = [self._support(image, label, device, name)[:2] for (image, label), name in zip(supports, names)]
+        contexts: dict[tuple[int, int, int | None], Any] = {}
+        if self.query_range == "protocol":
+            assert query_label is not None
+            present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
+            if present.numel() == 0:
+                raise ValueError(
+                    "query_label is empty: the query's organ mask has no foreground voxel, so protocol mode has no "
+                    "organ slice to segment; use query_range='all' for unannotated queries."
+                )
+            bar = progress_bar(total=int(present.numel()), desc="query slices") if self.progress else None
+            predicted = self._segment_chunks(
+                network, query, self._split(present), support, device, bar, contexts, latents
+            )
+            keep = present.tolist()
+        else:
+            predicted, keep, bar = self._segment_extent(network, query, support, device, contexts, latents)
+        if bar is not None:
+            bar.close()
+
+        # channel 0 the mask; for probabilities, channel 1 the soft mask (-1 off the segmented range)
+        channels = 2 if with_soft else 1
+        output = torch.zeros((depth, channels, self.spatial_size, self.spatial_size), dtype=torch.float32, device=device)
+        output[:, 1:] = -1.0
+        if keep:
+            output[keep, 0] = torch.stack([predicted[d][0] for d in keep]).to(torch.float32)
+            if with_soft:
+                output[keep, 1] = torch.stack([predicted[d][1] for d in keep])
+        if (height, width) != (self.spatial_size, self.spatial_size):
+            output = F.interpolate(output, size=(height, width), mode="nearest-exact")
+        output = output.permute(1, 2, 3, 0).unsqueeze(0)  # [1, channels, H, W, D]
+        mask = self.postprocess(output[:, :1])
+        return mask, foreground_probability(output[:, 1:], mask) if with_soft else None
+
+    def _segment_extent(
+        self,
+        network: Any,
+        query: torch.Tensor,
+        support: list[tuple[torch.Tensor, torch.Tensor]],
+        device: torch.device,
+        contexts: dict[tuple[int, int, int | None], Any],
+        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
+    ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int], Any]:
+        """Deployment mode: a first pass over every slice, then the longest predicted run re-chunked (see the class
+        docstring) -> predictions per slice, the kept slice numbers and the open progress bar (or ``None``)."""
+        depth = int(query.shape[-1])
+        bar = progress_bar(total=depth, desc="query slices (pass 1)") if self.progress else None
+        first_chunks = self._split(torch.arange(depth))
+        first = self._segment_chunks(network, query, first_chunks, support, device, bar, contexts, latents)
+        if bar is not None:
+            bar.close()
+        extent = largest_run([bool(first[d][0].any()) for d in range(depth)])
+        if extent is None:
+            return {}, [], None
+        predicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        first_chunk_of = {int(d): j for j, c in enumerate(first_chunks) for d in c.tolist()}
+        redo: list[torch.Tensor] = []
+        for j, chunk in enumerate(self._split(torch.arange(*extent))):
+            same = [d for d in chunk.tolist() if first_chunk_of[d] == j]
+            predicted.update({d: first[d] for d in same})
+            redo.append(torch.tensor([d for d in chunk.tolist() if first_chunk_of[d] != j], dtype=torch.long))
+        n_redo = sum(int(r.numel()) for r in redo)
+        bar = progress_bar(total=n_redo, desc="query slices (pass 2)") if self.progress and n_redo else None
+        predicted.update(self._segment_chunks(network, query, redo, support, device, bar, contexts, latents))
+        return predicted, list(range(*extent)), bar
 
     def _split(self, index: torch.Tensor) -> list[torch.Tensor]:
         return [index[a:b] for a, b in chunk_bounds(int(index.numel()), self.n_chunks)]
@@ -287,8 +505,8 @@ class SlidingSupportInferer(Inferer):
         inputs: torch.Tensor,
         network: Callable[..., Any],
         *args: Any,
-        support_image: torch.Tensor | None = None,
-        support_label: torch.Tensor | None = None,
+        support_image: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        support_label: torch.Tensor | Sequence[torch.Tensor] | None = None,
         query_label: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
@@ -301,17 +519,24 @@ class SlidingSupportInferer(Inferer):
         network
             A network with ``encode_support`` / ``segment`` / ``binarize`` (see the class docstring).
         support_image
-            Support volume ``[1, C', Hs, Ws, Ds]``, ``C'`` 1 or 3, in ``[-1, 1]``; any in-plane size.
+            Support volume ``[1, C', Hs, Ws, Ds]``, ``C'`` 1 or 3, in ``[-1, 1]``; any in-plane size. k-shot: a
+            sequence of ``k`` such volumes (each its own size); chunk ``j`` of the query is then segmented with
+            support slice ``j`` of each of them and the ``k`` soft masks are averaged before binarizing.
         support_label
-            Binary organ mask of the support volume ``[1, 1, Hs, Ws, Ds]`` in ``{0, 1}``.
+            Binary organ mask of the support volume ``[1, 1, Hs, Ws, Ds]`` in ``{0, 1}`` (k-shot: one per support).
+            Several organs in one call: ``[1, K, Hs, Ws, Ds]``, one binary mask per organ; each organ is segmented
+            as in a call of its own and the result is a label map (:func:`organ_label_map`).
         query_label
-            Binary organ mask of the query ``[1, 1, H, W, D]``; required when ``query_range="protocol"``
-            (only its slice extent is used), ignored otherwise.
+            Binary organ mask of the query ``[1, 1, H, W, D]`` (``[1, K, ...]`` for ``K`` organs); required when
+            ``query_range="protocol"`` (only its slice extent is used), ignored otherwise.
 
         Returns
         -------
         torch.Tensor
-            ``[1, 1, H, W, D]`` float32 mask in ``{0, 1}`` on the query's grid and device (a ``MetaTensor``
+            ``[1, 1, H, W, D]`` float32 mask in ``{0, 1}`` (``[1, 2, H, W, D]`` with ``probabilities``: the mask, then
+            :func:`foreground_probability`); for ``K`` organs the label map in ``{0, ..., K}`` (and, with
+            ``probabilities``, the ``K`` organs' probabilities: ``[1, 1 + K, H, W, D]``); on the query's grid and
+            device (a ``MetaTensor``
             carrying the query's metadata when ``inputs`` is one).
         """
         if args or kwargs:
@@ -327,38 +552,28 @@ class SlidingSupportInferer(Inferer):
                     f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
                     "SDFSMIS interface (encode_support, segment, binarize)."
                 )
-        if support_image is None or support_label is None:
-            raise ValueError("SlidingSupportInferer needs support_image and support_label (the annotated support volume).")
         self._check_volume("inputs (query volume)", inputs, (1, 3))
-        self._check_volume("support_image", support_image, (1, 3))
-        self._check_volume("support_label", support_label, (1,))
-        if support_label.shape[2:] != support_image.shape[2:]:
+        supports = self._checked_supports(support_image, support_label)
+        if len(supports) > 1 and self.support_fusion == "network" and not callable(getattr(network, "fuse_supports", None)):
             raise ValueError(
-                f"support_label {tuple(support_label.shape)} and support_image {tuple(support_image.shape)} must have "
-                "the same spatial shape."
+                f"support_fusion='network' needs a network with fuse_supports; {type(network).__name__} has none "
+                "(use support_fusion='average')."
             )
         # MetaTensor bookkeeping on every slicing op is slow; the metadata is put back on the output only.
-        query, support_image, support_label = (
-            x.as_tensor() if isinstance(x, MetaTensor) else x for x in (inputs, support_image, support_label)
-        )
+        query = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         if isinstance(query_label, MetaTensor):
             query_label = query_label.as_tensor()
         self._check_finite("inputs (query volume)", query)
-        self._check_finite("support_image", support_image)
-        if support_label.is_floating_point():
-            self._check_finite("support_label", support_label)
         if query_label is not None and query_label.is_floating_point():
             self._check_finite("query_label", query_label)
         self._check_range("inputs (query volume)", query)
-        self._check_range("support_image", support_image)
-        self._check_mask("support_label", support_label)
         if self.query_range == "protocol":
             if query_label is None:
                 raise ValueError(
                     "query_range='protocol' needs query_label (the query's organ mask, to select its organ slices); "
                     "use query_range='all' when the query has no annotation."
                 )
-            self._check_volume("query_label", query_label, (1,))
+            self._check_volume("query_label", query_label, (supports[0][1].shape[1],))
             if query_label.shape[2:] != inputs.shape[2:]:
                 raise ValueError(
                     f"query_label {tuple(query_label.shape)} and the query volume {tuple(inputs.shape)} must have the "
@@ -367,52 +582,23 @@ class SlidingSupportInferer(Inferer):
             self._check_mask("query_label", query_label)
 
         device = self.device if self.device is not None else network_device(network)
-        height, width, depth = (int(s) for s in inputs.shape[2:])
+        n_organs = int(supports[0][1].shape[1])
         with torch.no_grad():
-            support = self._support(support_image, support_label, device)[:2]
-            contexts: dict[tuple[int, int | None], Any] = {}
-            if self.query_range == "protocol":
-                assert query_label is not None
-                present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
-                if present.numel() == 0:
-                    raise ValueError(
-                        "query_label is empty: the query's organ mask has no foreground voxel, so protocol mode has no "
-                        "organ slice to segment; use query_range='all' for unannotated queries."
-                    )
-                bar = progress_bar(total=int(present.numel()), desc="query slices") if self.progress else None
-                predicted = self._segment_chunks(network, query, self._split(present), support, device, bar, contexts)
-                keep = present.tolist()
+            masks, probabilities = [], []
+            splits = all(callable(getattr(network, n, None)) for n in ("encode_latents", "predict_mask_latent", "decode_mask"))
+            latents: dict[tuple[int, int | None], torch.Tensor] | None = {} if splits else None
+            for organ in range(n_organs):
+                organ_supports = [(image, label[:, organ : organ + 1]) for image, label in supports]
+                organ_query = None if query_label is None else query_label[:, organ : organ + 1]
+                mask, probability = self._segment_organ(
+                    network, query, organ_supports, organ_query, device, self.probabilities or n_organs > 1, latents
+                )
+                masks.append(mask)
+                probabilities.append(probability)
+            if n_organs == 1:
+                output = torch.cat([masks[0], probabilities[0]], dim=1) if self.probabilities else masks[0]
             else:
-                every = torch.arange(depth)
-                bar = progress_bar(total=depth, desc="query slices (pass 1)") if self.progress else None
-                first_chunks = self._split(every)
-                first = self._segment_chunks(network, query, first_chunks, support, device, bar, contexts)
-                if bar is not None:
-                    bar.close()
-                extent = largest_run([bool(first[d].any()) for d in range(depth)])
-                predicted, keep, bar = {}, [], None
-                if extent is not None:
-                    first_chunk_of = {int(d): j for j, c in enumerate(first_chunks) for d in c.tolist()}
-                    second_chunks = self._split(torch.arange(*extent))
-                    redo: list[torch.Tensor] = []
-                    for j, chunk in enumerate(second_chunks):
-                        same = [d for d in chunk.tolist() if first_chunk_of[d] == j]
-                        predicted.update({d: first[d] for d in same})
-                        redo.append(torch.tensor([d for d in chunk.tolist() if first_chunk_of[d] != j], dtype=torch.long))
-                    n_redo = sum(int(r.numel()) for r in redo)
-                    if self.progress and n_redo:
-                        bar = progress_bar(total=n_redo, desc="query slices (pass 2)")
-                    predicted.update(self._segment_chunks(network, query, redo, support, device, bar, contexts))
-                    keep = list(range(*extent))
-            if bar is not None:
-                bar.close()
-
-            output = torch.zeros((depth, 1, self.spatial_size, self.spatial_size), dtype=torch.float32, device=device)
-            if keep:
-                output[keep, 0] = torch.stack([predicted[d] for d in keep]).to(torch.float32)
-            if (height, width) != (self.spatial_size, self.spatial_size):
-                output = F.interpolate(output, size=(height, width), mode="nearest-exact")
-            output = self.postprocess(output.permute(1, 2, 3, 0).unsqueeze(0))  # [1, 1, H, W, D]
+                output = organ_label_map(torch.cat(masks, dim=1), torch.cat(probabilities, dim=1), self.probabilities)
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(output, inputs, dtype=torch.float32)[0]
         return output.to(device=inputs.device)

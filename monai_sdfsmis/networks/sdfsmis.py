@@ -242,6 +242,11 @@ class SDFSMIS(nn.Module):
     foreground_weight
         Training only: weight of the latent cells the query organ touches in the loss
         (:func:`~monai_sdfsmis.networks.latent_loss.latent_mse`); 1 is the paper's plain MSE.
+    residual_from_support
+        Predict the query's mask latent as the support's mask latent plus the one-step output
+        (``x0 = z_sm - unet_output``) instead of the output alone (the paper). ``conv_out`` starts at zero, so an
+        untrained network returns the support-mask copy and training edits it; a from-scratch UNet then never
+        sits on the all-empty mean-latent plateau.
 
     Notes
     -----
@@ -281,6 +286,7 @@ class SDFSMIS(nn.Module):
         relative_threshold: float = 0.25,
         support_condition: str = "same",
         foreground_weight: float = 1.0,
+        residual_from_support: bool = False,
     ) -> None:
         super().__init__()
         if sii_mode not in SII_MODES:
@@ -328,7 +334,8 @@ class SDFSMIS(nn.Module):
             "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
             "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
             "relative_threshold": float(relative_threshold), "support_condition": support_condition,
-            "foreground_weight": float(foreground_weight), "image_encoder": image_encoder is not None and use_vtct,
+            "foreground_weight": float(foreground_weight), "residual_from_support": bool(residual_from_support),
+            "image_encoder": image_encoder is not None and use_vtct,
         }
         self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
         self.timestep = int(timestep)
@@ -337,6 +344,12 @@ class SDFSMIS(nn.Module):
         self.relative_threshold = float(relative_threshold)
         self.support_condition = support_condition
         self.foreground_weight = float(foreground_weight)
+        self.residual_from_support = bool(residual_from_support)
+        if self.residual_from_support:
+            # Zero output is "no edit": the first prediction is the support's mask latent, the copy baseline.
+            nn.init.zeros_(unet.conv_out.weight)
+            if unet.conv_out.bias is not None:
+                nn.init.zeros_(unet.conv_out.bias)
 
         vae.requires_grad_(False)
         vae.eval()
@@ -591,7 +604,10 @@ class SDFSMIS(nn.Module):
             output = self._unet(sample, condition, "query", {SUPPORT_FEATURES_KEY: context.features})
         else:
             output = self._unet(sample, condition, "query")
-        return predict_original_sample(self.scheduler, output, query_latent, self.timestep)
+        x0 = predict_original_sample(self.scheduler, output, query_latent, self.timestep)
+        if self.residual_from_support:
+            x0 = x0 + match_support_batch(context.mask_latent, batch, "support mask latent").to(x0.dtype)
+        return x0
 
     # ------------------------------------------------------------------ public interface
     def compute_loss(
@@ -668,6 +684,33 @@ class SDFSMIS(nn.Module):
         """
         self._check_pair(support_image, support_label, "support")
         return self._support_context(support_image, support_label)
+
+    @staticmethod
+    def fuse_supports(contexts: Sequence[SupportContext]) -> SupportContext:
+        """One context from the contexts of ``k`` support slices (k-shot fusion inside the network, as DiffewS).
+
+        Each SII block attends to the tokens of all ``k`` supports (their features concatenated along the token
+        axis, so the attention's softmax runs over every support's tokens); the QE prototypes, the VTCT conditions
+        and the latents are averaged over the supports. One query pass then uses all supports.
+
+        Parameters
+        ----------
+        contexts
+            ``k`` contexts of one support slice each (``batch_size`` 1), from :meth:`encode_support`.
+        """
+        if not contexts or any(c.batch_size != 1 for c in contexts):
+            raise ValueError("fuse_supports takes one or more contexts of one support slice each (batch size 1).")
+        if len(contexts) == 1:
+            return contexts[0]
+
+        def mean(name: str) -> torch.Tensor | None:
+            values = [getattr(c, name) for c in contexts]
+            return None if values[0] is None else torch.stack(values).mean(dim=0)
+
+        features = None
+        if contexts[0].features is not None:
+            features = {key: torch.cat([c.features[key] for c in contexts], dim=1) for key in contexts[0].features}
+        return SupportContext(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
 
     @torch.no_grad()
     def segment(self, query_image: torch.Tensor, context: SupportContext) -> torch.Tensor:

@@ -48,4 +48,4 @@ from .io import (
     load_volume,
     select_reader,
 )
-from .postprocess import POSTPROCESS_STEPS, OrganMaskPostprocess, check_postprocess_steps
+from .postprocess import POSTPROCESS_STEPS, OrganMaskPostprocess, SplitProbabilityd, check_postprocess_steps

@@ -196,6 +196,44 @@ def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> Met
         raise ValueError(f"cannot determine the channel layout of {path} (shape {tuple(img.shape)}): {e}") from e
 
 
+def _raw_nifti_zooms(path: Path) -> np.ndarray | None:
+    """The voxel size a NIfTI-1 header without an sform stores (pixdim 1-3), as written: nibabel's loader replaces a
+    0 by 1 mm with only a log line. ``None`` for other files and headers with an sform."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with nib.openers.ImageOpener(str(path)) as stream:
+            header = nib.Nifti1Header.from_fileobj(stream, check=False)
+    except Exception:  # NIfTI-2, or a header the reader already accepted in another form
+        return None
+    if int(header["sform_code"]) > 0:
+        return None
+    return np.asarray(header["pixdim"][1:4], dtype=np.float64)
+
+
+def _check_grid(img: MetaTensor, path: Path) -> None:
+    """Refuse a header whose voxel grid is degenerate (a zero, negative-zero or non-finite voxel size, or axes that
+    do not span space): masks written on such a grid could not be placed back on the scan."""
+    n = min(len(img.shape) - 1, 3)
+    zooms = _raw_nifti_zooms(path)
+    if zooms is not None and (np.any(zooms[:n] == 0) or not np.all(np.isfinite(zooms[:n]))):
+        raise ValueError(
+            f"{path} has a degenerate voxel grid: its header gives the voxel size {', '.join(f'{v:g}' for v in zooms)}"
+            " mm (pixdim) and no sform; fix the spacing in its header"
+        )
+    affine = np.asarray(convert_to_numpy(img.affine), dtype=np.float64)
+    matrix = affine[:n, :n]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.all(np.isfinite(affine)) or np.any(spacing <= 0) or abs(np.linalg.det(matrix)) <= 1e-12 * np.prod(
+        np.maximum(spacing, 1e-300)
+    ):
+        shown = ", ".join(f"{v:g}" for v in spacing)
+        raise ValueError(
+            f"{path} has a degenerate voxel grid (voxel size {shown} mm, or axes that do not span space); fix the "
+            "spacing or direction in its header"
+        )
+
+
 def _check_finite(values: torch.Tensor, name: str) -> None:
     """Raise ``ValueError`` counting NaN / infinite voxels; one min/max pass when all are finite."""
     v_min, v_max = torch.aminmax(values)
@@ -282,6 +320,7 @@ def load_volume(
             "is required"
         )
 
+    _check_grid(img, path)
     if torch.is_complex(img):
         raise ValueError(f"{path} holds complex values ({img.dtype}); a real-valued volume is required (save its magnitude)")
     if torch.is_floating_point(img):

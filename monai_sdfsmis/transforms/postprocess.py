@@ -7,13 +7,13 @@ enforce. The step names are what a model folder's ``model_config.json`` and the 
 
 from __future__ import annotations
 
-__all__ = ["POSTPROCESS_STEPS", "OrganMaskPostprocess", "check_postprocess_steps"]
+__all__ = ["POSTPROCESS_STEPS", "OrganMaskPostprocess", "SplitProbabilityd", "check_postprocess_steps"]
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import FillHoles, KeepLargestConnectedComponent, Transform
+from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransform, Transform
 
 #: Step names in the order they run: islands are dropped before holes are filled.
 POSTPROCESS_STEPS: tuple[str, ...] = ("largest_component", "fill_holes")
@@ -81,3 +81,35 @@ class OrganMaskPostprocess(Transform):
             volume = volume.as_tensor()
         volume = volume.to(dtype=mask.dtype, device=mask.device)
         return volume.unsqueeze(0) if mask.ndim == 5 else volume
+
+
+class SplitProbabilityd(MapTransform):
+    """Split the inferer's ``[1 + K, H, W, D]`` output (mask or label map, then ``K`` probabilities) into the mask
+    under ``keys`` and each probability under its ``probability_keys`` entry, all ``[1, H, W, D]`` with the output's
+    metadata.
+
+    Parameters
+    ----------
+    keys
+        The key of the inferer's output (``"pred"``); it holds the mask afterwards.
+    probability_keys
+        Where the probability channels go, in order (one key, or ``K``).
+    """
+
+    def __init__(self, keys: str, probability_keys: Sequence[str] | str = "prob") -> None:
+        super().__init__(keys)
+        self.probability_keys = [probability_keys] if isinstance(probability_keys, str) else list(probability_keys)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            output = d[key]
+            if output.ndim != 4 or output.shape[0] != 1 + len(self.probability_keys):
+                raise ValueError(
+                    f"{key} must be the inferer's [{1 + len(self.probability_keys)}, H, W, D] mask and probabilities "
+                    f"(probabilities=True), got {tuple(output.shape)}."
+                )
+            d[key] = output[:1]
+            for k, name in enumerate(self.probability_keys):
+                d[name] = output[1 + k : 2 + k]
+        return d

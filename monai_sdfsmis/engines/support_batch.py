@@ -1,0 +1,61 @@
+"""Support sets in engine batches: the item keys of ``k`` annotated support volumes and the batch preparation that
+hands them to :class:`~monai_sdfsmis.inferers.SlidingSupportInferer`.
+
+One support uses the keys ``support_image`` / ``support_label``; a k-shot item adds ``support_image_2`` /
+``support_label_2`` up to ``support_image_k`` / ``support_label_k``. :class:`PrepareSupportBatch` passes them to the
+inferer as one tensor each (1-shot) or as lists of ``k`` tensors (k-shot).
+"""
+
+from __future__ import annotations
+
+__all__ = ["support_keys", "PrepareSupportBatch"]
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from monai.engines.utils import PrepareBatch, default_prepare_batch
+
+
+def support_keys(n_supports: int) -> list[tuple[str, str]]:
+    """``[(image key, label key), ...]`` of ``n_supports`` support volumes, the first ``("support_image",
+    "support_label")``, then ``("support_image_2", "support_label_2")`` and so on."""
+    if int(n_supports) < 1:
+        raise ValueError(f"a support set needs at least one support volume, got {n_supports}.")
+    return [("support_image", "support_label")] + [
+        (f"support_image_{k}", f"support_label_{k}") for k in range(2, int(n_supports) + 1)
+    ]
+
+
+class PrepareSupportBatch(PrepareBatch):
+    """``prepare_batch`` of a MONAI evaluator whose inferer takes ``support_image`` and ``support_label``.
+
+    Returns ``(image, label, (), {"support_image": ..., "support_label": ..., **extra})`` with every tensor moved to
+    the engine's device: one tensor each for 1 support, lists of ``n_supports`` tensors for k-shot.
+
+    Parameters
+    ----------
+    n_supports
+        Number of support volumes in each item (:func:`support_keys`).
+    extra_keys
+        More inferer keywords and the batch keys they take (the protocol: ``{"query_label": "label"}``).
+    """
+
+    def __init__(self, n_supports: int = 1, extra_keys: Mapping[str, str] | None = None) -> None:
+        self.keys = support_keys(n_supports)
+        self.extra_keys = dict(extra_keys or {})
+
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
+        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+
+        def moved(key: str) -> Any:
+            value = batchdata[key]
+            return value.to(device=device, non_blocking=non_blocking, **kwargs) if isinstance(value, torch.Tensor) else value
+
+        images, labels = [moved(i) for i, _ in self.keys], [moved(m) for _, m in self.keys]
+        several = len(self.keys) > 1
+        supports = {"support_image": images if several else images[0], "support_label": labels if several else labels[0]}
+        return image, label, (), {**supports, **{name: moved(key) for name, key in self.extra_keys.items()}}
