@@ -289,9 +289,9 @@ def _run_infer(args: argparse.Namespace) -> int:
     empty: list = []
     written = segment_volumes(
         [str(q) for q in args.query],
-        args.support if len(args.support) > 1 else args.support[0],
-        args.support_label if len(args.support_label) > 1 else args.support_label[0],
-        args.organ_id if len(args.organ_id) > 1 else args.organ_id[0],
+        args.support,
+        args.support_label,
+        args.organ_id,
         model_dir,
         ckpt_path=ckpt,
         output_dir=args.output_dir,

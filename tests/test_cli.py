@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -421,6 +422,18 @@ def test_infer_with_several_supports_averages_them(no_prior_model, tmp_path, cap
                  "--output_dir", str(tmp_path / "bad")]) == 1
     assert "got 2 --support volume(s) and 1 --support_label map(s)" in _one_line_error(capsys)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_query_folder_skips_every_support_of_a_k_shot_call(tmp_path):
+    from monai_sdfsmis.engines.inference import query_datalist
+
+    for name in ("image_1", "image_2", "image_3", "label_2", "label_3"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    supports = [tmp_path / "image_2.nii.gz", tmp_path / "image_3.nii.gz"]
+    labels = [tmp_path / "label_2.nii.gz", tmp_path / "label_3.nii.gz"]
+    items = query_datalist(tmp_path, supports, labels)
+    assert [Path(i["image"]).name for i in items] == ["image_1.nii.gz"]
+    assert items[0]["support_image_2"] == str(supports[1]) and items[0]["support_label_2"] == str(labels[1])
 
 
 @requires_chaos

@@ -138,7 +138,6 @@ class ProtocolDataset(Dataset):
         spatial_size: int | None = None,
         shots: int = 1,
     ) -> None:
-        self.shots = int(shots)
         if isinstance(source, VolumeStore):
             self.store = source
         else:

@@ -130,6 +130,12 @@ def query_datalist(
     FileNotFoundError
         A query path that does not exist; no query volume found.
     """
+    support_images, support_labels = _path_list(support_image), _path_list(support_label)
+    if not support_images or len(support_images) != len(support_labels):
+        raise ValueError(
+            f"got {len(support_images)} support volume(s) and {len(support_labels)} support label(s); give one label "
+            "map per support"
+        )
     items: list[dict[str, str]] = []
     queries = [query] if isinstance(query, (str, PathLike)) else list(query)
     for entry in queries:
@@ -155,7 +161,7 @@ def query_datalist(
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if _is_volume_file(p))
             files = [p for p in files if f"_{_OUTPUT_POSTFIX}." not in p.name]  # earlier outputs
-            files = [p for p in files if not (_same(p, support_image) or _same(p, support_label))]
+            files = [p for p in files if not any(_same(p, s) for s in (*support_images, *support_labels))]
             images = [p for p in files if p.name.startswith("image_")]
             if images:
                 files = images
@@ -169,20 +175,16 @@ def query_datalist(
             items.append({"image": str(path)})
     if not items:
         raise FileNotFoundError(f"no query volume in {query}")
-    images, labels = _path_list(support_image), _path_list(support_label)
-    if not images or len(images) != len(labels):
-        raise ValueError(
-            f"got {len(images)} support volume(s) and {len(labels)} support label(s); give one label map per support"
-        )
     for item in items:
-        if len(images) > 1 and ("support_image" in item or "support_label" in item):
+        if len(support_images) > 1 and ("support_image" in item or "support_label" in item):
             raise ValueError(
                 f"the datalist item {item['image']} names its own support, which cannot be combined with "
-                f"{len(images)} support volumes; give the supports in one place"
+                f"{len(support_images)} support volumes; give the supports in one place"
             )
-        item.setdefault("support_image", images[0])
-        item.setdefault("support_label", labels[0])
-        for (image_key, label_key), image, label in list(zip(support_keys(len(images)), images, labels))[1:]:
+        item.setdefault("support_image", support_images[0])
+        item.setdefault("support_label", support_labels[0])
+        pairs = list(zip(support_keys(len(support_images)), support_images, support_labels))
+        for (image_key, label_key), image, label in pairs[1:]:
             item[image_key], item[label_key] = image, label
     return items
 
@@ -573,9 +575,8 @@ def segment_volumes(
     support_image, support_label, organ_id
         The annotated example and the organ's label id (``None``: all foreground; a list of ids: one label map with
         those organs, each segmented as alone, a voxel claimed by several going to the most probable). k-shot: lists
-        of ``k`` support
-        volumes and their label maps; each query chunk is then segmented with every support and the soft masks are
-        averaged (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`).
+        of ``k`` support volumes and their label maps; each query chunk is then segmented with every support
+        (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`, ``support_fusion``).
     model_dir
         Model folder: ``model.pt``, ``model_config.json`` and, for ``no_prior``, ``autoencoder/``.
     output_dir

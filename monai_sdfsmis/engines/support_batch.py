@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.engines.utils import PrepareBatchExtraInput
 
 
 def support_keys(n_supports: int) -> list[tuple[str, str]]:
@@ -27,11 +27,12 @@ def support_keys(n_supports: int) -> list[tuple[str, str]]:
     ]
 
 
-class PrepareSupportBatch(PrepareBatch):
+class PrepareSupportBatch(PrepareBatchExtraInput):
     """``prepare_batch`` of a MONAI evaluator whose inferer takes ``support_image`` and ``support_label``.
 
-    Returns ``(image, label, (), {"support_image": ..., "support_label": ..., **extra})`` with every tensor moved to
-    the engine's device: one tensor each for 1 support, lists of ``n_supports`` tensors for k-shot.
+    MONAI's ``PrepareBatchExtraInput`` moves every support key (and ``extra_keys``) to the engine's device; the
+    supports are then handed over as one tensor each (1 support) or as lists of ``n_supports`` tensors (k-shot):
+    ``(image, label, (), {"support_image": ..., "support_label": ..., **extra})``.
 
     Parameters
     ----------
@@ -42,20 +43,16 @@ class PrepareSupportBatch(PrepareBatch):
     """
 
     def __init__(self, n_supports: int = 1, extra_keys: Mapping[str, str] | None = None) -> None:
-        self.keys = support_keys(n_supports)
-        self.extra_keys = dict(extra_keys or {})
+        self.support_keys = support_keys(n_supports)
+        super().__init__({**{key: key for pair in self.support_keys for key in pair}, **dict(extra_keys or {})})
 
     def __call__(
         self, batchdata: Mapping[str, Any], device: str | torch.device | None = None, non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
-        image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
-
-        def moved(key: str) -> Any:
-            value = batchdata[key]
-            return value.to(device=device, non_blocking=non_blocking, **kwargs) if isinstance(value, torch.Tensor) else value
-
-        images, labels = [moved(i) for i, _ in self.keys], [moved(m) for _, m in self.keys]
-        several = len(self.keys) > 1
+        image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
+        images = [extra.pop(image_key) for image_key, _ in self.support_keys]
+        labels = [extra.pop(label_key) for _, label_key in self.support_keys]
+        several = len(self.support_keys) > 1
         supports = {"support_image": images if several else images[0], "support_label": labels if several else labels[0]}
-        return image, label, (), {**supports, **{name: moved(key) for name, key in self.extra_keys.items()}}
+        return image, label, args, {**supports, **extra}
