@@ -32,6 +32,7 @@ _EXPORTS = {
     # networks
     "SDFSMIS": "networks",
     "SupportMaskCopy": "networks",
+    "SupervisedLatentSegmenter": "networks",
     "load_pretrained_components": "networks",
     # inference and workflows
     "SlidingSupportInferer": "inferers",
@@ -69,5 +70,5 @@ if TYPE_CHECKING:
     )
     from .engines import EpisodeTrainer, ProtocolEvaluator, evaluate_protocol
     from .inferers import SlidingSupportInferer
-    from .networks import SDFSMIS, SupportMaskCopy, load_pretrained_components
+    from .networks import SDFSMIS, SupervisedLatentSegmenter, SupportMaskCopy, load_pretrained_components
     from .transforms import LoadVolumed, ReplicateChanneld, ResizeSlicesd, RPTAugmentd, ScaleToUnitRanged

@@ -205,17 +205,18 @@ def _add_infer(subparsers: argparse._SubParsersAction) -> None:
         help="query volume(s): NIfTI/NRRD files, a DICOM series folder, a folder of volumes or a JSON datalist",
     )
     parser.add_argument(
-        "--support", type=Path, nargs="+", required=True,
+        "--support", type=Path, nargs="+", default=[],
         help="the annotated support volume; several for k-shot (each query chunk is segmented with every support and "
-        "the soft masks are averaged)",
+        "the soft masks are averaged); not with a supervised model (train --supervised), which needs none",
     )
     parser.add_argument(
-        "--support_label", type=Path, nargs="+", required=True,
+        "--support_label", type=Path, nargs="+", default=[],
         help="the support volume's label map (k-shot: one per --support, in the same order)",
     )
     parser.add_argument(
-        "--organ_id", type=int, nargs="+", required=True,
-        help="label id of the organ in --support_label; several ids write one label map with those organs",
+        "--organ_id", type=int, nargs="+",
+        help="label id of the organ in --support_label; several ids write one label map with those organs "
+        "(a supervised model: default every organ it was trained on)",
     )
     parser.add_argument(
         "--model", type=Path, required=True,
@@ -278,6 +279,8 @@ def _run_infer(args: argparse.Namespace) -> int:
             f"got {len(args.support)} --support volume(s) and {len(args.support_label)} --support_label map(s); give "
             "one label map per support volume, in the same order"
         )
+    if args.support and args.organ_id is None:
+        raise ValueError("--organ_id is required with --support: the label id of the organ in --support_label")
     for what, paths in (("support volume", args.support), ("support label", args.support_label)):
         for path in paths:
             if not path.exists():
@@ -289,8 +292,8 @@ def _run_infer(args: argparse.Namespace) -> int:
     empty: list = []
     written = segment_volumes(
         [str(q) for q in args.query],
-        args.support,
-        args.support_label,
+        args.support or None,
+        args.support_label or None,
         args.organ_id,
         model_dir,
         ckpt_path=ckpt,
@@ -309,7 +312,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         empty_masks=empty,
         **_network_kwargs(args),
     )
-    if len(args.organ_id) > 1:
+    if args.organ_id is None or len(args.organ_id) > 1:
         note = f", {len(empty)} missing an organ (see the warnings)" if empty else ""
     else:
         note = f", {len(empty)} empty: no voxel of organ {args.organ_id[0]} found" if empty else ""
@@ -323,7 +326,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train the weight-free (no-prior) model on your scans: autoencoder, then segmenter, under one time budget",
         description=(
-            "Run the bundle's training recipe (configs/train.json + configs/no_prior.json) on DATASET_DIR (image_N.nii.gz, "
+            "Run the bundle's training recipe (configs/train.json + configs/no_prior.json; --supervised adds configs/supervised.json) on DATASET_DIR (image_N.nii.gz, "
             "labels optional; supervoxels are computed where missing) and write the model folder OUTPUT_DIR/model, "
             "which infer loads with no other flag. With --fold or --holdout, the held-out volumes are not trained on and, "
             "when they have labels, the few-shot protocol is evaluated on them at the end (OUTPUT_DIR/evaluation, "
@@ -342,6 +345,11 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--iterations", type=int, help="stage-2 iterations (sets the schedule; default: the time budget)")
     parser.add_argument("--eval_at_minutes", type=float, nargs="+", help="also evaluate at these training minutes")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted stage 2 in OUTPUT_DIR/model")
+    parser.add_argument(
+        "--supervised", action="store_true",
+        help="train the supervised (SDSeg) segmenter on the training volumes' label maps instead of the few-shot one "
+        "(configs/supervised.json; every training volume needs a label file); infer then needs no --support",
+    )
     parser.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
         help="any other recipe key of configs/no_prior.json or train.json (VALUE is read as JSON, else as a string)",
@@ -385,7 +393,7 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from monai_sdfsmis.bundle_files import default_bundle_dir, training_configs
+    from monai_sdfsmis.bundle_files import NO_PRIOR_RECIPE, SUPERVISED_RECIPE, default_bundle_dir, training_configs
 
     if not args.dataset_dir.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {args.dataset_dir}")
@@ -400,7 +408,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     run(
         run_id="training",
-        config_file=training_configs(bundle),
+        config_file=training_configs(bundle, SUPERVISED_RECIPE if args.supervised else NO_PRIOR_RECIPE),
         bundle_root=str(bundle),
         dataset_dir=str(args.dataset_dir),
         ckpt_dir=str(model_dir),
@@ -408,9 +416,9 @@ def _run_train(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         **values,
     )
+    support = "" if args.supervised else "--support EXAMPLE --support_label EXAMPLE_LABEL "
     print(f"train: model folder {model_dir}; segment a scan with:\n"
-          f"  python -m monai_sdfsmis infer --model {model_dir} --query SCAN --support EXAMPLE "
-          "--support_label EXAMPLE_LABEL --organ_id N")
+          f"  python -m monai_sdfsmis infer --model {model_dir} --query SCAN {support}--organ_id N")
     return 0
 
 

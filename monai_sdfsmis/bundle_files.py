@@ -6,13 +6,15 @@ monai_sdfsmis train`` and the MONAI Label app run its configs rather than a copy
 
 from __future__ import annotations
 
-__all__ = ["NO_PRIOR_RECIPE", "default_bundle_dir", "training_configs"]
+__all__ = ["NO_PRIOR_RECIPE", "SUPERVISED_RECIPE", "default_bundle_dir", "training_configs"]
 
 from os import PathLike
 from pathlib import Path
 
 #: The no-prior training recipe: configs layered in this order.
 NO_PRIOR_RECIPE = ("configs/train.json", "configs/no_prior.json")
+#: The supervised (SDSeg) recipe: the no-prior recipe with labelled slices in place of supervoxel episodes.
+SUPERVISED_RECIPE = (*NO_PRIOR_RECIPE, "configs/supervised.json")
 
 
 def default_bundle_dir() -> Path:

@@ -127,6 +127,29 @@ def test_setting1_reproducible(store, setting1):
 
 
 @requires_chaos
+def test_slice_gap_pairs_span_the_supervoxel(store, setting1):
+    _, adjacent = setting1
+    ds = EpisodeDataset(store, length=N_EPISODES, seed=2024, max_slice_gap=3)
+    gaps = []
+    for i in range(N_EPISODES):
+        ep = ds[i]
+        vid, sv_id, zs, zq = ep["volume_id"], ep["supervoxel_id"], ep["support_slice"], ep["query_slice"]
+        sv = store.supervoxels(vid)
+        low, high = sorted((zs, zq))
+        # both slices and every slice between them hold the supervoxel (one 3-D run of it)
+        assert all((sv[:, :, z] == sv_id).any() for z in range(low, high + 1))
+        np.testing.assert_array_equal(ep["query_label"][0].numpy(), sv[:, :, zq] == sv_id)
+        gaps.append(high - low)
+    assert set(gaps) <= {1, 2, 3} and {1, 2, 3} <= set(gaps), f"gaps drawn: {sorted(set(gaps))}"
+    # the default draws the same adjacent pairs as before the setting existed (seeded runs stay reproducible)
+    default = EpisodeDataset(store, length=N_EPISODES, seed=2024, max_slice_gap=1)
+    assert [(default[i]["volume_id"], default[i]["support_slice"], default[i]["query_slice"]) for i in range(10)] == [
+        (e["volume_id"], e["support_slice"], e["query_slice"]) for e in adjacent[:10]]
+    with pytest.raises(ValueError, match="max_slice_gap"):
+        EpisodeDataset(store, length=4, max_slice_gap=0)
+
+
+@requires_chaos
 def test_dataloader_workers_reproduce_indexing(store, setting1):
     ds, episodes = setting1
     loader = DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)

@@ -63,3 +63,33 @@ def test_sdfsmis_weights_the_query_organ_cells_only():
     assert not torch.allclose(plain.compute_loss(*organ), weighted.compute_loss(*organ))
     with pytest.raises(ValueError, match="foreground_weight"):
         SDFSMIS.tiny(seed=0, foreground_weight=0)
+
+
+def test_decoded_dice_term_by_hand():
+    """loss = latent MSE + w * (1 - soft Dice) of the decoded prediction, recomputed from the UNet's recorded output,
+    the frozen decoder and the Dice formula; the term's gradient reaches the UNet through the frozen decoder."""
+    from tests import hand_reference
+
+    plain = SDFSMIS.tiny(seed=0, vae_sample_in_training=False).train()
+    net = SDFSMIS.tiny(seed=0, vae_sample_in_training=False, decoded_dice_weight=0.5).train()
+    assert net.settings["decoded_dice_weight"] == 0.5 and plain.settings["decoded_dice_weight"] == 0.0
+    episode = _episode(query_foreground=True)
+    with hand_reference.record_unet(net) as calls:
+        loss, parts = net.compute_loss(*episode, return_parts=True)
+    query = calls.only("query")
+    z_qi = hand_reference.scaled_mean_latent(net.vae, episode[2])
+    x0 = hand_reference.v_prediction_x0(query.output, z_qi, 0.0)
+    z_qm = hand_reference.scaled_mean_latent(net.vae, hand_reference.mask_image(episode[3]))
+    soft, _ = hand_reference.hand_decode(net.vae, x0)
+    p, y = (soft + 1) / 2, episode[3]
+    dice = 2 * (p * y).sum(dim=(1, 2, 3)) / (p.sum(dim=(1, 2, 3)) + y.sum(dim=(1, 2, 3)))
+    expected = F.mse_loss(x0, z_qm) + 0.5 * (1 - dice).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert parts["loss_latent"].item() == pytest.approx(F.mse_loss(x0, z_qm).item(), rel=1e-5)
+    assert parts["loss_mean_target"].item() == parts["loss_latent"].item()
+    torch.testing.assert_close(plain.compute_loss(*episode), parts["loss_latent"], rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert query.live.grad is not None and query.live.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.vae.parameters())
+    with pytest.raises(ValueError, match="decoded_dice_weight"):
+        SDFSMIS.tiny(seed=0, decoded_dice_weight=-1)

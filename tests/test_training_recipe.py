@@ -278,3 +278,12 @@ def test_recipe_keys_presets_and_a_dataset_length_that_no_iteration_count_sets()
     assert [gpu.get_parsed_content(k) for k in ("spatial_size", "unet_width", "batch_size", "total_minutes")] == [
         256, "default", 16, 10]
     assert parsed(preset="gpu", spatial_size=192).get_parsed_content("spatial_size") == 192  # a key beats the preset
+
+
+def test_a_few_shot_model_without_a_support_is_one_line(trained, phantoms, tmp_path):
+    out, _ = trained
+    proc = _cli("infer", "--query", str(phantoms / "image_1.nii.gz"), "--organ_id", "1", "--model", str(out / "model"),
+                "--output_dir", str(tmp_path / "masks"))
+    assert proc.returncode != 0
+    assert "is a few-shot (no_prior) model: give an annotated example with --support" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "masks").exists() or not any((tmp_path / "masks").iterdir())

@@ -77,6 +77,12 @@ TUTORIALS: dict[str, TutorialRun] = {
         timeout=900,
         needs_chaos=True,
     ),
+    "supervised.md": TutorialRun(
+        env={"MINUTES": "10", "SPATIAL_SIZE": "64", "AE_WIDTH": "tiny", "UNET_WIDTH": "tiny", "AE_ITERATIONS": "3",
+             "BATCH_SIZE": "2", "CALIBRATION_SLICES": "8", "ITERATIONS": "3"},
+        timeout=900,
+        needs_chaos=True,
+    ),
     # Reuses the MONAI Label environment that tests/test_monailabel_server.py builds and caches (first build: minutes).
     "monailabel.md": TutorialRun(
         env={"SPATIAL_SIZE": "64", "AE_WIDTH": "tiny", "AE_ITERATIONS": "3", "CALIBRATION_SLICES": "8",

@@ -150,7 +150,7 @@ class EpisodeDataset(Dataset):
 
     For item ``i``: pick a training volume uniformly, a supervoxel id uniformly, the slices that
     contain it (minus the Setting-2 excluded slices), a random maximal run of >= 2 consecutive such
-    slices and a random adjacent pair ``(z, z+1)`` inside it; reject and redraw the supervoxel if the
+    slices and a random adjacent pair ``(z, z+1)`` inside it (``(z, z+g)``, ``g <= max_slice_gap``, when asked); reject and redraw the supervoxel if the
     larger of the two mask areas is below ``min_size`` pixels; swap the two with probability 0.5
     (RPT's ``TrainDataset``). With a ``seed`` the draw depends only on ``(seed, epoch, i)``, so DataLoader
     workers and a ``DistributedSampler`` give the same episodes on every run.
@@ -183,6 +183,10 @@ class EpisodeDataset(Dataset):
         that empties the support mask is redrawn (the episode stays un-augmented after 8 such draws).
     seed
         Makes episode ``i`` a pure function of ``(seed, epoch, i)``; ``None`` draws fresh randomness.
+    max_slice_gap
+        1 (RPT): the two slices are adjacent. ``g > 1``: their distance is drawn uniformly from ``1..g`` (at most
+        the length of the run), both slices and every slice between them containing the supervoxel. Farther
+        pairs make copying the support a worse answer, closer to a support and a query from different volumes.
 
     Returns (``__getitem__``)
     -------------------------
@@ -209,6 +213,7 @@ class EpisodeDataset(Dataset):
         min_size: int = 200,
         augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         seed: int | None = None,
+        max_slice_gap: int = 1,
     ) -> None:
         if int(length) < 1:
             raise ValueError(f"length (episodes per epoch) must be at least 1, got {length}.")
@@ -220,6 +225,8 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"min_size must be non-negative, got {min_size}.")
         if seed is not None and int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+        if int(max_slice_gap) != max_slice_gap or int(max_slice_gap) < 1:
+            raise ValueError(f"max_slice_gap must be a positive integer, got {max_slice_gap!r} (bundle key 'max_slice_gap').")
         self.store = store
         self.ids = [str(i) for i in (store.ids if ids is None else ids)]
         if not self.ids:
@@ -232,6 +239,7 @@ class EpisodeDataset(Dataset):
         self.min_size = int(min_size)
         self.augment = augment
         self.seed = None if seed is None else int(seed)
+        self.max_slice_gap = int(max_slice_gap)
         self.epoch = 0
         self.excluded_labels: tuple[int, ...] = ()
         mode = exclusion
@@ -337,8 +345,8 @@ class EpisodeDataset(Dataset):
             return np.random.default_rng()
         return np.random.default_rng([self.seed, self.epoch, index])
 
-    def _draw(self, rng: np.random.Generator) -> tuple[_VolumeTable, int, int]:
-        """(volume table, supervoxel row k, first slice z of the pair (z, z+1))."""
+    def _draw(self, rng: np.random.Generator) -> tuple[_VolumeTable, int, int, int]:
+        """(volume table, supervoxel row k, first slice z, gap g) of the pair ``(z, z + g)``."""
         table = self._tables[int(rng.integers(len(self._tables)))]
         n_sv = len(table.sv_ids)
         for _ in range(_MAX_TRIES):
@@ -348,12 +356,14 @@ class EpisodeDataset(Dataset):
             if not runs:
                 continue
             start, end = runs[int(rng.integers(len(runs)))]
-            z = int(rng.integers(start, end))  # z and z + 1 both inside the run
-            if max(table.counts[k, z], table.counts[k, z + 1]) >= self.min_size:
-                return table, k, z
+            # Drawn only when asked for, so that max_slice_gap=1 keeps the seeded episodes of earlier runs.
+            gap = int(rng.integers(1, min(self.max_slice_gap, end - start) + 1)) if self.max_slice_gap > 1 else 1
+            z = int(rng.integers(start, end - gap + 1))  # z and z + gap both inside the run
+            if max(table.counts[k, z], table.counts[k, z + gap]) >= self.min_size:
+                return table, k, z, gap
         rows, cols = np.nonzero(table.valid_pairs)
         pick = int(rng.integers(len(rows)))
-        return table, int(rows[pick]), int(cols[pick])
+        return table, int(rows[pick]), int(cols[pick]), 1
 
     def _augmented(self, episode: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
         """``augment`` applied to ``episode``, images clipped to [-1, 1] and masks re-binarised.
@@ -380,8 +390,8 @@ class EpisodeDataset(Dataset):
         if not 0 <= index < self.length:
             raise IndexError(f"Episode index {index} is outside 0..{self.length - 1}.")
         rng = self._rng(index)
-        table, k, z = self._draw(rng)
-        support_z, query_z = (z, z + 1) if rng.random() >= 0.5 else (z + 1, z)
+        table, k, z, gap = self._draw(rng)
+        support_z, query_z = (z, z + gap) if rng.random() >= 0.5 else (z + gap, z)
         sv_id = int(table.sv_ids[k])
         image = self.store.image(table.volume_id)
         sv = self.store.supervoxels(table.volume_id)

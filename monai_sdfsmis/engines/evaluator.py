@@ -56,6 +56,7 @@ PROTOCOL_EXTRA_KEYS: dict[str, str] = {
     "support_image": "support_image",
     "support_label": "support_label",
     "query_label": "label",
+    "organ_id": "organ_id",
 }
 #: Metric names the evaluator registers by default (key metric first).
 DEFAULT_METRIC_NAMES: dict[str, str] = {"dice": "val_mean_dice", "hd95": "val_hd95", "assd": "val_assd"}
@@ -225,7 +226,9 @@ class ProtocolEvaluator(SupervisedEvaluator):
                 DEFAULT_METRIC_NAMES["hd95"]: SpacedHausdorffDistance(percentile=95, output_transform=transform),
                 DEFAULT_METRIC_NAMES["assd"]: SpacedSurfaceDistance(symmetric=True, output_transform=transform),
             }
-        kwargs.setdefault("prepare_batch", PrepareSupportBatch(shots, {"query_label": PROTOCOL_EXTRA_KEYS["query_label"]}))
+        kwargs.setdefault("prepare_batch", PrepareSupportBatch(
+            shots, {"query_label": PROTOCOL_EXTRA_KEYS["query_label"]}, {"organ_id": PROTOCOL_EXTRA_KEYS["organ_id"]}
+        ))
         super().__init__(
             device=torch.device(device),
             val_data_loader=val_data_loader,

@@ -97,22 +97,26 @@ def _datalist_entries(path: Path) -> list[Any]:
     return content
 
 
-def _path_list(paths: str | PathLike | Sequence[str | PathLike]) -> list[str]:
+def _path_list(paths: str | PathLike | Sequence[str | PathLike] | None) -> list[str]:
+    if paths is None:
+        return []
     return [os.fspath(paths)] if isinstance(paths, (str, PathLike)) else [os.fspath(p) for p in paths]
 
 
-def count_supports(support_image: str | PathLike | Sequence[str | PathLike]) -> int:
-    """How many support volumes ``support_image`` names (one path, or a list of ``k`` for k-shot)."""
+def count_supports(support_image: str | PathLike | Sequence[str | PathLike] | None) -> int:
+    """How many support volumes ``support_image`` names (one path, a list of ``k`` for k-shot, none for a supervised
+    model)."""
     return len(_path_list(support_image))
 
 
 def query_datalist(
     query: str | PathLike | Sequence[str | PathLike | Mapping[str, Any]],
-    support_image: str | PathLike | Sequence[str | PathLike],
-    support_label: str | PathLike | Sequence[str | PathLike],
+    support_image: str | PathLike | Sequence[str | PathLike] | None,
+    support_label: str | PathLike | Sequence[str | PathLike] | None,
 ) -> list[dict[str, str]]:
     """The items ``{"image", "support_image", "support_label"}`` to segment (k-shot: also ``support_image_2``,
-    ``support_label_2``, ... :func:`~monai_sdfsmis.engines.support_batch.support_keys`).
+    ``support_label_2``, ... :func:`~monai_sdfsmis.engines.support_batch.support_keys`; a supervised model: no
+    support, ``{"image"}``).
 
     Parameters
     ----------
@@ -131,7 +135,7 @@ def query_datalist(
         A query path that does not exist; no query volume found.
     """
     support_images, support_labels = _path_list(support_image), _path_list(support_label)
-    if not support_images or len(support_images) != len(support_labels):
+    if len(support_images) != len(support_labels):
         raise ValueError(
             f"got {len(support_images)} support volume(s) and {len(support_labels)} support label(s); give one label "
             "map per support"
@@ -181,6 +185,8 @@ def query_datalist(
                 f"the datalist item {item['image']} names its own support, which cannot be combined with "
                 f"{len(support_images)} support volumes; give the supports in one place"
             )
+        if not support_images:
+            continue
         item.setdefault("support_image", support_images[0])
         item.setdefault("support_label", support_labels[0])
         pairs = list(zip(support_keys(len(support_images)), support_images, support_labels))
@@ -320,7 +326,7 @@ def inference_preprocessing(
 
     ``organ_id`` ``None`` takes every foreground label as the organ; a list of ``K`` ids gives each support label
     ``K`` channels, one mask per organ. ``n_supports``: the support volumes of each item
-    (:func:`~monai_sdfsmis.engines.support_batch.support_keys`).
+    (:func:`~monai_sdfsmis.engines.support_batch.support_keys`; 0 for a supervised model, which reads the query only).
     """
     from monai_sdfsmis.transforms.intensity import ScaleToUnitRanged
     from monai_sdfsmis.transforms.io import CheckLabelIdsd, LoadVolumed
@@ -329,6 +335,8 @@ def inference_preprocessing(
 
     pairs = support_keys(n_supports)
     image_keys, label_keys = [i for i, _ in pairs], [m for _, m in pairs]
+    labels = [CheckLabelIdsd(keys=label_keys, required_ids=organ_ids or []),
+              Lambdad(keys=label_keys, func=_select_organs(organ_ids))] if label_keys else []
     return Compose(
         [
             LoadVolumed(
@@ -337,8 +345,7 @@ def inference_preprocessing(
                 label_keys=label_keys,
                 same_grid={m: i for i, m in pairs},
             ),
-            CheckLabelIdsd(keys=label_keys, required_ids=organ_ids or []),
-            Lambdad(keys=label_keys, func=_select_organs(organ_ids)),
+            *labels,
             ScaleToUnitRanged(keys=["image", *image_keys], preset=intensity),
         ]
     )
@@ -574,7 +581,8 @@ def segment_volumes(
         Volume file, folder or JSON datalist (:func:`query_datalist`).
     support_image, support_label, organ_id
         The annotated example and the organ's label id (``None``: all foreground; a list of ids: one label map with
-        those organs, each segmented as alone, a voxel claimed by several going to the most probable). k-shot: lists
+        those organs, each segmented as alone, a voxel claimed by several going to the most probable). A supervised
+        model takes no support (``None``) and, without ``organ_id``, segments every organ it was trained on. k-shot: lists
         of ``k`` support volumes and their label maps; each query chunk is then segmented with every support
         (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`, ``support_fusion``).
     model_dir
@@ -628,8 +636,28 @@ def segment_volumes(
     if not ckpt.is_file():
         where = "is a folder, not a weights file" if ckpt.is_dir() else "not found"
         raise FileNotFoundError(f"checkpoint {ckpt} {where} (the model folder must hold the file model.pt)")
-    datalist = query_datalist(query, support_image, support_label)
     n_supports = count_supports(support_image)
+    if kind == "supervised":
+        if n_supports:
+            raise ValueError(
+                f"{ckpt.parent} is a supervised model (trained on label maps): it segments without a support; drop "
+                "--support and --support_label"
+            )
+        trained_on = config.get("settings", {}).get("organ_ids") or []
+        if organ_id is None:
+            organ_id = trained_on
+        unknown = [o for o in organ_ids_of(organ_id) or [] if o not in trained_on]
+        if unknown:
+            raise ValueError(
+                f"{ckpt.parent} is a supervised model of organ labels {trained_on}; it has none for {unknown[0]} "
+                "(--organ_id)"
+            )
+    elif not n_supports:
+        raise ValueError(
+            f"{ckpt.parent} is a few-shot ({kind}) model: give an annotated example with --support and --support_label "
+            "(only a supervised model, python -m monai_sdfsmis train --supervised, segments without one)"
+        )
+    datalist = query_datalist(query, support_image, support_label)
     check_output_folder(output_dir)
     check_outputs(datalist, output_dir, overwrite, output_format, save_probabilities, organ_id)
 
@@ -647,6 +675,7 @@ def segment_volumes(
         amp=amp,
         probabilities=save_probabilities,
         support_fusion=support_fusion,
+        organ_ids=organ_ids_of(organ_id) if kind == "supervised" else None,
     )
     empty = EmptyMaskWarning(output_dir, datalist, organ_id, output_format=output_format)
     handlers = [empty, *([InferenceProgress(output_dir, datalist, output_format=output_format)] if progress else [])]

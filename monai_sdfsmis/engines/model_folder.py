@@ -17,6 +17,9 @@ Network types (:data:`NETWORK_TYPES`):
 * ``"pretrained"``: SD-1.5's VAE and UNet and DINOv2 (weights by Hugging Face id or folder);
 * ``"no_prior"``: the project's own autoencoder (``<model dir>/autoencoder``) and a from-scratch UNet, no pretrained
   weights at all;
+* ``"supervised"``: the supervised (SDSeg) segmenter on a no-prior autoencoder
+  (:class:`~monai_sdfsmis.networks.supervised.SupervisedLatentSegmenter`), trained on label maps; it segments the
+  organs it was trained on without a support;
 * ``"tiny"``: the toy-width demo network (:meth:`SDFSMIS.tiny`); its masks mean nothing on real scans, so building
   it logs a warning and prints one to stderr.
 """
@@ -58,7 +61,7 @@ from monai_sdfsmis.transforms.postprocess import check_postprocess_steps
 from monai_sdfsmis.utils import atomic_write
 
 MODEL_CONFIG_NAME = "model_config.json"
-NETWORK_TYPES = ("pretrained", "no_prior", "tiny")
+NETWORK_TYPES = ("pretrained", "no_prior", "supervised", "tiny")
 #: Resolution (pixels per slice side) of a model folder without ``model_config.json``: SD-1.5's training size.
 DEFAULT_SPATIAL_SIZE = 256
 DEFAULT_INTENSITY = "minmax"
@@ -438,10 +441,11 @@ def build_network(
         return SDFSMIS.tiny(seed=0 if seed is None else int(seed), **merged)
 
     from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
+    from monai_sdfsmis.networks.supervised import build_supervised_segmenter
 
     if autoencoder_dir is None:
         if model_dir is None:
-            raise ValueError("network_type 'no_prior' needs model_dir (the folder holding autoencoder/ and model.pt)")
+            raise ValueError(f"network_type {kind!r} needs model_dir (the folder holding autoencoder/ and model.pt)")
         autoencoder_dir = _model_dir(model_dir) / "autoencoder"
     if not Path(autoencoder_dir).is_dir():
         raise FileNotFoundError(
@@ -453,6 +457,16 @@ def build_network(
         check_unet_width(unet_width, config)
         unet = {**unet, "block_out_channels": unet_width} if not unet else unet
     channels = unet.pop("block_out_channels", "default")
+    if kind == "supervised":
+        if "organ_ids" not in merged:
+            raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: a supervised model needs its organ_ids in settings")
+        return build_supervised_segmenter(
+            autoencoder_dir,
+            unet_channels=tuple(channels) if isinstance(channels, list) else channels,
+            seed=seed,
+            **unet,
+            **merged,
+        )
     return build_no_prior_sdfsmis(
         autoencoder_dir,
         unet_channels=tuple(channels) if isinstance(channels, list) else channels,

@@ -20,8 +20,10 @@ from monai.engines.utils import PrepareBatchExtraInput
 def support_keys(n_supports: int) -> list[tuple[str, str]]:
     """``[(image key, label key), ...]`` of ``n_supports`` support volumes, the first ``("support_image",
     "support_label")``, then ``("support_image_2", "support_label_2")`` and so on."""
-    if int(n_supports) < 1:
-        raise ValueError(f"a support set needs at least one support volume, got {n_supports}.")
+    if int(n_supports) < 0:
+        raise ValueError(f"the number of support volumes cannot be negative, got {n_supports}.")
+    if int(n_supports) == 0:
+        return []  # a supervised model segments without a support
     return [("support_image", "support_label")] + [
         (f"support_image_{k}", f"support_label_{k}") for k in range(2, int(n_supports) + 1)
     ]
@@ -40,10 +42,17 @@ class PrepareSupportBatch(PrepareBatchExtraInput):
         Number of support volumes in each item (:func:`support_keys`).
     extra_keys
         More inferer keywords and the batch keys they take (the protocol: ``{"query_label": "label"}``).
+    optional_keys
+        Like ``extra_keys``, but passed only when the batch has them (the protocol's ``{"organ_id": "organ_id"}``,
+        which a support-free network needs and datasets of few-shot cases may lack).
     """
 
-    def __init__(self, n_supports: int = 1, extra_keys: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, n_supports: int = 1, extra_keys: Mapping[str, str] | None = None,
+        optional_keys: Mapping[str, str] | None = None,
+    ) -> None:
         self.support_keys = support_keys(n_supports)
+        self.optional_keys = dict(optional_keys or {})
         super().__init__({**{key: key for pair in self.support_keys for key in pair}, **dict(extra_keys or {})})
 
     def __call__(
@@ -51,6 +60,9 @@ class PrepareSupportBatch(PrepareBatchExtraInput):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None, tuple, dict[str, Any]]:
         image, label, args, extra = super().__call__(batchdata, device, non_blocking, **kwargs)
+        extra.update({name: batchdata[key] for name, key in self.optional_keys.items() if key in batchdata})
+        if not self.support_keys:
+            return image, label, args, extra
         images = [extra.pop(image_key) for image_key, _ in self.support_keys]
         labels = [extra.pop(label_key) for _, label_key in self.support_keys]
         several = len(self.support_keys) > 1

@@ -183,8 +183,9 @@ class EpisodeTrainer(SupervisedTrainer):
         Network with ``compute_loss(support_image, support_label, query_image, query_label)``.
     optimizer
         E.g. ``torch.optim.AdamW(network.parameter_groups(...))``.
-    grad_clip, amp, latent_cache, amp_on_cpu
-        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, fp32 on CPU; no cache).
+    grad_clip, amp, latent_cache, amp_on_cpu, keys
+        See :class:`EpisodeTrainingStep` (defaults 1.0 and bf16 on CUDA, fp32 on CPU; no cache; the episode keys).
+        The supervised mode trains on ``("image", "label", "organ_index")``.
     epoch_length, train_handlers, key_train_metric, non_blocking, optim_set_to_none
         As ``SupervisedTrainer``.
     """
@@ -205,6 +206,7 @@ class EpisodeTrainer(SupervisedTrainer):
         optim_set_to_none: bool = True,
         latent_cache: LatentCache | None = None,
         amp_on_cpu: bool = False,
+        keys: Sequence[str] = EPISODE_KEYS,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -217,7 +219,7 @@ class EpisodeTrainer(SupervisedTrainer):
             epoch_length=epoch_length,
             non_blocking=non_blocking,
             iteration_update=EpisodeTrainingStep(
-                grad_clip=grad_clip, amp=amp, latent_cache=latent_cache, amp_on_cpu=amp_on_cpu
+                grad_clip=grad_clip, amp=amp, keys=keys, latent_cache=latent_cache, amp_on_cpu=amp_on_cpu
             ),
             key_train_metric=key_train_metric,
             train_handlers=train_handlers,

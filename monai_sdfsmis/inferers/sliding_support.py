@@ -169,6 +169,8 @@ class SlidingSupportInferer(Inferer):
         k-shot (several support volumes): ``"average"`` segments each chunk with every support and averages the soft
         masks; ``"network"`` fuses the supports' contexts with the network's ``fuse_supports`` (SDFSMIS: SII attends
         to the tokens of all supports) and runs one query pass per chunk.
+    organ_ids
+        The organ(s) a support-free network segments when a call gives no ``organ_id`` (see :meth:`__call__`).
     """
 
     def __init__(
@@ -184,6 +186,7 @@ class SlidingSupportInferer(Inferer):
         flip_axes: Sequence[int] = (),
         probabilities: bool = False,
         support_fusion: str = "average",
+        organ_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if int(n_chunks) < 1:
@@ -207,6 +210,7 @@ class SlidingSupportInferer(Inferer):
         if support_fusion not in SUPPORT_FUSIONS:
             raise ValueError(f"support_fusion must be one of {SUPPORT_FUSIONS}, got {support_fusion!r}.")
         self.support_fusion = support_fusion
+        self.organ_ids = None if organ_ids is None else self._checked_organ_ids(list(organ_ids))
 
     # ------------------------------------------------------------------ checks
     @staticmethod
@@ -252,6 +256,18 @@ class SlidingSupportInferer(Inferer):
                 f"{name} must be a binary organ mask in {{0, 1}}, found values [{shown}]; select one organ first "
                 "(e.g. label == organ_id)."
             )
+
+    @staticmethod
+    def _checked_organ_ids(organ_id: Any) -> list[int]:
+        """The organ ids a support-free network is asked for, as ints (a collated batch gives a tensor)."""
+        if organ_id is None:
+            raise ValueError(
+                "this network segments without a support and needs organ_id (the label id(s) of the organ(s) to segment)."
+            )
+        values = torch.as_tensor(organ_id).flatten().tolist() if not isinstance(organ_id, (list, tuple)) else organ_id
+        if not values or any(int(v) != v for v in values):
+            raise ValueError(f"organ_id must be one or more integer label ids, got {organ_id!r}.")
+        return [int(v) for v in values]
 
     def _checked_supports(
         self, support_image: Any, support_label: Any
@@ -426,13 +442,20 @@ class SlidingSupportInferer(Inferer):
         device: torch.device,
         with_soft: bool,
         latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
+        context: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One organ of the query: its mask ``[1, 1, H, W, D]`` (post-processed) and, ``with_soft``, its
-        :func:`foreground_probability` ``[1, 1, H, W, D]`` (else ``None``)."""
+        :func:`foreground_probability` ``[1, 1, H, W, D]`` (else ``None``). ``context``: a support-free network's
+        organ context, used for every chunk and flip in place of the supports'."""
         height, width, depth = (int(s) for s in query.shape[2:])
-        names = ["support_label"] if len(supports) == 1 else [f"support_label[{k}]" for k in range(len(supports))]
-        support = [self._support(image, label, device, name)[:2] for (image, label), name in zip(supports, names)]
         contexts: dict[tuple[int, int, int | None], Any] = {}
+        if context is not None:
+            support: list[Any] = [None]
+            passes = [None, *(a + 2 for a in self.flip_axes)]
+            contexts.update({(0, j, d): context for j in range(self.n_chunks) for d in passes})
+        else:
+            names = ["support_label"] if len(supports) == 1 else [f"support_label[{k}]" for k in range(len(supports))]
+            support = [self._support(image, label, device, name)[:2] for (image, label), name in zip(supports, names)]
         if self.query_range == "protocol":
             assert query_label is not None
             present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
@@ -447,7 +470,9 @@ class SlidingSupportInferer(Inferer):
             )
             keep = present.tolist()
         else:
-            predicted, keep, bar = self._segment_extent(network, query, support, device, contexts, latents)
+            predicted, keep, bar = self._segment_extent(
+                network, query, support, device, contexts, latents, rechunk=context is None
+            )
         if bar is not None:
             bar.close()
 
@@ -473,9 +498,11 @@ class SlidingSupportInferer(Inferer):
         device: torch.device,
         contexts: dict[tuple[int, int, int | None], Any],
         latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
+        rechunk: bool = True,
     ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int], Any]:
         """Deployment mode: a first pass over every slice, then the longest predicted run re-chunked (see the class
-        docstring) -> predictions per slice, the kept slice numbers and the open progress bar (or ``None``)."""
+        docstring) -> predictions per slice, the kept slice numbers and the open progress bar (or ``None``).
+        ``rechunk=False`` (one context for every chunk) keeps the first pass's predictions of the run."""
         depth = int(query.shape[-1])
         bar = progress_bar(total=depth, desc="query slices (pass 1)") if self.progress else None
         first_chunks = self._split(torch.arange(depth))
@@ -485,6 +512,8 @@ class SlidingSupportInferer(Inferer):
         extent = largest_run([bool(first[d][0].any()) for d in range(depth)])
         if extent is None:
             return {}, [], None
+        if not rechunk:
+            return {d: first[d] for d in range(*extent)}, list(range(*extent)), None
         predicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         first_chunk_of = {int(d): j for j, c in enumerate(first_chunks) for d in c.tolist()}
         redo: list[torch.Tensor] = []
@@ -508,6 +537,7 @@ class SlidingSupportInferer(Inferer):
         support_image: torch.Tensor | Sequence[torch.Tensor] | None = None,
         support_label: torch.Tensor | Sequence[torch.Tensor] | None = None,
         query_label: torch.Tensor | None = None,
+        organ_id: int | Sequence[int] | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
         """Segment the query volume.
@@ -529,6 +559,11 @@ class SlidingSupportInferer(Inferer):
         query_label
             Binary organ mask of the query ``[1, 1, H, W, D]`` (``[1, K, ...]`` for ``K`` organs); required when
             ``query_range="protocol"`` (only its slice extent is used), ignored otherwise.
+        organ_id
+            Label id(s) of the organ(s) for a network that needs no support (``uses_support = False``, the supervised
+            :class:`~monai_sdfsmis.networks.supervised.SupervisedLatentSegmenter`): each organ is segmented with
+            ``network.organ_context(organ_id)`` in place of a support context, and ``support_image`` /
+            ``support_label`` are not read. Ignored by few-shot networks.
 
         Returns
         -------
@@ -544,16 +579,23 @@ class SlidingSupportInferer(Inferer):
             unexpected = [f"positional #{i + 2}" for i in range(len(args))] + sorted(kwargs)
             raise ValueError(
                 f"SlidingSupportInferer got unexpected arguments {unexpected}; it takes inputs, network, support_image, "
-                "support_label and query_label."
+                "support_label, query_label and organ_id."
             )
-        for name in ("encode_support", "segment", "binarize"):
+        uses_support = getattr(network, "uses_support", True)
+        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
+        for name in needed:
             if not callable(getattr(network, name, None)):
                 raise ValueError(
                     f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
-                    "SDFSMIS interface (encode_support, segment, binarize)."
+                    f"SDFSMIS interface ({', '.join(needed)})."
                 )
         self._check_volume("inputs (query volume)", inputs, (1, 3))
-        supports = self._checked_supports(support_image, support_label)
+        if uses_support:
+            supports = self._checked_supports(support_image, support_label)
+            n_organs = int(supports[0][1].shape[1])
+        else:
+            organ_ids = self._checked_organ_ids(self.organ_ids if organ_id is None else organ_id)
+            supports, n_organs = [], len(organ_ids)
         if len(supports) > 1 and self.support_fusion == "network" and not callable(getattr(network, "fuse_supports", None)):
             raise ValueError(
                 f"support_fusion='network' needs a network with fuse_supports; {type(network).__name__} has none "
@@ -573,7 +615,7 @@ class SlidingSupportInferer(Inferer):
                     "query_range='protocol' needs query_label (the query's organ mask, to select its organ slices); "
                     "use query_range='all' when the query has no annotation."
                 )
-            self._check_volume("query_label", query_label, (supports[0][1].shape[1],))
+            self._check_volume("query_label", query_label, (n_organs,))
             if query_label.shape[2:] != inputs.shape[2:]:
                 raise ValueError(
                     f"query_label {tuple(query_label.shape)} and the query volume {tuple(inputs.shape)} must have the "
@@ -582,7 +624,6 @@ class SlidingSupportInferer(Inferer):
             self._check_mask("query_label", query_label)
 
         device = self.device if self.device is not None else network_device(network)
-        n_organs = int(supports[0][1].shape[1])
         with torch.no_grad():
             masks, probabilities = [], []
             splits = all(callable(getattr(network, n, None)) for n in ("encode_latents", "predict_mask_latent", "decode_mask"))
@@ -590,8 +631,10 @@ class SlidingSupportInferer(Inferer):
             for organ in range(n_organs):
                 organ_supports = [(image, label[:, organ : organ + 1]) for image, label in supports]
                 organ_query = None if query_label is None else query_label[:, organ : organ + 1]
+                context = None if uses_support else network.organ_context(organ_ids[organ])
                 mask, probability = self._segment_organ(
-                    network, query, organ_supports, organ_query, device, self.probabilities or n_organs > 1, latents
+                    network, query, organ_supports, organ_query, device, self.probabilities or n_organs > 1, latents,
+                    context,
                 )
                 masks.append(mask)
                 probabilities.append(probability)

@@ -34,6 +34,7 @@ from .sqi import (
     SupportQueryAttnProcessor,
     install_sii,
 )
+from .supervised import SupervisedLatentSegmenter, build_supervised_segmenter
 from .support_copy import SupportMaskCopy
 from .vtct import VisualToTextualConditionTranslator
 
@@ -70,4 +71,6 @@ __all__ = [
     "build_no_prior_unet",
     "build_no_prior_sdfsmis",
     "LatentCache",
+    "SupervisedLatentSegmenter",
+    "build_supervised_segmenter",
 ]

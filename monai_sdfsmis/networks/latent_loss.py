@@ -7,10 +7,11 @@ nothing. Weighting the latent cells that the organ touches makes leaving that pl
 
 from __future__ import annotations
 
-__all__ = ["foreground_cells", "latent_mse"]
+__all__ = ["foreground_cells", "latent_mse", "decoded_dice_loss"]
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 
 def foreground_cells(mask: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
@@ -67,3 +68,26 @@ def latent_mse(
     weight = 1.0 + (float(foreground_weight) - 1.0) * cells  # [B, 1, h, w], broadcast over channels
     weight = weight.expand_as(squared)
     return (weight * squared).sum() / weight.sum()
+
+
+def decoded_dice_loss(soft_mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice loss of a decoded mask against the target mask, on the image grid (MONAI ``DiceLoss``).
+
+    The frozen decoder is differentiable, so a loss on what it draws reaches the predicted latent: an all-empty
+    prediction (the mean-latent plateau of the latent MSE) costs a Dice loss near 1 instead of a small MSE.
+
+    Parameters
+    ----------
+    soft_mask
+        ``[B, 1, H, W]`` decoded soft mask in ``[-1, 1]`` (``SDFSMIS.decode_mask``); read as the probability
+        ``(soft + 1) / 2``.
+    target
+        ``[B, 1, H, W]`` binary mask.
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar float32, the mean over the batch of ``1 - Dice`` (smoothed by 1e-5).
+    """
+    probability = (soft_mask.float() + 1.0) / 2.0
+    return DiceLoss(reduction="mean")(probability, target.float())

@@ -40,17 +40,19 @@ width is that of the deepest level (256), enough for a single learned condition.
 
 from __future__ import annotations
 
-__all__ = ["UNET_WIDTHS", "build_no_prior_unet", "build_no_prior_sdfsmis"]
+__all__ = ["UNET_WIDTHS", "build_no_prior_unet", "build_no_prior_sdfsmis", "frozen_autoencoder", "build_seeded"]
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from os import PathLike
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from monai_sdfsmis.networks.autoencoder import downsampling_factor, load_autoencoder
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS
+
+T = TypeVar("T")
 
 #: Named UNet widths for the no-prior mode (see the module docstring for the reasoning).
 UNET_WIDTHS: dict[str, dict[str, Any]] = {
@@ -196,14 +198,7 @@ def build_no_prior_sdfsmis(
     for key in ("image_encoder", "empty_prompt_embedding", "vae", "unet"):
         if key in sdfsmis_settings:
             raise ValueError(f"build_no_prior_sdfsmis builds '{key}' itself; do not pass it.")
-    if isinstance(autoencoder, AutoencoderKL):
-        vae = autoencoder
-    elif isinstance(autoencoder, (str, PathLike)):
-        vae = load_autoencoder(autoencoder, require_calibration=require_calibration)
-    else:
-        raise ValueError(f"autoencoder must be an AutoencoderKL or a folder path, got {type(autoencoder).__name__}.")
-    sample_size = int(vae.config.sample_size) // downsampling_factor(vae) if vae.config.sample_size else 32
-    device = next(vae.parameters()).device
+    vae, sample_size, device = frozen_autoencoder(autoencoder, require_calibration)
 
     def build() -> SDFSMIS:
         unet = build_no_prior_unet(
@@ -220,6 +215,25 @@ def build_no_prior_sdfsmis(
         empty = torch.zeros(1, tokens, int(unet.config.cross_attention_dim), device=device) if needs_constant else None
         return SDFSMIS(vae, unet, None, empty, **sdfsmis_settings).to(device)
 
+    return build_seeded(build, seed, device)
+
+
+def frozen_autoencoder(
+    autoencoder: AutoencoderKL | str | PathLike, require_calibration: bool = True
+) -> tuple[AutoencoderKL, int, torch.device]:
+    """The stage-1 autoencoder (given, or loaded from its folder), the UNet's latent side and the device."""
+    if isinstance(autoencoder, AutoencoderKL):
+        vae = autoencoder
+    elif isinstance(autoencoder, (str, PathLike)):
+        vae = load_autoencoder(autoencoder, require_calibration=require_calibration)
+    else:
+        raise ValueError(f"autoencoder must be an AutoencoderKL or a folder path, got {type(autoencoder).__name__}.")
+    sample_size = int(vae.config.sample_size) // downsampling_factor(vae) if vae.config.sample_size else 32
+    return vae, sample_size, next(vae.parameters()).device
+
+
+def build_seeded(build: Callable[[], T], seed: int | None, device: torch.device) -> T:
+    """``build()`` with the torch RNG seeded by ``seed`` and restored afterwards (``None``: the current RNG)."""
     if seed is None:
         return build()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):

@@ -38,7 +38,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from monai_sdfsmis.networks.autoencoder import downsampling_factor
-from monai_sdfsmis.networks.latent_loss import latent_mse
+from monai_sdfsmis.networks.latent_loss import decoded_dice_loss, latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
 from monai_sdfsmis.networks.sqi import (
@@ -169,14 +169,16 @@ class DualConvIn(nn.Module):
         return conv(sample)
 
 
-def _frozen_prefixes(module: SDFSMIS) -> list[str]:
-    prefixes = ["vae."]
-    if module.vtct is not None and module.vtct.image_encoder is not None:
-        prefixes.append("vtct.image_encoder.")
-    return prefixes
+def _frozen_encoder(module: nn.Module) -> nn.Module | None:
+    vtct = getattr(module, "vtct", None)  # networks without VTCT (the supervised segmenter) share these hooks
+    return None if vtct is None else vtct.image_encoder
 
 
-def _drop_frozen_state(module: SDFSMIS, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _frozen_prefixes(module: nn.Module) -> list[str]:
+    return ["vae."] + (["vtct.image_encoder."] if _frozen_encoder(module) is not None else [])
+
+
+def _drop_frozen_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """``state_dict`` post-hook: the frozen VAE / image encoder come from their pretrained source, not from us."""
     drop = tuple(prefix + p for p in _frozen_prefixes(module))
     for key in [k for k in state_dict if k.startswith(drop)]:
@@ -184,7 +186,7 @@ def _drop_frozen_state(module: SDFSMIS, state_dict: dict, prefix: str, local_met
 
 
 def _fill_frozen_state(
-    module: SDFSMIS,
+    module: nn.Module,
     state_dict: dict,
     prefix: str,
     local_metadata: dict,
@@ -196,8 +198,8 @@ def _fill_frozen_state(
     """``load_state_dict`` pre-hook: the frozen modules keep their weights (so strict loading of a trained-parts
     state dict works). ``state_dict`` here is ``load_state_dict``'s own copy, so the caller's dict is untouched."""
     frozen = {"vae.": module.vae}
-    if module.vtct is not None and module.vtct.image_encoder is not None:
-        frozen["vtct.image_encoder."] = module.vtct.image_encoder
+    if _frozen_encoder(module) is not None:
+        frozen["vtct.image_encoder."] = _frozen_encoder(module)
     for name, sub in frozen.items():
         for key, value in sub.state_dict(prefix=prefix + name).items():
             state_dict.setdefault(key, value)
@@ -247,6 +249,10 @@ class SDFSMIS(nn.Module):
         (``x0 = z_sm - unet_output``) instead of the output alone (the paper). ``conv_out`` starts at zero, so an
         untrained network returns the support-mask copy and training edits it; a from-scratch UNet then never
         sits on the all-empty mean-latent plateau.
+    decoded_dice_weight
+        Training only: add this weight times the soft Dice loss of the decoded prediction against the query mask
+        (:func:`~monai_sdfsmis.networks.latent_loss.decoded_dice_loss`, through the frozen decoder) to the latent MSE;
+        0 (default) is the paper's loss alone.
 
     Notes
     -----
@@ -287,6 +293,7 @@ class SDFSMIS(nn.Module):
         support_condition: str = "same",
         foreground_weight: float = 1.0,
         residual_from_support: bool = False,
+        decoded_dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
         if sii_mode not in SII_MODES:
@@ -301,6 +308,8 @@ class SDFSMIS(nn.Module):
             raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
         if not float(foreground_weight) > 0:
             raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
+        if not float(decoded_dice_weight) >= 0:
+            raise ValueError(f"decoded_dice_weight must be zero or positive, got {decoded_dice_weight}.")
         if shared_conv_in and not use_qe:
             raise ValueError(
                 "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
@@ -335,6 +344,7 @@ class SDFSMIS(nn.Module):
             "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
             "relative_threshold": float(relative_threshold), "support_condition": support_condition,
             "foreground_weight": float(foreground_weight), "residual_from_support": bool(residual_from_support),
+            "decoded_dice_weight": float(decoded_dice_weight),
             "image_encoder": image_encoder is not None and use_vtct,
         }
         self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
@@ -345,6 +355,7 @@ class SDFSMIS(nn.Module):
         self.support_condition = support_condition
         self.foreground_weight = float(foreground_weight)
         self.residual_from_support = bool(residual_from_support)
+        self.decoded_dice_weight = float(decoded_dice_weight)
         if self.residual_from_support:
             # Zero output is "no edit": the first prediction is the support's mask latent, the copy baseline.
             nn.init.zeros_(unet.conv_out.weight)
@@ -662,14 +673,19 @@ class SDFSMIS(nn.Module):
         context = self._support_context(support_image, support_label, z_si, z_sm)
         x0 = self.predict_mask_latent(z_qi, context)
         loss = latent_mse(x0, z_qm, query_label, self.foreground_weight)
+        parts: dict[str, torch.Tensor] = {}
+        if self.decoded_dice_weight > 0:
+            dice = decoded_dice_loss(self.decode_mask(x0), query_label)
+            parts = {"loss_latent": loss.detach(), "loss_decoded_dice": dice.detach()}
+            loss = loss + self.decoded_dice_weight * dice
         if not return_parts:
             return loss
         if self.training and self.vae_sample_in_training:
             target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
             mean_target = latent_mse(x0.detach(), target, query_label, self.foreground_weight)
         else:
-            mean_target = loss.detach()
-        return loss, {"loss_mean_target": mean_target}
+            mean_target = parts.get("loss_latent", loss.detach())
+        return loss, {"loss_mean_target": mean_target, **parts}
 
     @torch.no_grad()
     def encode_support(self, support_image: torch.Tensor, support_label: torch.Tensor) -> SupportContext:
