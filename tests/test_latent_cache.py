@@ -168,7 +168,9 @@ def test_cached_training_gives_the_uncached_losses(store, augment):
     cache = LatentCache()
     cached, uncached = run(cache), run(None)
     assert len(cached) == 4
-    torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), rtol=1e-5, atol=1e-7)
+    # The cache encodes its misses in batches of another size than the uncached run, and oneDNN picks its fp32
+    # convolution kernels by batch size: on the AMD EPYC sandbox the losses then differ by up to 2.6e-5 relative.
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(uncached), rtol=1e-4, atol=1e-6)
     assert len(cache) == distinct and cache.misses == distinct + 2 * empty
     assert cache.hits == 2 * 4 * 4 - cache.misses  # 2 epochs x 4 episodes x 4 tensors
     if augment:
