@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.utils import convert_to_numpy
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
 
+from monai_sdfsmis.data.seeded import SeededDataset
 from monai_sdfsmis.data.volumes import VolumeStore
 
 #: ALPNet's Setting-2 label groups, one training run per group: kidneys, then liver + spleen.
@@ -145,7 +146,7 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
 
 
-class EpisodeDataset(Dataset):
+class EpisodeDataset(SeededDataset):
     """Map-style dataset of self-supervised 1-way 1-shot episodes (adjacent slices, one supervoxel).
 
     For item ``i``: pick a training volume uniformly, a supervoxel id uniformly, the slices that
@@ -223,8 +224,7 @@ class EpisodeDataset(Dataset):
             raise ValueError(f"Unknown exclusion {exclusion!r}; expected one of {_EXCLUSION_MODES}.")
         if min_size < 0:
             raise ValueError(f"min_size must be non-negative, got {min_size}.")
-        if seed is not None and int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+        super().__init__(seed)
         if int(max_slice_gap) != max_slice_gap or int(max_slice_gap) < 1:
             raise ValueError(f"max_slice_gap must be a positive integer, got {max_slice_gap!r} (bundle key 'max_slice_gap').")
         self.store = store
@@ -238,9 +238,7 @@ class EpisodeDataset(Dataset):
         self.exclusion = exclusion
         self.min_size = int(min_size)
         self.augment = augment
-        self.seed = None if seed is None else int(seed)
         self.max_slice_gap = int(max_slice_gap)
-        self.epoch = 0
         self.excluded_labels: tuple[int, ...] = ()
         mode = exclusion
         if setting == 2:
@@ -328,10 +326,6 @@ class EpisodeDataset(Dataset):
         valid = present[:, :-1] & present[:, 1:] & big
         return _VolumeTable(vid, sv_ids, counts, allowed, valid)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the episodes of a seeded dataset between epochs (like ``DistributedSampler.set_epoch``)."""
-        self.epoch = int(epoch)
-
     @property
     def volume_ids(self) -> list[str]:
         """Ids of the volumes episodes are actually drawn from (volumes without a usable pair are skipped)."""
@@ -339,11 +333,6 @@ class EpisodeDataset(Dataset):
 
     def __len__(self) -> int:
         return self.length
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
 
     def _draw(self, rng: np.random.Generator) -> tuple[_VolumeTable, int, int, int]:
         """(volume table, supervoxel row k, first slice z, gap g) of the pair ``(z, z + g)``."""

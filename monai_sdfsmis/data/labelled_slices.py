@@ -16,15 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 from monai.utils import convert_to_numpy
-from torch.utils.data import Dataset
 
 from monai_sdfsmis.data.episodes import slice_label_counts
+from monai_sdfsmis.data.seeded import SeededDataset
 from monai_sdfsmis.data.volumes import VolumeStore
 
 _MAX_AUGMENT_TRIES = 8
 
 
-class LabelledSliceDataset(Dataset):
+class LabelledSliceDataset(SeededDataset):
     """Map-style dataset of ``(slice, organ mask, organ index)`` items from labelled volumes.
 
     Item ``i``: an organ drawn uniformly from ``organ_ids``; with probability ``foreground_fraction`` a slice that
@@ -74,8 +74,7 @@ class LabelledSliceDataset(Dataset):
             raise ValueError(f"length (items per epoch) must be at least 1, got {length}.")
         if not 0.0 <= float(foreground_fraction) <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}.")
-        if seed is not None and int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+        super().__init__(seed)
         self.organ_ids = [int(v) for v in organ_ids]
         if not self.organ_ids or len(set(self.organ_ids)) != len(self.organ_ids) or min(self.organ_ids) < 1:
             raise ValueError(f"organ_ids must be distinct positive label ids, got {list(organ_ids)}.")
@@ -92,8 +91,6 @@ class LabelledSliceDataset(Dataset):
         self.length = int(length)
         self.foreground_fraction = float(foreground_fraction)
         self.augment = augment
-        self.seed = None if seed is None else int(seed)
-        self.epoch = 0
 
         depths = [int(store.image(vid).shape[-1]) for vid in self.ids]
         self._all_slices = np.array([(v, z) for v, d in enumerate(depths) for z in range(d)], dtype=np.int64)
@@ -113,17 +110,8 @@ class LabelledSliceDataset(Dataset):
                 )
             self._organ_slices.append(np.asarray(pairs, dtype=np.int64))
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the items of a seeded dataset between epochs."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return self.length
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
 
     def _augmented(self, item: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
         had_organ = bool(item["label"].any())

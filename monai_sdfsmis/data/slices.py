@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.utils import convert_to_tensor
-from torch.utils.data import Dataset
 
 from monai_sdfsmis.data.episodes import supervoxel_slice_counts
+from monai_sdfsmis.data.seeded import SeededDataset
 from monai_sdfsmis.data.volumes import VolumeStore
 
 
-class SliceDataset(Dataset):
+class SliceDataset(SeededDataset):
     """Map-style dataset of single slices: normalised images or supervoxel masks, never ground truth.
 
     Item ``i`` is, with probability ``mask_fraction``, a **mask**: a training volume drawn uniformly,
@@ -77,8 +77,7 @@ class SliceDataset(Dataset):
             raise ValueError(f"length must be a positive integer or None, got {length}.")
         if int(min_mask_pixels) < 1:
             raise ValueError(f"min_mask_pixels must be at least 1, got {min_mask_pixels}.")
-        if seed is not None and int(seed) < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed}.")
+        super().__init__(seed)
         self.store = store
         self.ids = [str(i) for i in (store.ids if ids is None else ids)]
         if not self.ids:
@@ -89,8 +88,6 @@ class SliceDataset(Dataset):
         self.mask_fraction = float(mask_fraction) if include_masks else 0.0
         self.min_mask_pixels = int(min_mask_pixels)
         self.augment = augment
-        self.seed = None if seed is None else int(seed)
-        self.epoch = 0
 
         depths = [int(store.image(vid).shape[-1]) for vid in self.ids]
         # (volume index, slice) of every image slice: images are drawn uniformly over slices.
@@ -120,10 +117,6 @@ class SliceDataset(Dataset):
                     "of any slice; lower min_mask_pixels or check the supervoxel maps."
                 )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Change the items of a seeded dataset between epochs."""
-        self.epoch = int(epoch)
-
     def __len__(self) -> int:
         return self.length
 
@@ -131,11 +124,6 @@ class SliceDataset(Dataset):
     def num_slices(self) -> int:
         """Image slices available (all slices of the ``ids`` volumes)."""
         return len(self._slices)
-
-    def _rng(self, index: int) -> np.random.Generator:
-        if self.seed is None:
-            return np.random.default_rng()
-        return np.random.default_rng([self.seed, self.epoch, index])
 
     def draw_image(self, rng: np.random.Generator) -> tuple[torch.Tensor, str, int]:
         """A uniformly drawn image slice ``[1, H, W]`` in [-1, 1], its volume id and slice index."""

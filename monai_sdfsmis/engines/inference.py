@@ -203,7 +203,12 @@ def output_path(query: str | PathLike, output_dir: str | PathLike, output_format
         from monai_sdfsmis.transforms.dicom_seg import SaveDicomSegd
 
         return SaveDicomSegd.output_path(query, output_dir)
-    layout = FolderLayout(os.fspath(output_dir), postfix=_OUTPUT_POSTFIX, extension=_OUTPUT_EXT, makedirs=False)
+    return _nifti_output(query, output_dir, _OUTPUT_POSTFIX)
+
+
+def _nifti_output(query: str | PathLike, output_dir: str | PathLike, postfix: str) -> Path:
+    """``<output_dir>/<query name>_<postfix>.nii.gz``, named as MONAI's ``SaveImaged`` names it."""
+    layout = FolderLayout(os.fspath(output_dir), postfix=postfix, extension=_OUTPUT_EXT, makedirs=False)
     return Path(layout.filename(subject=os.fspath(query)))
 
 
@@ -217,8 +222,7 @@ def probability_postfixes(organ_ids: Sequence[int] | None) -> list[str]:
 def probability_path(query: str | PathLike, output_dir: str | PathLike, postfix: str = _PROBABILITY_POSTFIX) -> Path:
     """Where a foreground probability of ``query`` is written: ``<output_dir>/<query name>_<postfix>.nii.gz``
     (:func:`probability_postfixes`)."""
-    layout = FolderLayout(os.fspath(output_dir), postfix=postfix, extension=_OUTPUT_EXT, makedirs=False)
-    return Path(layout.filename(subject=os.fspath(query)))
+    return _nifti_output(query, output_dir, postfix)
 
 
 def segment_name(organ_id: int | Sequence[int] | None) -> str:

@@ -371,8 +371,7 @@ class SlidingSupportInferer(Inferer):
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
         )
-        # A slice [N, C, H, W] mirrored along volume axis a is flipped along its dim a + 2; None is the plain pass.
-        passes: list[int | None] = [None, *(a + 2 for a in self.flip_axes)]
+        passes = self._flip_passes()
         mirror = lambda x, dim: x if dim is None else x.flip(dim)  # noqa: E731
         out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with autocast:
@@ -451,8 +450,7 @@ class SlidingSupportInferer(Inferer):
         contexts: dict[tuple[int, int, int | None], Any] = {}
         if context is not None:
             support: list[Any] = [None]
-            passes = [None, *(a + 2 for a in self.flip_axes)]
-            contexts.update({(0, j, d): context for j in range(self.n_chunks) for d in passes})
+            contexts.update({(0, j, d): context for j in range(self.n_chunks) for d in self._flip_passes()})
         else:
             names = ["support_label"] if len(supports) == 1 else [f"support_label[{k}]" for k in range(len(supports))]
             support = [self._support(image, label, device, name)[:2] for (image, label), name in zip(supports, names)]
@@ -525,6 +523,10 @@ class SlidingSupportInferer(Inferer):
         bar = progress_bar(total=n_redo, desc="query slices (pass 2)") if self.progress and n_redo else None
         predicted.update(self._segment_chunks(network, query, redo, support, device, bar, contexts, latents))
         return predicted, list(range(*extent)), bar
+
+    def _flip_passes(self) -> list[int | None]:
+        # A slice [N, C, H, W] mirrored along volume axis a is flipped along its dim a + 2; None is the plain pass.
+        return [None, *(a + 2 for a in self.flip_axes)]
 
     def _split(self, index: torch.Tensor) -> list[torch.Tensor]:
         return [index[a:b] for a, b in chunk_bounds(int(index.numel()), self.n_chunks)]
