@@ -236,10 +236,15 @@ def test_atomic_checkpoint_saver_never_leaves_a_partial_file(tmp_path):
     assert (tmp_path / "model.pt").read_bytes() == first  # the previous checkpoint survived intact
     assert sorted(os.listdir(tmp_path)) == ["model.pt"]
     torch.load(tmp_path / "model.pt", weights_only=True)
-    # and a plain MONAI saver is what this class fixes: it writes in place
-    plain = CheckpointSaver(save_dir=str(tmp_path), save_dict={"net": net}, save_final=True)
-    assert plain._final_checkpoint.save_handler._atomic is False
-    assert good._final_checkpoint.save_handler._atomic is True
+    # and a plain MONAI saver is what this class fixes: it writes in place, so the same failure ruins the old file
+    plain_dir = tmp_path.parent / f"{tmp_path.name}_plain"
+    CheckpointSaver(save_dir=str(plain_dir), save_dict={"net": net}, save_final=True,
+                    final_filename="model.pt").completed(engine)
+    intact = (plain_dir / "model.pt").read_bytes()
+    with pytest.raises(Exception):
+        CheckpointSaver(save_dir=str(plain_dir), save_dict={"net": net, "x": Unpicklable()}, save_final=True,
+                        final_filename="model.pt").completed(engine)
+    assert not (plain_dir / "model.pt").exists() or (plain_dir / "model.pt").read_bytes() != intact
 
 
 def test_latest_checkpoint_picks_highest_iteration(tmp_path):

@@ -9,13 +9,11 @@ from monai.transforms import Affine
 from scipy import ndimage
 
 from monai_sdfsmis.transforms import (
-    RandGammad,
     RandRPTAffined,
     RandRPTElasticd,
     ReplicateChanneld,
     RPTAugmentd,
     ScaleToUnitRanged,
-    gamma_transform,
     load_volume,
     rpt_affine_matrix,
     rpt_elastic_displacement,
@@ -51,30 +49,30 @@ def _changed(a, b) -> bool:
 # ---------------------------------------------------------------- gamma
 
 
-def test_gamma_formula_and_range():
-    x = torch.tensor([[[-1.0, -0.5, 0.0, 1.0]]])
-    out = gamma_transform(x, 2.0)
-    m, r = -1.0, 2.0 + 1e-5
-    expected = torch.clamp(r * ((x - m + 1e-5) / r) ** 2 + m, -1.0, 1.0)
-    torch.testing.assert_close(out, expected)
-    assert abs(float(out.min()) - (-1.0)) < 1e-4 and float(out.max()) == 1.0  # range kept, never above the input
-    assert float(out[0, 0, 2]) < 0.0  # gamma > 1 darkens mid-tones
-    assert float(gamma_transform(x, 0.5)[0, 0, 2]) > 0.0
-    as_np = gamma_transform(x.numpy(), 1.0)
-    assert isinstance(as_np, np.ndarray) and np.allclose(as_np, x.numpy(), atol=2e-5)
+def _gamma_curve(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """RPT's gamma curve written out without its 1e-5 offset (which moves only the darkest pixels, by < 5e-3)."""
+    m = float(x.min())
+    r = float(x.max()) - m
+    return r * ((x - m) / r) ** gamma + m
 
 
-def test_rand_gamma_same_gamma_for_all_keys_and_prob():
-    img = torch.rand(3, 16, 16) * 2 - 1
-    t = RandGammad(["a", "b"], prob=1.0).set_random_state(3)
-    out = t({"a": img, "b": img.clone()})
-    assert 0.5 <= t.gamma <= 1.5 and t.gamma != 1.0
-    torch.testing.assert_close(out["a"], out["b"])
-    torch.testing.assert_close(out["a"], gamma_transform(img, t.gamma))
-    unchanged = RandGammad("a", prob=0.0)({"a": img})
-    assert unchanged["a"] is img
+def test_episode_gamma_follows_rpts_curve_on_images_only_one_gamma_per_side():
+    episode = _episode(4)
+    t = RPTAugmentd(prob_gamma=1.0, prob_geometric=0.0).set_random_state(3)
+    out = t(episode)
+    for side in ("support", "query"):
+        gamma = float(t.sides[side]["gamma"].adjuster.gamma_value)
+        assert 0.5 <= gamma <= 1.5 and abs(gamma - 1.0) > 1e-3
+        image = torch.as_tensor(episode[f"{side}_image"])
+        torch.testing.assert_close(torch.as_tensor(out[f"{side}_image"]), _gamma_curve(image, gamma), atol=1e-5,
+                                   rtol=0)
+        assert type(out[f"{side}_image"]) is type(episode[f"{side}_image"])  # no MetaTensor from MONAI's transform
+        assert float(out[f"{side}_image"].min()) == pytest.approx(float(image.min()), abs=1e-6)
+        assert float(out[f"{side}_image"].max()) == pytest.approx(float(image.max()), abs=1e-6)
+        assert torch.equal(torch.as_tensor(out[f"{side}_label"]), torch.as_tensor(episode[f"{side}_label"]))
+    assert t.sides["support"]["gamma"].adjuster.gamma_value != t.sides["query"]["gamma"].adjuster.gamma_value
     with pytest.raises(ValueError, match="gamma_range must satisfy 0 < low <= high"):
-        RandGammad("a", gamma_range=(0.0, 1.0))
+        RPTAugmentd(gamma_range=(0.0, 1.0))
 
 
 # ---------------------------------------------------------------- affine

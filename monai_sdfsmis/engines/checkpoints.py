@@ -2,8 +2,9 @@
 
 MONAI 1.6.1's ``CheckpointSaver`` builds ignite ``DiskSaver`` objects with ``atomic=False``, so an
 interrupted save can leave a truncated ``.pt``; ignite's own atomic mode names its temporary files
-``tmpXXXXXXXX``, which nothing ever removes after a kill. :class:`AtomicCheckpointSaver` writes each
-checkpoint to ``.<name>.<random>.tmp`` in the same folder and renames it, removes such leftovers (and
+``tmpXXXXXXXX``, which nothing ever removes after a kill. :class:`AtomicCheckpointSaver` (MONAI's arguments, on
+ignite's public ``Checkpoint``) writes each checkpoint with :class:`AtomicDiskSaver` to ``.<name>.<random>.tmp``
+in the same folder and renames it, removes such leftovers (and
 ignite's) when it is attached, and takes the checkpoints already in the folder into its ``n_saved``
 rotation, so that a resumed run keeps ``n_saved`` files instead of leaving the earlier run's behind.
 :class:`ResumeFromCheckpoint` loads the newest checkpoint of a folder, if any, when the engine starts,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 __all__ = [
     "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
     "RandomStates",
     "latest_checkpoint",
     "resumable_checkpoints",
@@ -28,37 +30,28 @@ import os
 import pickle
 import random
 import re
-import types
 import warnings
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from monai.handlers import CheckpointSaver
-from monai.utils import optional_import
+from monai.utils import is_scalar, optional_import
 
 from monai_sdfsmis.utils import atomic_path
 
 Events, _ = optional_import("ignite.engine", name="Events")
 Checkpoint, _ = optional_import("ignite.handlers", name="Checkpoint")
+DiskSaver, _ = optional_import("ignite.handlers", name="DiskSaver")
 
 _ITERATION = re.compile(r"(?:^|_)(?:final_)?iteration=(\d+)\.pt$")
 _EPOCH = re.compile(r"(?:^|_)epoch=(\d+)\.pt$")
 # Temporary checkpoint files: ours (``.<name>.<random>.tmp``) and ignite's ``NamedTemporaryFile`` names.
 _STALE_TEMP = re.compile(r"^(?:\..+\.pt\.[A-Za-z0-9_]+\.tmp|tmp[a-z0-9_]{8})$")
 _logger = logging.getLogger(__name__)
-
-
-def _atomic_save_func(self: Any, checkpoint: Mapping, path: Path, func: Callable) -> None:
-    """``DiskSaver._save_func`` writing to ``.<name>.<random>.tmp`` beside ``path``, flushed, then renamed."""
-    with atomic_path(path, suffix=".tmp") as tmp, open(tmp, "wb") as handle:
-        func(checkpoint, handle, **self.kwargs)
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before the rename, so a crash cannot leave a renamed, empty file
 
 
 def remove_stale_temporaries(folder: str | PathLike) -> list[Path]:
@@ -115,20 +108,49 @@ class RandomStates:
                 torch.cuda.set_rng_state_all(cuda)
 
 
-class AtomicCheckpointSaver(CheckpointSaver):
-    """MONAI ``CheckpointSaver`` whose files are written atomically, and which can save its own engine.
+class AtomicDiskSaver(DiskSaver):
+    """ignite's ``DiskSaver`` writing ``.<name>.<random>.tmp`` beside the target, flushed to disk, then renamed.
 
-    Every checkpoint is serialised to a temporary file ``.<name>.<random>.tmp`` in ``save_dir``, flushed to
-    disk and moved over the target with ``os.replace``, so a crash during saving never leaves a truncated
-    checkpoint (the previous one stays). When attached it removes the temporary files an earlier run killed
-    while saving left behind (:func:`remove_stale_temporaries`), and it counts the interval and key-metric
-    checkpoints already in ``save_dir`` (same file prefix) against ``n_saved``/``key_metric_n_saved``: after a
-    resume, the oldest files are removed as new ones are written, as in an uninterrupted run.
+    ignite's own atomic mode names its temporaries ``tmpXXXXXXXX`` and does not sync them before the rename; here a
+    killed run leaves a name :func:`remove_stale_temporaries` recognises, and a crash cannot leave a renamed, empty
+    checkpoint. With ``filename`` every save goes to that one name and replaces it in place: ``remove`` of it is a
+    no-op, so the previous file stays until the new one is complete.
+    """
+
+    def __init__(self, dirname: str | PathLike, filename: str | None = None) -> None:
+        super().__init__(dirname=dirname, atomic=True, require_empty=False)
+        self.filename = filename
+
+    def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if _rank() != self.save_on_rank:
+            return
+        with atomic_path(self.dirname / (self.filename or filename), suffix=".tmp") as tmp, open(tmp, "wb") as handle:
+            torch.save(checkpoint, handle, **self.kwargs)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def remove(self, filename: str) -> None:
+        if self.filename is None:
+            super().remove(filename)
+
+
+class AtomicCheckpointSaver:
+    """Checkpoints as MONAI's ``CheckpointSaver`` writes them (same arguments, names and events), written atomically.
+
+    Built from ignite's public ``Checkpoint`` and :class:`AtomicDiskSaver`. When attached it removes the temporary
+    files an earlier run killed while saving left behind (:func:`remove_stale_temporaries`), and at the first
+    iteration it counts the interval and key-metric checkpoints already in ``save_dir`` (same file prefix) against
+    ``n_saved``/``key_metric_n_saved``: after a resume, the oldest files are removed as new ones are written, as in
+    an uninterrupted run.
 
     Parameters
     ----------
-    save_dir, save_dict, kwargs
-        As MONAI's ``CheckpointSaver``.
+    save_dir, save_dict, name, file_prefix, save_final, final_filename, save_key_metric, key_metric_name,
+    key_metric_n_saved, key_metric_filename, key_metric_save_state, key_metric_greater_or_equal,
+    key_metric_negative_sign, epoch_level, save_interval, n_saved
+        As MONAI's ``CheckpointSaver``: a final checkpoint when the run completes or raises, the best
+        ``key_metric_n_saved`` by the engine's key metric after each epoch, and one every ``save_interval`` epochs
+        (``epoch_level``) or iterations, keeping the newest ``n_saved``.
     engine_key
         When given, the engine the saver is attached to is saved too under this key (``"trainer"``), which
         :class:`ResumeFromCheckpoint` restores; a bundle then needs no reference from the trainer's handler
@@ -139,27 +161,91 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
 
     def __init__(
-        self, save_dir: str, save_dict: dict, engine_key: str | None = None, rng_key: str | None = None, **kwargs: Any
+        self,
+        save_dir: str | PathLike,
+        save_dict: Mapping[str, Any],
+        name: str | None = None,
+        file_prefix: str = "",
+        save_final: bool = False,
+        final_filename: str | None = None,
+        save_key_metric: bool = False,
+        key_metric_name: str | None = None,
+        key_metric_n_saved: int = 1,
+        key_metric_filename: str | None = None,
+        key_metric_save_state: bool = False,
+        key_metric_greater_or_equal: bool = False,
+        key_metric_negative_sign: bool = False,
+        epoch_level: bool = True,
+        save_interval: int = 0,
+        n_saved: int | None = None,
+        engine_key: str | None = None,
+        rng_key: str | None = None,
     ) -> None:
-        # One dict object shared with ignite's Checkpoint objects, so the engine can be added on attach.
-        save_dict = dict(save_dict)
+        if save_dir is None:
+            raise ValueError("AtomicCheckpointSaver needs save_dir, the folder to write checkpoints to.")
+        if not save_dict:
+            raise ValueError("AtomicCheckpointSaver needs a non-empty save_dict (the objects to save).")
+        if save_key_metric and key_metric_filename is not None and key_metric_n_saved > 1:
+            raise ValueError("a fixed key_metric_filename holds one model: key_metric_n_saved must be 1.")
+        # One dict shared with the Checkpoint objects, so that the engine can be added to it on attach.
+        self.save_dict = dict(save_dict)
         if rng_key is not None:
-            save_dict.setdefault(rng_key, RandomStates())
+            self.save_dict.setdefault(rng_key, RandomStates())
+        self.save_dir = str(save_dir)
+        self.name = name
+        self.logger = logging.getLogger(name)
         self.engine_key = engine_key
-        super().__init__(save_dir=save_dir, save_dict=save_dict, **kwargs)
-        for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
-            if checkpoint is None:
-                continue
-            handler = checkpoint.save_handler
-            if not (hasattr(handler, "_atomic") and callable(getattr(handler, "_save_func", None))):
-                raise RuntimeError(
-                    f"ignite's DiskSaver no longer has '_atomic' and '_save_func' ({type(handler).__name__}); "
-                    "AtomicCheckpointSaver needs updating for this ignite version."
-                )
-            handler._atomic = True
-            handler._save_func = types.MethodType(_atomic_save_func, handler)
+        self.epoch_level = bool(epoch_level)
+        self.save_interval = int(save_interval)
+        self.key_metric_name = key_metric_name
+        self.key_metric_sign = -1 if key_metric_negative_sign else 1
+        self.final_filename = final_filename
+        self.final: Any = None
+        self.key_metric: Any = None
+        self.interval: Any = None
+        self.filename_pattern = Checkpoint.setup_filename_pattern(
+            with_prefix=bool(file_prefix), with_score=True, with_score_name=True, with_global_step=False
+        )
+        common = dict(to_save=self.save_dict, filename_prefix=file_prefix, filename_pattern=self.filename_pattern)
+        if save_final:
+            self.final = Checkpoint(save_handler=AtomicDiskSaver(self.save_dir, final_filename),
+                                    score_function=lambda engine: engine.state.iteration,
+                                    score_name="final_iteration", **common)
+        if save_key_metric:
+            self.key_metric = Checkpoint(save_handler=AtomicDiskSaver(self.save_dir, key_metric_filename),
+                                         score_function=self._key_metric_score, score_name="key_metric",
+                                         n_saved=key_metric_n_saved, include_self=key_metric_save_state,
+                                         greater_or_equal=key_metric_greater_or_equal, **common)
+        if self.save_interval > 0:
+            self.interval = Checkpoint(save_handler=AtomicDiskSaver(self.save_dir),
+                                       score_function=self._interval_score,
+                                       score_name="epoch" if self.epoch_level else "iteration", n_saved=n_saved,
+                                       **common)
+        self._adopted = True
+
+    def _key_metric_score(self, engine: Any) -> float:
+        metric_name = self.key_metric_name or getattr(engine.state, "key_metric_name", None)
+        if metric_name is None:
+            raise ValueError("save_key_metric=True needs key_metric_name or an engine with a key metric.")
+        metric = engine.state.metrics[metric_name]
+        if not is_scalar(metric):
+            warnings.warn(f"key metric {metric_name}={metric} is not a scalar: no model saved for it.", stacklevel=2)
+            return -1
+        return self.key_metric_sign * metric
+
+    def _interval_score(self, engine: Any) -> int:
+        return engine.state.epoch if self.epoch_level else engine.state.iteration
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the key-metric ranking saved with ``key_metric_save_state=True`` (as MONAI's saver)."""
+        if self.key_metric is None:
+            warnings.warn("no key metric checkpoint saver to resume the key metric tracking list.", stacklevel=2)
+            return
+        self.key_metric.load_state_dict(state_dict)
 
     def attach(self, engine: Any) -> None:
+        if self.name is None:
+            self.logger = engine.logger
         if self.engine_key is not None:
             self.save_dict.setdefault(self.engine_key, engine)
         if _rank() == 0:
@@ -168,56 +254,83 @@ class AtomicCheckpointSaver(CheckpointSaver):
             # At the first iteration, when a ResumeFromCheckpoint (attached in any order) has restored the counters.
             self._adopted = False
             engine.add_event_handler(Events.ITERATION_STARTED, self._adopt_once)
-        super().attach(engine)
+        if self.final is not None:
+            engine.add_event_handler(Events.COMPLETED, self.completed)
+            engine.add_event_handler(Events.EXCEPTION_RAISED, self.exception_raised)
+        if self.key_metric is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self.key_metric)
+        if self.interval is not None:
+            event = Events.EPOCH_COMPLETED if self.epoch_level else Events.ITERATION_COMPLETED
+            engine.add_event_handler(event(every=self.save_interval), self.interval_completed)
+
+    def _save_final(self, engine: Any) -> str:
+        previous = self.final.last_checkpoint
+        self.final.reset()  # a later run of the same engine writes its own final checkpoint
+        self.final(engine)
+        if self.final_filename is not None:
+            return str(Path(self.save_dir) / self.final_filename)
+        written = self.final.last_checkpoint
+        if previous is not None and Path(previous).name != Path(written).name:
+            self.final.save_handler.remove(Path(previous).name)
+        return str(written)
+
+    def completed(self, engine: Any) -> None:
+        self.logger.info(f"Train completed, saved final checkpoint: {self._save_final(engine)}")
+
+    def exception_raised(self, engine: Any, e: Exception) -> None:
+        self.logger.info(f"Exception raised, saved the last checkpoint: {self._save_final(engine)}")
+        raise e
+
+    def interval_completed(self, engine: Any) -> None:
+        self.interval(engine)
+        self.logger.info(f"Saved checkpoint at {'epoch' if self.epoch_level else 'iteration'}: "
+                         f"{self._interval_score(engine)}")
 
     def _adopt_once(self, engine: Any) -> None:
         if self._adopted:
             return
         self._adopted = True
-        state = engine.state
-        done = (state.epoch if self.epoch_level else state.iteration) - 1  # the counter of this iteration is counted
+        done = self._interval_score(engine) - 1  # the counter of this iteration is counted
         if done <= 0:
             return  # a fresh run: another run's files in the folder are left alone and do not block new saves
-        if self._interval_checkpoint is not None:
-            _adopt_existing(self._interval_checkpoint, Path(self.save_dir), max_priority=done)
-        if self._key_metric_checkpoint is not None:
-            _adopt_existing(self._key_metric_checkpoint, Path(self.save_dir))
+        if self.interval is not None:
+            self._adopt_existing(self.interval, max_priority=done)
+        if self.key_metric is not None:
+            self._adopt_existing(self.key_metric)
 
+    def _adopt_existing(self, checkpoint: Any, max_priority: float | None = None) -> None:
+        """Put the files ``checkpoint`` would have written that already exist in ``save_dir`` into its rotation.
 
-def _adopt_existing(checkpoint: Any, folder: Path, max_priority: float | None = None) -> None:
-    """Put the files ``checkpoint`` would have written that already exist in ``folder`` into its rotation list.
-
-    ignite keeps the list of saved files in memory only, so a new process never removes the files of the run it
-    resumes. Only files up to ``max_priority`` (the resumed iteration or epoch) are taken. Files beyond ``n_saved``
-    (oldest first) are removed now, since the rotation removes only one file per save.
-    """
-    if getattr(checkpoint.save_handler, "filename", None) is not None:
-        return  # a fixed file name is replaced in place
-    name = "checkpoint" if len(checkpoint.to_save) != 1 else next(iter(checkpoint.to_save))
-    pattern = checkpoint._get_filename_pattern(None)
-    marker = "\x00"
-    fields = dict(
-        filename_prefix=checkpoint.filename_prefix, ext=checkpoint.ext, name=name,
-        score_name=checkpoint.score_name, score=marker, global_step=None,
-    )
-    head, _, tail = pattern.format(**fields).partition(marker)
-    regex = re.compile(re.escape(head) + r"(-?\d+(?:\.\d+)?)" + re.escape(tail) + "$")
-    known = {item.filename for item in checkpoint._saved}
-    found = []
-    for path in folder.iterdir() if folder.is_dir() else ():
-        match = regex.match(path.name)
-        if match and path.is_file() and path.name not in known:
-            value = float(match.group(1))
-            if max_priority is not None and value > max_priority:
-                continue
-            found.append(Checkpoint.Item(int(value) if value.is_integer() else value, path.name))
-    saved = sorted([*checkpoint._saved, *found], key=lambda item: item.priority)
-    n_saved = checkpoint.n_saved
-    while n_saved is not None and len(saved) > n_saved:
-        item = saved.pop(0)
-        checkpoint.save_handler.remove(item.filename)
-        _logger.info(f"Removed checkpoint '{folder / item.filename}' of an earlier run (n_saved={n_saved}).")
-    checkpoint._saved = saved
+        ignite keeps the list of saved files in memory only, so a new process never removes the files of the run
+        it resumes. Only files up to ``max_priority`` (the resumed iteration or epoch) are taken. Files beyond
+        ``n_saved`` (oldest first) are removed now, since the rotation removes only one file per save.
+        """
+        if checkpoint.save_handler.filename is not None:
+            return  # a fixed file name is replaced in place
+        folder = Path(self.save_dir)
+        name = "checkpoint" if len(checkpoint.to_save) != 1 else next(iter(checkpoint.to_save))
+        marker = "\x00"
+        head, _, tail = self.filename_pattern.format(
+            filename_prefix=checkpoint.filename_prefix, ext=checkpoint.ext, name=name,
+            score_name=checkpoint.score_name, score=marker, global_step=None,
+        ).partition(marker)
+        regex = re.compile(re.escape(head) + r"(-?\d+(?:\.\d+)?)" + re.escape(tail) + "$")
+        ((key, saved),) = checkpoint.state_dict().items()  # ignite's public form: [(priority, filename), ...]
+        known = {filename for _, filename in saved}
+        found = []
+        for path in folder.iterdir() if folder.is_dir() else ():
+            match = regex.match(path.name)
+            if match and path.is_file() and path.name not in known:
+                value = float(match.group(1))
+                if max_priority is None or value <= max_priority:
+                    found.append((int(value) if value.is_integer() else value, path.name))
+        saved = sorted([*saved, *found], key=lambda item: item[0])
+        n_saved = checkpoint.n_saved
+        while n_saved is not None and len(saved) > n_saved:
+            _, filename = saved.pop(0)
+            checkpoint.save_handler.remove(filename)
+            _logger.info(f"Removed checkpoint '{folder / filename}' of an earlier run (n_saved={n_saved}).")
+        checkpoint.load_state_dict({key: saved})
 
 
 def latest_checkpoint(ckpt_dir: str | PathLike, prefix: str = "") -> Path | None:

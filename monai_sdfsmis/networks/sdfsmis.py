@@ -466,7 +466,7 @@ class SDFSMIS(nn.Module):
         VAE and DINOv2 and the empty-prompt buffer are not included.
         """
         new_modules: list[nn.Module] = [self.unet.conv_in]
-        new_modules += [block.attn_sq for _, block in sii_blocks(self.unet) if "attn_sq" in block._modules]
+        new_modules += [block.attn_sq for _, block in sii_blocks(self.unet) if hasattr(block, "attn_sq")]
         if self.vtct is not None:
             new_modules.append(self.vtct)
         new, seen = [], set()

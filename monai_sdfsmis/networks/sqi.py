@@ -226,7 +226,7 @@ BLOCK_INPUT_KEY = "sii_block_input"
 def _base_processor(attn: Attention) -> Any:
     """The processor ``attn`` had before SII, unwrapping an earlier install."""
     processor = attn.processor
-    while isinstance(processor, (SupportQueryAttnProcessor, KVConcatAttnProcessor, SIIPassThroughProcessor)):
+    while isinstance(processor, (_SupportPassProcessor, SIIPassThroughProcessor)):
         processor = processor.base
     return processor if processor is not None else AttnProcessor2_0()
 
@@ -293,7 +293,54 @@ class _BlockInputInjector:
         return args, {**kwargs, "cross_attention_kwargs": extra}
 
 
-class SupportQueryAttnProcessor:
+class _SupportPassProcessor:
+    """The pass dispatch both ``attn1`` processors share; subclasses define only the query pass.
+
+    * support pass: store ``LN1(h_s)`` (this processor's input) under ``key``; ordinary self-attention;
+    * query pass: :meth:`query_pass` with the support features of this block;
+    * neither: ordinary self-attention (plain SD).
+    """
+
+    def __init__(self, bank: SupportBank, key: str, base: Any = None) -> None:
+        self.bank = bank
+        self.key = key
+        self.base = base if base is not None else AttnProcessor2_0()
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        sii_block_input: torch.Tensor | None = None,
+        support_features: Mapping[str, torch.Tensor] | None = None,
+        support_store: dict | None = None,
+    ) -> torch.Tensor:
+        mode = _pass_mode(self.bank, support_features, support_store)
+        if mode == "use":
+            support = _support_for(self.bank, support_features, self.key, hidden_states.shape[0])
+            return self.query_pass(attn, hidden_states, encoder_hidden_states, attention_mask, temb, support,
+                                   sii_block_input)
+        if mode == "store":
+            _store(self.bank, support_store, self.key, hidden_states)
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+    def query_pass(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+        support: torch.Tensor,
+        block_input: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``attn1``'s output on the query pass; ``support`` is ``[B, N_s, C]``, ``block_input`` the block's ``h``."""
+        raise NotImplementedError
+
+
+class SupportQueryAttnProcessor(_SupportPassProcessor):
     """``attn1`` processor for ``mode="sii"``: self-attention plus the block's :class:`SupportQueryAttention`.
 
     The pass is chosen by the UNet call's ``cross_attention_kwargs`` (stateless; works with gradient
@@ -323,39 +370,21 @@ class SupportQueryAttnProcessor:
     """
 
     def __init__(self, bank: SupportBank, key: str, layer: SupportQueryAttention, base: Any = None) -> None:
-        self.bank = bank
-        self.key = key
+        super().__init__(bank, key, base)
         self.layer = layer
-        self.base = base if base is not None else AttnProcessor2_0()
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        sii_block_input: torch.Tensor | None = None,
-        support_features: Mapping[str, torch.Tensor] | None = None,
-        support_store: dict | None = None,
-    ) -> torch.Tensor:
+    def query_pass(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, support, block_input):
+        if block_input is None:
+            raise RuntimeError(
+                f"SII processor of '{self.key}' did not receive its block input: the block's forward pre-hook "
+                "is missing (install SII with install_sii, and do not call attn1 outside its block)."
+            )
         out = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        mode = _pass_mode(self.bank, support_features, support_store)
-        if mode == "store":
-            _store(self.bank, support_store, self.key, hidden_states)
-        elif mode == "use":
-            if sii_block_input is None:
-                raise RuntimeError(
-                    f"SII processor of '{self.key}' did not receive its block input: the block's forward pre-hook "
-                    "is missing (install SII with install_sii, and do not call attn1 outside its block)."
-                )
-            support = _support_for(self.bank, support_features, self.key, hidden_states.shape[0])
-            # The block adds h afterwards: h + out + SQ(LN_sq(h + out)) = paper's two residual steps.
-            out = out + self.layer(sii_block_input + out, support)
-        return out
+        # The block adds h afterwards: h + out + SQ(LN_sq(h + out)) = paper's two residual steps.
+        return out + self.layer(block_input + out, support)
 
 
-class KVConcatAttnProcessor:
+class KVConcatAttnProcessor(_SupportPassProcessor):
     """``attn1`` processor for ``mode="kv_concat"`` (DiffewS): the query also attends to the support tokens.
 
     Passes are chosen as in :class:`SupportQueryAttnProcessor`:
@@ -366,33 +395,12 @@ class KVConcatAttnProcessor:
     * neither: ordinary self-attention.
     """
 
-    def __init__(self, bank: SupportBank, key: str, base: Any = None) -> None:
-        self.bank = bank
-        self.key = key
-        self.base = base if base is not None else AttnProcessor2_0()
-
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        sii_block_input: torch.Tensor | None = None,
-        support_features: Mapping[str, torch.Tensor] | None = None,
-        support_store: dict | None = None,
-    ) -> torch.Tensor:
-        mode = _pass_mode(self.bank, support_features, support_store)
-        if mode == "use":
-            if attention_mask is not None or encoder_hidden_states is not None:
-                raise ValueError("kv_concat SII supports plain self-attention only (no attention mask, no context).")
-            support = _support_for(self.bank, support_features, self.key, hidden_states.shape[0])
-            # attn1 projects its "context" with to_k/to_v: a context [h_q; f_s] gives K = [K_q; K_s], V = [V_q; V_s].
-            context = torch.cat([hidden_states, support.to(hidden_states.dtype)], dim=1)
-            return self.base(attn, hidden_states, context, None, temb)
-        if mode == "store":
-            _store(self.bank, support_store, self.key, hidden_states)
-        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+    def query_pass(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, support, block_input):
+        if attention_mask is not None or encoder_hidden_states is not None:
+            raise ValueError("kv_concat SII supports plain self-attention only (no attention mask, no context).")
+        # attn1 projects its "context" with to_k/to_v: a context [h_q; f_s] gives K = [K_q; K_s], V = [V_q; V_s].
+        context = torch.cat([hidden_states, support.to(hidden_states.dtype)], dim=1)
+        return self.base(attn, hidden_states, context, None, temb)
 
 
 class SIIPassThroughProcessor:
@@ -464,8 +472,8 @@ def install_sii(unet: nn.Module, bank: SupportBank, mode: str = "sii") -> list[S
         if old is not None:
             old.remove()
             block._sii_hook_handle = None
-        if "attn_sq" in block._modules:
-            del block._modules["attn_sq"]
+        if isinstance(getattr(block, "attn_sq", None), nn.Module):
+            delattr(block, "attn_sq")
         if mode == "sii":
             block.attn_sq = SupportQueryAttention(block.attn1, block.norm1)
             processor = SupportQueryAttnProcessor(bank, name, block.attn_sq, base)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 from .augmentation import (
-    RandGammad,
-    RandGammaD,
-    RandGammaDict,
     RandRPTAffined,
     RandRPTAffineD,
     RandRPTAffineDict,
@@ -15,7 +12,6 @@ from .augmentation import (
     RPTAugmentd,
     RPTAugmentD,
     RPTAugmentDict,
-    gamma_transform,
     rpt_affine_matrix,
     rpt_elastic_displacement,
 )

@@ -10,12 +10,8 @@ it does not record anything in a MetaTensor's ``applied_operations``.
 from __future__ import annotations
 
 __all__ = [
-    "gamma_transform",
     "rpt_affine_matrix",
     "rpt_elastic_displacement",
-    "RandGammad",
-    "RandGammaD",
-    "RandGammaDict",
     "RandRPTAffined",
     "RandRPTAffineD",
     "RandRPTAffineDict",
@@ -34,39 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.transforms import MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, RandAdjustContrastd, RandomizableTransform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple, ensure_tuple_rep
 from scipy.ndimage import gaussian_filter, map_coordinates
 
-_EPS = 1e-5  # RPT's offset in the gamma formula
 _GRID_MODES = ("bilinear", "nearest", "bicubic")
 _GRID_PADDINGS = ("border", "zeros", "reflection")
-
-
-def gamma_transform(img: NdarrayOrTensor, gamma: float) -> NdarrayOrTensor:
-    """RPT's gamma correction over the whole array.
-
-    With ``m = min(x)`` and ``r = max(x) - m + 1e-5``: ``x' = r * ((x - m + 1e-5) / r) ** gamma + m``, clamped
-    to ``[min(x), max(x)]`` (the offset would otherwise push the maximum 1e-5 above the input's, e.g. above 1),
-    so the intensity range is kept and only the contrast curve changes.
-
-    Parameters
-    ----------
-    img
-        Image of any shape, e.g. ``[C, H, W]``; any value range (also [-1, 1]).
-    gamma
-        Exponent (> 0).
-
-    Returns
-    -------
-    Same type and shape as ``img``, float32.
-    """
-    x = convert_to_tensor(img, dtype=torch.float32, track_meta=False)
-    m, top = torch.aminmax(x)
-    r = top - m + _EPS
-    # The 1e-5 offset lifts the maximum by 1e-5; clamping keeps images inside [-1, 1].
-    out = torch.clamp(r * ((x - m + _EPS) / r) ** float(gamma) + m, m, top)
-    return convert_to_dst_type(out, img, dtype=torch.float32)[0]
 
 
 def rpt_affine_matrix(
@@ -175,54 +144,6 @@ def _finish(out: torch.Tensor, src: NdarrayOrTensor, is_label: bool) -> NdarrayO
         out = torch.floor(out + 0.5)
         return convert_to_dst_type(out, src)[0]
     return convert_to_dst_type(out, src, dtype=torch.float32)[0]
-
-
-class RandGammad(RandomizableTransform, MapTransform):
-    """Random RPT gamma correction (:func:`gamma_transform`), one gamma for all keys of a call.
-
-    Parameters
-    ----------
-    keys
-        Image keys ``[C, H, W]`` (not masks).
-    prob
-        Probability of applying it.
-    gamma_range
-        ``(low, high)``; gamma ~ U(low, high), both > 0.
-    allow_missing_keys
-        Skip keys that are absent.
-    """
-
-    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        prob: float = 0.5,
-        gamma_range: Sequence[float] = (0.5, 1.5),
-        allow_missing_keys: bool = False,
-    ) -> None:
-        MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
-        lo, hi = (float(g) for g in gamma_range)
-        if not 0 < lo <= hi:
-            raise ValueError(f"gamma_range must satisfy 0 < low <= high, got {tuple(gamma_range)}")
-        self.gamma_range = (lo, hi)
-        self.gamma = 1.0
-
-    def randomize(self, data: Any = None) -> None:
-        super().randomize(None)
-        if self._do_transform:
-            self.gamma = float(self.R.uniform(*self.gamma_range))
-
-    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor], randomize: bool = True) -> dict:
-        d = dict(data)
-        if randomize:
-            self.randomize()
-        if not self._do_transform:
-            return d
-        for key in self.key_iterator(d):
-            d[key] = gamma_transform(d[key], self.gamma)
-        return d
 
 
 class RandRPTAffined(RandomizableTransform, MapTransform):
@@ -392,8 +313,9 @@ class RandRPTElasticd(RandomizableTransform, MapTransform):
 class RPTAugmentd(RandomizableTransform, MapTransform):
     """Episode-level augmentation of a support/query pair of slices with RPT's gamma, affine and elastic steps.
 
-    Gamma (:class:`RandGammad`) changes an image only; the geometric step (:class:`RandRPTAffined` followed by
-    :class:`RandRPTElasticd`) moves an image and its mask together.
+    Gamma (MONAI's ``RandAdjustContrastd``: ``x' = ((x - min) / range) ** gamma * range + min``, RPT's curve up
+    to its 1e-5 offset, gamma ~ U(gamma_range)) changes an image only and keeps its range; the geometric step
+    (:class:`RandRPTAffined` followed by :class:`RandRPTElasticd`) moves an image and its mask together.
 
     ``mode="independent"`` (default): the support side and the query side each get gamma with ``prob_gamma`` and
     the geometric step with ``prob_geometric``, all four decisions independent.
@@ -409,7 +331,7 @@ class RPTAugmentd(RandomizableTransform, MapTransform):
     prob_gamma, prob_geometric
         See ``mode``.
     gamma_range
-        See :class:`RandGammad`.
+        ``(low, high)`` with ``0 < low <= high``; gamma ~ U(low, high).
     rotate_deg, translate_px, shear_deg, zoom, padding_mode
         See :class:`RandRPTAffined`.
     alpha, sigma
@@ -456,6 +378,9 @@ class RPTAugmentd(RandomizableTransform, MapTransform):
         for name, p in (("prob_gamma", prob_gamma), ("prob_geometric", prob_geometric)):
             if not 0.0 <= float(p) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
+        low, high = (float(g) for g in gamma_range)
+        if not 0 < low <= high:
+            raise ValueError(f"gamma_range must satisfy 0 < low <= high, got {tuple(gamma_range)}")
         self.mode = mode
         self.prob_gamma = float(prob_gamma)
         self.prob_geometric = float(prob_geometric)
@@ -463,7 +388,7 @@ class RPTAugmentd(RandomizableTransform, MapTransform):
         for side, (image_key, label_key) in (("support", support_keys), ("query", query_keys)):
             pair = (image_key, label_key)
             self.sides[side] = {
-                "gamma": RandGammad(image_key, 1.0, gamma_range, allow_missing_keys),
+                "gamma": RandAdjustContrastd(image_key, 1.0, (low, high), allow_missing_keys=allow_missing_keys),
                 "affine": RandRPTAffined(
                     pair, 1.0, rotate_deg, translate_px, shear_deg, zoom, "bilinear", padding_mode,
                     label_keys=label_key, allow_missing_keys=allow_missing_keys,
@@ -500,13 +425,14 @@ class RPTAugmentd(RandomizableTransform, MapTransform):
         for side, (do_gamma, do_geometric) in self.decisions.items():
             children = self.sides[side]
             if do_gamma:
-                d = children["gamma"](d)
+                gamma = children["gamma"](d)
+                # MONAI returns a MetaTensor whatever it was given; the episode keeps its own array type.
+                d = {k: convert_to_dst_type(v, d[k])[0] if v is not d[k] else v for k, v in gamma.items()}
             if do_geometric:
                 d = children["elastic"](children["affine"](d))
         return d
 
 
-RandGammaD = RandGammaDict = RandGammad
 RandRPTAffineD = RandRPTAffineDict = RandRPTAffined
 RandRPTElasticD = RandRPTElasticDict = RandRPTElasticd
 RPTAugmentD = RPTAugmentDict = RPTAugmentd
