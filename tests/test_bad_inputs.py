@@ -84,7 +84,7 @@ def _infer(out: Path, query: Path, support_image: Path, support_label: Path, org
 
     run(
         config_file=INFERENCE, logging_file=False, bundle_root=str(BUNDLE), output_dir=str(out), network_def=COPY,
-        load_checkpoint=False, query_image=str(query), support_image=str(support_image),
+        load_checkpoint=False, query_image=[str(q) for q in query] if isinstance(query, (list, tuple)) else str(query), support_image=str(support_image),
         support_label=str(support_label), organ_id=organ_id, spatial_size=64, progress=False, **overrides,
     )
 
@@ -190,6 +190,58 @@ def test_label_of_another_grid(inputs, tmp_path):
 def test_non_integer_label(inputs, tmp_path):
     line = _case(inputs, tmp_path, label="label_fractional.nii.gz")
     assert f"{inputs / 'label_fractional.nii.gz'} contains non-integer values (e.g. 0.5)" in line
+
+
+def test_label_ids_that_an_integer_cast_would_wrap_are_refused(inputs, tmp_path):
+    """A uint64 id of 2**32 + 1 becomes 1 (the liver) in an int32 cast, silently: refused, naming the file."""
+    label = nib.load(str(inputs / "label_3.nii.gz"))
+    ids = np.asarray(label.dataobj).astype(np.uint64)
+    ids[ids == 2] = 2**32 + 1
+    path = tmp_path / "label_u64.nii.gz"
+    nib.save(nib.Nifti1Image(ids, label.affine, dtype=np.uint64), str(path))
+    line = _message(tmp_path / "out", inputs / "image_3.nii.gz", inputs / "image_3.nii.gz", path)
+    assert f"{path} holds values from 0 to {2**32 + 1}, outside the torch.int32 range of label ids" in line
+
+
+def test_detached_nrrd_header_without_its_data_file(inputs, tmp_path):
+    nrrd = pytest.importorskip("nrrd")
+    data = np.asarray(nib.load(str(inputs / "image_3.nii.gz")).dataobj).astype(np.float32)
+    header = tmp_path / "query.nhdr"
+    nrrd.write(str(header), data, {"space": "left-posterior-superior", "space directions": np.diag([1.25, 1.25, 7.7]),
+                                   "space origin": [0.0, 0.0, 0.0]}, detached_header=True)
+    (data_file,) = [p for p in tmp_path.iterdir() if p.name.startswith("query.raw")]
+    data_file.unlink()
+    line = _message(tmp_path / "out", header, inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+    assert f"NRRD header {header} names the data file {data_file}, which does not exist" in line
+
+
+def test_gzip_stream_named_nii(inputs, tmp_path):
+    query = tmp_path / "query.nii"
+    query.write_bytes((inputs / "image_3.nii.gz").read_bytes())
+    line = _message(tmp_path / "out", query, inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+    assert f"{query} is gzip-compressed but named .nii: rename it to query.nii.gz" in line
+
+
+def test_a_label_stored_with_swapped_axes_gives_the_same_mask(inputs, tmp_path):
+    """The label's array is transposed and its header says so (the affine's columns swapped): same world, same mask."""
+    label = nib.load(str(inputs / "label_3.nii.gz"))
+    ids = np.asarray(label.dataobj)
+    swapped_affine = label.affine.copy()
+    swapped_affine[:, [0, 1]] = label.affine[:, [1, 0]]
+    swapped = tmp_path / "label_swapped.nii.gz"
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(np.swapaxes(ids, 0, 1)), swapped_affine), str(swapped))
+    for name, support_label in (("plain", inputs / "label_3.nii.gz"), ("swapped", swapped)):
+        _infer(tmp_path / name, inputs / "image_3.nii.gz", inputs / "image_3.nii.gz", support_label)
+    plain, other = (np.asarray(nib.load(str(tmp_path / n / "image_3_seg.nii.gz")).dataobj) for n in ("plain", "swapped"))
+    assert plain.any()
+    np.testing.assert_array_equal(other, plain)
+
+
+def test_a_query_given_twice_is_one_line(inputs, tmp_path):
+    line = _message(tmp_path / "out", [inputs / "image_2.nii.gz", inputs / "image_2.nii.gz"],
+                    inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
+    target = tmp_path / "out" / "image_2_seg.nii.gz"
+    assert f"queries {inputs / 'image_2.nii.gz'} and {inputs / 'image_2.nii.gz'} would both be written to {target}" in line
 
 
 def test_output_that_would_replace_an_input(inputs, tmp_path):

@@ -178,6 +178,8 @@ def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> Met
             check_slice_geometry(path, read_slice_geometry(series.files))
     elif series_uid is not None:
         raise ValueError(f"series_uid {series_uid} was given but {path} is a file, not a DICOM folder")
+    else:
+        _check_file_container(path)
     try:
         img = _image_loader()(str(path), reader=reader)
     except FileNotFoundError as e:
@@ -194,6 +196,39 @@ def _read(path: Path, reader: ImageReader, series_uid: str | None = None) -> Met
         return EnsureChannelFirst()(img)
     except Exception as e:
         raise ValueError(f"cannot determine the channel layout of {path} (shape {tuple(img.shape)}): {e}") from e
+
+
+_NRRD_DATA_FILE = re.compile(rb"^data ?file: *(.+?) *$", re.IGNORECASE | re.MULTILINE)
+
+
+def _check_file_container(path: Path) -> None:
+    """Refuse, naming the file, what a reader would report only as a low-level error: a gzip stream named ``.nii``,
+    and a detached NRRD header (``.nhdr``) whose single data file is missing."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if path.suffix.lower() == ".nii" and head[:2] == b"\x1f\x8b":
+        raise ValueError(f"{path} is gzip-compressed but named .nii: rename it to {path.name}.gz")
+    if path.suffix.lower() == ".nhdr":
+        match = _NRRD_DATA_FILE.search(head)
+        data_file = match.group(1).decode(errors="replace") if match else None
+        # "LIST" and "%d"-pattern headers name several files; those are left to the reader.
+        if data_file and data_file != "LIST" and "%" not in data_file and " " not in data_file:
+            target = Path(data_file) if Path(data_file).is_absolute() else path.parent / data_file
+            if not target.is_file():
+                raise FileNotFoundError(f"NRRD header {path} names the data file {target}, which does not exist")
+
+
+def _check_integer_range(img: torch.Tensor, dtype: torch.dtype, path: Path) -> None:
+    """Refuse values an integer cast would wrap around (a label id of 2**40 would become 0, silently)."""
+    if img.numel() == 0 or dtype.is_floating_point or dtype == torch.bool:
+        return
+    info = torch.iinfo(dtype)
+    low, high = (float(v) for v in torch.aminmax(img.flatten().to(torch.float64)))
+    if low < info.min or high > info.max:
+        raise ValueError(
+            f"{path} holds values from {low:.0f} to {high:.0f}, outside the {dtype} range of label ids "
+            f"[{info.min}, {info.max}]: renumber its labels"
+        )
 
 
 def _raw_nifti_zooms(path: Path) -> np.ndarray | None:
@@ -339,6 +374,7 @@ def load_volume(
                     "label maps must hold integer ids"
                 )
             img = rounded
+        _check_integer_range(img.as_tensor(), torch_dtype, path)
         img = img.to(torch_dtype)
 
     if orientation is not None:
