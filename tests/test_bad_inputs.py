@@ -305,8 +305,8 @@ def test_inference_twice_gives_identical_files(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"image": 123}, "entry 0 'image' must be a file path, got 123"),
-    ({"image": "image_2.nii.gz", "support_label": None}, "entry 0 'support_label' must be a file path, got None"),
+    ({"image": 123}, "entry 0: 'image' must be a file path, got 123."),
+    ({"image": "image_2.nii.gz", "support_label": None}, "entry 0: 'support_label' must be a file path, got None."),
 ])
 def test_datalist_entry_that_is_not_a_path(inputs, tmp_path, entry, message):
     import json
@@ -315,7 +315,7 @@ def test_datalist_entry_that_is_not_a_path(inputs, tmp_path, entry, message):
 
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({"testing": [entry]}))
-    with pytest.raises(ValueError, match=re.escape(f"datalist {datalist}: {message}")):
+    with pytest.raises(ValueError, match=re.escape(f"Datalist '{datalist}' {message}")):
         query_datalist(datalist, inputs / "image_3.nii.gz", inputs / "label_3.nii.gz")
 
 

@@ -8,6 +8,7 @@ same LAS files with the same model folder.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -81,19 +82,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(env_python, tmp_path_factory):
-    root = tmp_path_factory.mktemp("monailabel")
-    studies = root / "studies"
-    (studies / "labels" / "final").mkdir(parents=True)
-    for n in (QUERY, SUPPORT, UNLABELLED):
-        shutil.copy(chaos_dir() / f"image_{n}.nii.gz", studies / f"image_{n}.nii.gz")
-    shutil.copy(chaos_dir() / f"label_{SUPPORT}.nii.gz", studies / "labels" / "final" / f"image_{SUPPORT}.nii.gz")
-    model = make_model_dir(root / "model")
-    # Two studies already have cached supervoxels; the third has none, so /train must compute it.
-    (model / "supervoxels").mkdir()
-    for n in (QUERY, SUPPORT):
-        shutil.copy(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz", model / "supervoxels")
+@contextlib.contextmanager
+def _running_server(env_python: Path, root: Path, studies: Path, model: Path):
+    """A MONAI Label server on 127.0.0.1 serving ``model`` over ``studies``; stopped by its PID on exit."""
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
@@ -124,6 +115,63 @@ def server(env_python, tmp_path_factory):
             proc.kill()
             proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(env_python, tmp_path_factory):
+    root = tmp_path_factory.mktemp("monailabel")
+    studies = root / "studies"
+    (studies / "labels" / "final").mkdir(parents=True)
+    for n in (QUERY, SUPPORT, UNLABELLED):
+        shutil.copy(chaos_dir() / f"image_{n}.nii.gz", studies / f"image_{n}.nii.gz")
+    shutil.copy(chaos_dir() / f"label_{SUPPORT}.nii.gz", studies / "labels" / "final" / f"image_{SUPPORT}.nii.gz")
+    model = make_model_dir(root / "model")
+    # Two studies already have cached supervoxels; the third has none, so /train must compute it.
+    (model / "supervoxels").mkdir()
+    for n in (QUERY, SUPPORT):
+        shutil.copy(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz", model / "supervoxels")
+    with _running_server(env_python, root, studies, model) as running:
+        yield running
+
+
+def make_supervised_model_dir(folder: Path, spatial_size: int = 64) -> Path:
+    """A tiny supervised model folder (organs 1 and 4) in the on-disk format of ``train --supervised``."""
+    from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
+    from monai_sdfsmis.engines.model_folder import write_model_config
+    from monai_sdfsmis.networks.autoencoder import build_autoencoder, save_autoencoder
+    from monai_sdfsmis.networks.supervised import build_supervised_segmenter
+
+    torch.manual_seed(0)
+    vae = freeze_and_calibrate(build_autoencoder("tiny", sample_size=spatial_size),
+                               torch.rand(8, 3, spatial_size, spatial_size) * 2 - 1)
+    save_autoencoder(vae, folder / "autoencoder")
+    net = build_supervised_segmenter(folder / "autoencoder", (1, 4), "tiny", seed=0)
+    torch.save(net.state_dict(), folder / "model.pt")
+    write_model_config(folder, net, "supervised", spatial_size, "minmax")
+    return folder
+
+
+def test_a_supervised_model_is_served_without_support(env_python, tmp_path):
+    """``train --supervised``'s folder: a request names only organs; the label map equals the bundle's own run on
+    the original file; a request that names a support is an HTTP 400 saying why; the app offers no /train."""
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(chaos_dir() / f"image_{QUERY}.nii.gz", studies / f"image_{QUERY}.nii.gz")
+    model = make_supervised_model_dir(tmp_path / "model")
+    with _running_server(env_python, tmp_path, studies, model) as running:
+        mask, img = _returned_mask(_infer(running, {"organ_id": ["liver", 4]}), tmp_path / "m.nii.gz")
+        _check_query_grid(img)
+        refused = _infer(running, {"organ_id": 1, "support_image": f"image_{QUERY}"})
+        assert refused.status_code == 400 and "this model is supervised" in refused.text
+        trainers = requests.get(running["url"] + "/info/", timeout=30).json().get("trainers", {})
+        assert "sd_fsmis" not in trainers
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--model_dir", str(model), "--query_image", str(studies / f"image_{QUERY}.nii.gz"),
+           "--organ_id", "[1, 4]", "--output_dir", str(tmp_path / "ref"), "--progress", "false"]
+    subprocess.run(cmd, cwd=BUNDLE, check=True, env={**os.environ, **THREADS}, capture_output=True, timeout=600)
+    ref = np.asanyarray(nib.load(tmp_path / "ref" / f"image_{QUERY}_seg.nii.gz").dataobj)
+    assert set(np.unique(mask)) == {0, 1, 4}, "the check needs both organs in the map (seed 0 gives both)"
+    np.testing.assert_array_equal(mask, ref)
 
 
 def _infer(server, params: dict, files: dict | None = None, image: str = f"image_{QUERY}") -> requests.Response:
@@ -188,6 +236,29 @@ def test_infer_one_slice_support_on_the_query(server, tmp_path):
     assert mask[..., others].any()
 
 
+def test_infer_two_organs_from_two_labelled_studies_matches_bundle(server, tmp_path):
+    """k = 2 supports (a datastore study and a file) and two organs by name and id: one label map, equal to the
+    bundle's own k-shot, several-organ run on the original files."""
+    studies, other = server["studies"], 5
+    params = {"support_image": [f"image_{SUPPORT}", str(chaos_dir() / f"image_{other}.nii.gz")],
+              "support_label": [f"image_{SUPPORT}", str(chaos_dir() / f"label_{other}.nii.gz")],
+              "organ_id": ["liver", 4]}
+    response = _infer(server, params)
+    mask, img = _returned_mask(response, tmp_path / "m.nii.gz")
+    _check_query_grid(img)
+    query = studies / f"image_{QUERY}.nii.gz"
+    supports = [str(studies / f"image_{SUPPORT}.nii.gz"), str(chaos_dir() / f"image_{other}.nii.gz")]
+    labels = [str(studies / "labels" / "final" / f"image_{SUPPORT}.nii.gz"), str(chaos_dir() / f"label_{other}.nii.gz")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--network_type", "no_prior", "--model_dir", str(server["model"]), "--query_image", str(query),
+           "--support_image", json.dumps(supports), "--support_label", json.dumps(labels),
+           "--organ_id", "[1, 4]", "--output_dir", str(tmp_path / "ref"), "--progress", "false"]
+    subprocess.run(cmd, cwd=BUNDLE, check=True, env={**os.environ, **THREADS}, capture_output=True, timeout=600)
+    ref = np.asanyarray(nib.load(tmp_path / "ref" / f"image_{QUERY}_seg.nii.gz").dataobj)
+    assert set(np.unique(mask)) <= {0, 1, 4} and (mask == 1).any()
+    np.testing.assert_array_equal(mask, ref)
+
+
 @pytest.mark.parametrize(
     "params, upload, message",
     [
@@ -195,7 +266,8 @@ def test_infer_one_slice_support_on_the_query(server, tmp_path):
         ({"support_image": "image_99"}, None, "'image_99': no such study"),
         ({"support_image": f"image_{UNLABELLED}"}, None, "no 'final' label"),
         ({"support_image": f"image_{SUPPORT}", "organ_id": 9}, None, "organ id 9 absent"),
-        ({"support_image": f"image_{SUPPORT}", "organ_id": "liver"}, None, "organ_id must be a positive integer"),
+        ({"support_image": f"image_{SUPPORT}", "organ_id": "pancreas"}, None, "neither a label id nor one of the labels"),
+        ({"support_image": f"image_{SUPPORT}", "organ_id": 1.5}, None, "organ_id must be a positive integer"),
         ({}, f"label_{SUPPORT}.nii.gz", "grid"),  # a label drawn on another study's grid
     ],
 )

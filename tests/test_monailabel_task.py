@@ -15,6 +15,7 @@ from monai_sdfsmis.monailabel import (
     SDFSMISInferTask,
     SDFSMISTrainTask,
     keep_annotated_slices,
+    organ_ids_of_request,
     resolve_support_request,
     run_support_inference,
     train_from_records,
@@ -40,11 +41,13 @@ class DictDatastore:
 
 @pytest.fixture
 def store(tmp_path):
-    files = {name: tmp_path / f"{name}.nii.gz" for name in ("q", "case1", "case1_label", "case1_draft")}
+    names = ("q", "case1", "case1_label", "case1_draft", "case2", "case2_label")
+    files = {name: tmp_path / f"{name}.nii.gz" for name in names}
     for f in files.values():
         f.write_bytes(b"")
-    images = {"q": str(files["q"]), "case1": str(files["case1"])}
-    labels = {("case1", "final"): str(files["case1_label"]), ("case1", "draft"): str(files["case1_draft"])}
+    images = {"q": str(files["q"]), "case1": str(files["case1"]), "case2": str(files["case2"])}
+    labels = {("case1", "final"): str(files["case1_label"]), ("case1", "draft"): str(files["case1_draft"]),
+              ("case2", "final"): str(files["case2_label"])}
     return DictDatastore(images, labels), files
 
 
@@ -56,6 +59,42 @@ def test_resolve_support_from_datastore_id(store):
     assert out["support_on_query"] is False
     draft = resolve_support_request({"image": "q", "support_image": "case1", "support_label_tag": "draft"}, ds)
     assert draft["support_label"] == str(files["case1_draft"])
+
+
+def test_resolve_several_labelled_studies_as_k_supports(store):
+    ds, files = store
+    out = resolve_support_request({"image": "q", "support_image": ["case1", "case2"]}, ds)
+    assert (out["support_image"], out["support_label"]) == (str(files["case1"]), str(files["case1_label"]))
+    assert (out["support_image_2"], out["support_label_2"]) == (str(files["case2"]), str(files["case2_label"]))
+    assert "support_image_3" not in out and out["support_on_query"] is False
+    paired = resolve_support_request(
+        {"image": "q", "support_image": ["case1", "case2"], "support_label": [str(files["case1_draft"]), "case2"]}, ds
+    )
+    assert paired["support_label"] == str(files["case1_draft"]) and paired["support_label_2"] == str(files["case2_label"])
+    with pytest.raises(ValueError, match="2 support_image\\(s\\) but 1 support_label"):
+        resolve_support_request({"image": "q", "support_image": ["case1", "case2"], "support_label": ["case1"]}, ds)
+    with pytest.raises(ValueError, match="take a list of 2 support_label"):
+        resolve_support_request({"image": "q", "support_image": ["case1", "case2"], "support_label": "case1"}, ds)
+    with pytest.raises(ValueError, match="'case9': no such study"):
+        resolve_support_request({"image": "q", "support_image": ["case1", "case9"]}, ds)
+
+
+@pytest.mark.parametrize("value, expected", [
+    (2, [2]), ("3", [3]), ("spleen", [4]), (["liver", 3], [1, 3]), ([4, 1, 2, 3], [4, 1, 2, 3]),
+])
+def test_organ_ids_of_a_request(value, expected):
+    assert organ_ids_of_request(value, {"liver": 1, "right kidney": 2, "left kidney": 3, "spleen": 4}) == expected
+
+
+@pytest.mark.parametrize("value, message", [
+    ("pancreas", "'pancreas' is neither a label id nor one of the labels"),
+    ([1, "liver"], "names an organ twice"),
+    ([], "empty list"),
+    (0, "positive integer"),
+])
+def test_organ_ids_of_a_request_refused(value, message):
+    with pytest.raises(ValueError, match=message):
+        organ_ids_of_request(value, {"liver": 1})
 
 
 def test_resolve_support_path_and_uploaded_label(tmp_path):
@@ -148,6 +187,83 @@ def test_run_support_inference_with_support_copy():
     assert pred.shape == (1, 64, 64, depth)
     # the copy baseline predicts the support's box on every slice of the range it finds
     assert torch.equal(pred[0, :, :, depth // 2], support_label[0, :, :, 4])
+
+
+def _boxes_volume(depth: int, boxes: dict[int, tuple[slice, slice]]) -> torch.Tensor:
+    label = torch.zeros(1, 64, 64, depth)
+    for organ, (rows, cols) in boxes.items():
+        label[0, rows, cols, 2:7] = organ
+    return label
+
+
+def test_run_support_inference_for_several_organs_equals_separate_calls():
+    """One call for organs 4 and 2 gives the label map that two single-organ calls give, with the organs' ids."""
+    depth = 9
+    query = torch.rand(1, 64, 64, depth) * 2 - 1
+    label = _boxes_volume(depth, {2: (slice(5, 20), slice(5, 20)), 4: (slice(30, 50), slice(35, 60))})
+    inferer = SlidingSupportInferer(n_chunks=3, spatial_size=64, query_range="all")
+    singles = {}
+    for organ in (4, 2):
+        data = {"image": query, "support_image": query.clone(), "support_label": (label == organ).float()}
+        singles[organ] = run_support_inference(data, inferer, SupportMaskCopy())["pred"]
+    both = {"image": query, "support_image": query.clone(),
+            "support_label": torch.cat([(label == 4).float(), (label == 2).float()])}  # [K, H, W, D], K = 2
+    pred = run_support_inference(both, inferer, SupportMaskCopy(), organ_ids=[4, 2])["pred"]
+    expected = 4 * singles[4] + 2 * singles[2]  # the two boxes do not overlap
+    assert singles[4].any() and singles[2].any() and not (singles[4].bool() & singles[2].bool()).any()
+    assert torch.equal(pred, expected)
+
+
+def test_run_support_inference_with_two_supports_averages_their_soft_masks():
+    """k = 2 with the copy: the average of two soft copies in {-1, 1} is 1 where both have the organ and 0 where only
+    one has it; the copy's mask is where the soft mask is above 0, i.e. the intersection of the two copied boxes."""
+    depth = 9
+    query = torch.rand(1, 64, 64, depth) * 2 - 1
+    first = _boxes_volume(depth, {1: (slice(10, 40), slice(10, 40))})
+    second = _boxes_volume(depth, {1: (slice(20, 50), slice(20, 50))})
+    data = {"image": query, "support_image": query.clone(), "support_label": first,
+            "support_image_2": query.clone(), "support_label_2": second}
+    inferer = SlidingSupportInferer(n_chunks=3, spatial_size=64, query_range="all")
+    pred = run_support_inference(data, inferer, SupportMaskCopy())["pred"]
+    intersection = first[0, :, :, 4] * second[0, :, :, 4]
+    assert torch.equal(pred[0, :, :, depth // 2], intersection)
+
+
+def test_run_support_inference_serves_a_supervised_model_without_support():
+    """A supervised network (no support): organs 4 and 2 in one call give the label map that the inferer's separate
+    single-organ calls give, with the organs' ids; asking for no organ is one line."""
+    from monai_sdfsmis.engines.autoencoder import freeze_and_calibrate
+    from monai_sdfsmis.networks.autoencoder import build_autoencoder
+    from monai_sdfsmis.networks.supervised import build_supervised_segmenter
+
+    torch.manual_seed(0)
+    vae = freeze_and_calibrate(build_autoencoder("tiny", sample_size=32), torch.rand(8, 3, 32, 32) * 2 - 1)
+    net = build_supervised_segmenter(vae, (2, 4), "tiny", seed=0)
+    with torch.no_grad():  # a random UNet barely reads its condition; spread the organs' conditions
+        net.organ_conditions.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(1))
+        net.unet.conv_out.bias.fill_(-0.05)  # some foreground, not all
+    net.eval()
+    query = torch.rand(1, 32, 32, 5, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    inferer = SlidingSupportInferer(spatial_size=32, query_range="all")
+    separate = {organ: inferer(query[None], net, organ_id=organ)[0] for organ in (4, 2)}
+    pred = run_support_inference({"image": query}, inferer, net, organ_ids=[4, 2])["pred"]
+    only_one = (separate[4] > 0) ^ (separate[2] > 0)
+    expected = torch.where(separate[4] > 0, 4.0, torch.where(separate[2] > 0, 2.0, 0.0))
+    assert only_one.any(), "the check needs voxels claimed by exactly one organ"
+    torch.testing.assert_close(pred[only_one], expected[only_one])
+    assert torch.equal(pred == 0, (separate[4] == 0) & (separate[2] == 0))
+    with pytest.raises(ValueError, match="name them with organ_id"):
+        run_support_inference({"image": query}, inferer, net)
+
+
+@requires_chaos
+def test_restore_query_grid_keeps_organ_ids():
+    query = load_volume(chaos_dir() / "image_1.nii.gz")
+    labels = load_volume(chaos_dir() / "label_1.nii.gz").float()
+    file_labels = np.asanyarray(nib.load(chaos_dir() / "label_1.nii.gz").dataobj)
+    out = RestoreQueryGridd(keys="pred")({"image": query, "pred": labels})
+    np.testing.assert_array_equal(out["pred"], file_labels.astype(np.uint8))
+    assert set(np.unique(out["pred"])) == {0, 1, 2, 3, 4}
 
 
 def test_run_support_inference_names_missing_keys():

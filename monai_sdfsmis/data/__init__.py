@@ -11,7 +11,7 @@ from .episodes import (
     supervoxel_slice_counts,
 )
 from .labelled_slices import LabelledSliceDataset
-from .layouts import NIFTI_SUFFIXES, VolumeRecord, find_alpnet_volumes, load_datalist
+from .layouts import NIFTI_SUFFIXES, VolumeRecord, find_alpnet_volumes, load_datalist, read_datalist
 from .phantoms import PHANTOM_ORGANS, make_phantom_dataset, phantom_volume
 from .protocol import (
     CHAOS_ORGANS,

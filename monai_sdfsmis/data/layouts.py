@@ -8,14 +8,16 @@ the order RPT's five-fold split indexes), and a datalist keeps the order of its 
 
 from __future__ import annotations
 
-__all__ = ["VolumeRecord", "find_alpnet_volumes", "load_datalist", "NIFTI_SUFFIXES"]
+__all__ = ["VolumeRecord", "find_alpnet_volumes", "load_datalist", "read_datalist", "NIFTI_SUFFIXES"]
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import Any
 
 #: File endings accepted for the ALPNet layout, tried in this order.
 NIFTI_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii")
@@ -178,12 +180,86 @@ def find_alpnet_volumes(
     return records
 
 
-def _resolve(value: object, base: Path, json_path: Path, index: int, field: str) -> Path:
-    if not isinstance(value, (str, PathLike)):
-        raise ValueError(f"Datalist '{json_path}' entry {index}: '{field}' must be a file path, got {value!r}.")
+def read_datalist(
+    json_path: str | PathLike, keys: str | Sequence[str] = "training", base_dir: str | PathLike | None = None
+) -> list[dict[str, Any]]:
+    """The entries of a MONAI (Decathlon-style) datalist JSON file, read by MONAI's ``load_decathlon_datalist``.
+
+    MONAI's reader, extended here in the one place the project reads datalists (training, evaluation and
+    inference all come through this function): a bare path as an entry stands for ``{"image": path}``, the file
+    may be a plain JSON list of entries, ``keys`` may name several alternative top-level keys (the first present
+    is read), and every malformed file or entry is one line naming the file, the entry and the field. Relative
+    paths are joined to ``base_dir`` by MONAI's rule (``image`` and ``label`` always, other fields where the
+    joined file exists); whether the files exist is for the caller to check.
+
+    Parameters
+    ----------
+    json_path
+        The JSON file.
+    keys
+        Top-level key(s) holding the list (``"training"``; for queries ``("testing", "test", ...)``).
+    base_dir
+        Folder relative paths are resolved against; default: the JSON file's folder.
+
+    Returns
+    -------
+    list[dict]
+        One dict per entry, in the file's order, with ``image`` and the entry's other fields.
+
+    Raises
+    ------
+    FileNotFoundError
+        The JSON file does not exist.
+    ValueError
+        Invalid JSON, none of ``keys``, an empty list, an entry without ``image``, or a field that is not a path.
+    """
+    from monai.data import load_decathlon_datalist
+
+    path = Path(json_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Datalist file '{path}' does not exist.")
+    try:
+        content = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Datalist file '{path}' is not valid JSON: {err}") from err
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    if isinstance(content, dict):
+        key = next((k for k in keys if k in content), None)
+        if key is None:
+            raise ValueError(f"Datalist file '{path}' has no key {' or '.join(map(repr, keys))} (keys: {sorted(content)}).")
+        entries = content[key]
+    elif isinstance(content, list):
+        key, entries = None, content
+    else:
+        raise ValueError(f"Datalist file '{path}' must hold a list, or an object with a {keys[0]!r} list.")
+    if not isinstance(entries, list):
+        raise ValueError(f"Datalist file '{path}': '{key}' must be a list of entries.")
+    if not entries:
+        raise ValueError(f"Datalist file '{path}': {repr(key) if key else 'the list'} is empty.")
+    for index, entry in enumerate(entries):
+        entry = {"image": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise ValueError(f"Datalist '{path}' entry {index} must be an object with an 'image' path, got {entry!r}.")
+        for field, value in entry.items():
+            if field != "id" and (not isinstance(value, str) or not value):
+                raise ValueError(f"Datalist '{path}' entry {index}: '{field}' must be a file path, got {value!r}.")
+    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
+    if key is not None and all(isinstance(entry, dict) for entry in entries):
+        return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
+    # The extensions MONAI's reader does not take (a plain list, bare paths): the same joining rule by hand.
+    items = []
+    for entry in entries:
+        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
+        for field, value in entry.items():
+            if field != "id":
+                joined = os.path.normpath(base / Path(value).expanduser())
+                entry[field] = joined if field in ("image", "label") or os.path.exists(joined) else value
+        items.append(entry)
+    return items
+
+
+def _existing(value: str, json_path: Path, index: int, field: str) -> Path:
     path = Path(value).expanduser()
-    if not path.is_absolute():
-        path = base / path
     if not path.exists():
         raise FileNotFoundError(f"Datalist '{json_path}' entry {index}: {field} file '{path}' does not exist.")
     return path
@@ -229,34 +305,12 @@ def load_datalist(
         Invalid JSON, missing key, malformed entry, or duplicate ids.
     """
     path = Path(json_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"Datalist file '{path}' does not exist.")
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"Datalist file '{path}' is not valid JSON: {err}") from err
-    if not isinstance(content, dict):
-        raise ValueError(f"Datalist file '{path}' must hold a JSON object with a '{key}' list.")
-    if key not in content:
-        raise ValueError(f"Datalist file '{path}' has no key '{key}' (keys: {sorted(content)}).")
-    entries = content[key]
-    if not isinstance(entries, Sequence) or isinstance(entries, str):
-        raise ValueError(f"Datalist file '{path}': '{key}' must be a list of entries.")
-    if not entries:
-        raise ValueError(f"Datalist file '{path}': '{key}' is empty.")
-    base = Path(base_dir).expanduser() if base_dir is not None else path.parent
-
     records: list[VolumeRecord] = []
     seen: set[str] = set()
-    for index, entry in enumerate(entries):
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict) or "image" not in entry:
-            raise ValueError(f"Datalist '{path}' entry {index} must be an object with an 'image' path, got {entry!r}.")
-        image = _resolve(entry["image"], base, path, index, "image")
-        label = _resolve(entry["label"], base, path, index, "label") if entry.get("label") is not None else None
-        sv = entry.get("supervoxel")
-        supervoxel = _resolve(sv, base, path, index, "supervoxel") if sv is not None else None
+    for index, entry in enumerate(read_datalist(path, key, base_dir)):
+        image = _existing(entry["image"], path, index, "image")
+        label = _existing(entry["label"], path, index, "label") if "label" in entry else None
+        supervoxel = _existing(entry["supervoxel"], path, index, "supervoxel") if "supervoxel" in entry else None
         if label is None and require_labels:
             raise ValueError(f"Datalist '{path}' entry {index} ('{image}') has no 'label'.")
         if supervoxel is None and require_supervoxels:

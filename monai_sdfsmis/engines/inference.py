@@ -30,7 +30,6 @@ __all__ = [
     "segment_volumes",
 ]
 
-import json
 import numbers
 import os
 import sys
@@ -46,6 +45,7 @@ from monai.data import DataLoader, Dataset
 from monai.data.folder_layout import FolderLayout
 from monai.transforms import Compose, Lambdad
 
+from monai_sdfsmis.data.layouts import read_datalist
 from monai_sdfsmis.engines.model_folder import (
     DEFAULT_INTENSITY,
     build_network,
@@ -61,6 +61,8 @@ from monai_sdfsmis.engines.support_batch import PrepareSupportBatch, support_key
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OUTPUT_POSTFIX = "seg"
+#: Top-level keys of a query datalist JSON, tried in this order (a plain JSON list is read as it is).
+QUERY_DATALIST_KEYS = ("testing", "test", "query", "validation")
 _PROBABILITY_POSTFIX = "prob"
 _OUTPUT_EXT = ".nii.gz"
 #: Mask file formats of ``infer``: a uint8 NIfTI on the query's grid, or a DICOM-SEG referencing a DICOM series query.
@@ -80,21 +82,6 @@ def _is_volume_file(path: Path) -> bool:
 
 def _same(a: str | PathLike, b: str | PathLike | None) -> bool:
     return b is not None and os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
-
-
-def _datalist_entries(path: Path) -> list[Any]:
-    try:
-        content = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"datalist {path}: not valid JSON ({err})") from err
-    if isinstance(content, dict):
-        for key in ("testing", "test", "query", "validation"):
-            if isinstance(content.get(key), list):
-                return content[key]
-        raise ValueError(f"datalist {path}: expected a list, or a 'testing' list of query volumes")
-    if not isinstance(content, list):
-        raise ValueError(f"datalist {path}: expected a list of query volumes, got {type(content).__name__}")
-    return content
 
 
 def _path_list(paths: str | PathLike | Sequence[str | PathLike] | None) -> list[str]:
@@ -150,18 +137,10 @@ def query_datalist(
         if not path.exists():
             raise FileNotFoundError(f"query {path} not found")
         if path.is_file() and path.suffix.lower() == ".json":
-            for index, item in enumerate(_datalist_entries(path)):
-                if isinstance(item, (str, PathLike)):
-                    item = {"image": item}
-                if not isinstance(item, Mapping) or "image" not in item:
-                    raise ValueError(f"datalist {path}: each entry needs an 'image' path, got {item!r}")
-                for key, value in item.items():
-                    if not isinstance(value, str) or not value:
-                        raise ValueError(f"datalist {path}: entry {index} '{key}' must be a file path, got {value!r}")
-                resolved = {k: os.fspath(path.parent / Path(v).expanduser()) for k, v in item.items()}
-                if not Path(resolved["image"]).exists():
-                    raise FileNotFoundError(f"datalist {path}: query {resolved['image']} not found")
-                items.append(resolved)
+            for index, item in enumerate(read_datalist(path, QUERY_DATALIST_KEYS)):
+                if not Path(item["image"]).exists():
+                    raise FileNotFoundError(f"Datalist '{path}' entry {index}: query {item['image']} not found")
+                items.append({k: str(v) if k == "id" else os.fspath(v) for k, v in item.items()})
         elif path.is_dir():
             files = sorted(p for p in path.iterdir() if _is_volume_file(p))
             files = [p for p in files if f"_{_OUTPUT_POSTFIX}." not in p.name]  # earlier outputs

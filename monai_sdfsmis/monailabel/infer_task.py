@@ -8,7 +8,12 @@ client names the support into file paths before the task runs:
 * ``support_image`` / ``support_label`` as file paths, or ``support_image`` plus an uploaded ``label``;
 * **one-slice support on the query itself**: an uploaded ``label`` and no ``support_image``. The label is
   drawn on one or a few slices of the query; those slices are the support and the rest of the volume is
-  segmented from them (the annotated slices come back as drawn).
+  segmented from them (the annotated slices come back as drawn);
+* **several labelled studies** (k-shot): ``support_image`` as a list of ids or paths (``support_label`` then a
+  list of the same length, or each study's own label); their soft masks are averaged.
+
+``organ_id`` may be one id, a label name of the task's ``labels``, or a list of either: several organs come
+back as one label map with their ids (a voxel claimed by several goes to the most probable).
 
 :class:`SDFSMISInferTask` builds the network of a model folder (``model.pt``, ``model_config.json``
 and, for the weight-free ``no_prior`` network, ``autoencoder/``) with the bundle's own factories
@@ -25,6 +30,8 @@ __all__ = [
     "RestoreQueryGridd",
     "resolve_support_request",
     "run_support_inference",
+    "count_supports",
+    "organ_ids_of_request",
     "keep_annotated_slices",
     "SUPPORT_KEYS",
 ]
@@ -62,28 +69,31 @@ def _datastore_uri(getter: Callable[..., str], *args: str) -> str:
 
 
 def resolve_support_request(request: Mapping[str, Any], datastore: Any | None = None) -> dict[str, Any]:
-    """Fill ``support_image`` / ``support_label`` of a MONAI Label infer request with file paths.
+    """Fill the support keys of a MONAI Label infer request with file paths.
 
     Parameters
     ----------
     request
         The request dict: ``image`` (query path or id), optional ``support_image`` / ``support_label``
-        (datastore ids or paths), ``support_label_tag`` (default ``"final"``) and ``label`` (the path MONAI
-        Label stores an uploaded label file under).
+        (datastore ids or paths; k-shot: lists), ``support_label_tag`` (default ``"final"``) and ``label`` (the
+        path MONAI Label stores an uploaded label file under).
     datastore
         A MONAI Label datastore (``get_image_uri(id)``, ``get_label_uri(id, tag)``); needed for ids.
 
     Returns
     -------
     dict
-        A copy of ``request`` with ``support_image`` and ``support_label`` as paths, and
-        ``support_on_query`` True when the uploaded label is drawn on the query itself.
+        A copy of ``request`` with ``support_image`` and ``support_label`` as paths (``k`` supports:
+        also ``support_image_2`` / ``support_label_2`` ... as :func:`~monai_sdfsmis.engines.support_batch.support_keys`
+        names them), and ``support_on_query`` True when the uploaded label is drawn on the query itself.
 
     Raises
     ------
     ValueError
         One line naming the missing or unknown support.
     """
+    from monai_sdfsmis.engines.support_batch import support_keys
+
     out = dict(request)
     support = out.get("support_image")
     uploaded = out.get("label") if isinstance(out.get("label"), str) and out.get("label") else None
@@ -99,20 +109,44 @@ def resolve_support_request(request: Mapping[str, Any], datastore: Any | None = 
         out["support_image"], out["support_label"], out[SUPPORT_ON_QUERY] = query, uploaded, True
         return out
 
-    out[SUPPORT_ON_QUERY] = False
-    label = out.get("support_label") or uploaded
+    supports = list(support) if isinstance(support, (list, tuple)) else [support]
+    given = out.get("support_label")
+    if isinstance(given, (list, tuple)):
+        if len(given) != len(supports):
+            raise ValueError(
+                f"{len(supports)} support_image(s) but {len(given)} support_label(s): give one label per support, "
+                "or none (each study's own label)."
+            )
+        labels = list(given)
+    elif len(supports) > 1:
+        if given or uploaded:
+            raise ValueError(
+                f"{len(supports)} support studies take a list of {len(supports)} support_label(s), or none (each "
+                "study's own label), not a single label."
+            )
+        labels = [None] * len(supports)
+    else:
+        labels = [given or uploaded]
     tag = str(out.get("support_label_tag") or "final")
+    for (image_key, label_key), image, label in zip(support_keys(len(supports)), supports, labels):
+        out[image_key], out[label_key] = _resolve_support(image, label, tag, datastore, bool(label))
+    out[SUPPORT_ON_QUERY] = False
+    return out
+
+
+def _resolve_support(support: Any, label: Any, tag: str, datastore: Any | None, label_given: bool) -> tuple[Any, Any]:
+    """One support study (id or path) and its label (id, path, or ``None`` for the study's own) as paths."""
+    image = support
     if isinstance(support, str) and not os.path.exists(support):
-        uri = _datastore_uri(datastore.get_image_uri, support) if datastore is not None else ""
-        if not uri:
+        image = _datastore_uri(datastore.get_image_uri, support) if datastore is not None else ""
+        if not image:
             raise ValueError(f"support_image {support!r}: no such study in the datastore and no such file.")
-        out["support_image"] = uri
         label = label or support  # a datastore study's own label by default
     if not label:
         raise ValueError(f"no support label for support image {support!r}: pass 'support_label' or upload 'label'.")
     if isinstance(label, str) and not os.path.exists(label):
         uri = _datastore_uri(datastore.get_label_uri, label, tag) if datastore is not None else ""
-        if not uri and label == support and not out.get("support_label"):
+        if not uri and label == support and not label_given:
             raise ValueError(
                 f"support study {support!r} has no {tag!r} label: label it first, or pass 'support_label' "
                 "(id or file) or upload 'label'."
@@ -122,8 +156,42 @@ def resolve_support_request(request: Mapping[str, Any], datastore: Any | None = 
                 f"support_label {label!r}: the datastore has no {tag!r} label with this id and there is no such file."
             )
         label = uri
-    out["support_label"] = label
-    return out
+    return image, label
+
+
+def count_supports(data: Mapping[str, Any]) -> int:
+    """How many support volumes a resolved request or pre-processed dict holds (``support_image``,
+    ``support_image_2``, ...)."""
+    from monai_sdfsmis.engines.support_batch import support_keys
+
+    k = 0
+    while support_keys(k + 1)[-1][0] in data:
+        k += 1
+    return k
+
+
+def organ_ids_of_request(value: Any, labels: Mapping[str, int]) -> list[int]:
+    """The organ ids a request asks for: an id, a label name of ``labels``, or a list of either.
+
+    Raises
+    ------
+    ValueError
+        An id that is not a positive integer, an unknown name, an organ asked for twice, or an empty list.
+    """
+    values = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not values:
+        raise ValueError("organ_id is an empty list: name at least one organ (id or label name).")
+    ids = []
+    for item in values:
+        if isinstance(item, str) and item.strip() in labels:
+            ids.append(int(labels[item.strip()]))
+        elif isinstance(item, str) and not item.strip().lstrip("-").replace(".", "", 1).isdigit():
+            raise ValueError(f"organ_id {item!r} is neither a label id nor one of the labels {sorted(labels)}.")
+        else:
+            ids.append(_organ_id(item))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"organ_id names an organ twice: {values}.")
+    return ids
 
 
 def run_support_inference(
@@ -134,6 +202,7 @@ def run_support_inference(
     output_key: str = "pred",
     convert_to_batch: bool = True,
     device: str | torch.device = "cpu",
+    organ_ids: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Run the few-shot inferer on pre-processed data and store the mask under ``output_key``.
 
@@ -141,18 +210,28 @@ def run_support_inference(
     ----------
     data
         Pre-processed dict with ``input_key`` (query ``[C, H, W, D]``), ``support_image`` ``[C, Hs, Ws, Ds]``
-        and ``support_label`` ``[1, Hs, Ws, Ds]`` (batched ``[1, ...]`` when ``convert_to_batch`` is False).
+        and ``support_label`` ``[K, Hs, Ws, Ds]`` (``K`` organs), and for k-shot ``support_image_2`` /
+        ``support_label_2`` ... (batched ``[1, ...]`` when ``convert_to_batch`` is False).
     inferer
         A :class:`~monai_sdfsmis.inferers.SlidingSupportInferer` (``query_range="all"`` for unannotated queries).
     network
-        The segmentation network (``SDFSMIS`` or any network with its interface).
+        The segmentation network (``SDFSMIS`` or any network with its interface; a network with
+        ``uses_support = False``, the supervised mode, reads no support and needs ``organ_ids``).
+    organ_ids
+        The label ids of the ``K`` organs; the inferer's label map ``1..K`` is written with these ids.
 
     Returns
     -------
     dict
-        ``data`` with ``output_key`` set to the ``[1, H, W, D]`` mask (``[1, 1, H, W, D]`` if not converting).
+        ``data`` with ``output_key`` set to the ``[1, H, W, D]`` mask or label map (``[1, 1, H, W, D]`` if not
+        converting).
     """
-    missing = [k for k in (input_key, *SUPPORT_KEYS) if k not in data]
+    from monai_sdfsmis.engines.support_batch import support_keys
+
+    uses_support = getattr(network, "uses_support", True)
+    if not uses_support and not organ_ids:
+        raise ValueError("a supervised model segments the organs it was trained on: name them with organ_id.")
+    missing = [k for k in (input_key, *(SUPPORT_KEYS if uses_support else ())) if k not in data]
     if missing:
         raise ValueError(
             f"SD-FSMIS inference needs {missing} in the pre-processed data; the bundle's preprocessing must load "
@@ -164,13 +243,23 @@ def run_support_inference(
         x = x if torch.is_tensor(x) else torch.as_tensor(x)
         return (x[None] if convert_to_batch else x).to(device)
 
+    pairs = support_keys(count_supports(data)) if uses_support else []
+    images, labels = [batch(data[i]) for i, _ in pairs], [batch(data[m]) for _, m in pairs]
     with torch.no_grad():
-        pred = inferer(
-            batch(data[input_key]),
-            network,
-            support_image=batch(data["support_image"]),
-            support_label=batch(data["support_label"]),
-        )
+        if uses_support:
+            pred = inferer(
+                batch(data[input_key]),
+                network,
+                support_image=images[0] if len(pairs) == 1 else images,
+                support_label=labels[0] if len(pairs) == 1 else labels,
+            )
+        else:  # the supervised mode: each organ from its learned condition, no support
+            pred = inferer(batch(data[input_key]), network, organ_id=list(organ_ids))
+    if organ_ids is not None and len(organ_ids) > 1:
+        label_map = torch.zeros_like(pred)
+        for index, organ in enumerate(organ_ids, start=1):
+            label_map[pred == index] = float(organ)
+        pred = label_map
     data[output_key] = pred[0] if convert_to_batch else pred
     return data
 
@@ -194,12 +283,12 @@ def keep_annotated_slices(pred: torch.Tensor, annotation: torch.Tensor) -> torch
 
 
 class RestoreQueryGridd(MapTransform):
-    """Bring a mask predicted in the loader's orientation back onto the query file's own voxel grid, as uint8.
+    """Bring a mask or label map predicted in the loader's orientation back onto the query file's own voxel grid.
 
     The bundle loads every volume reoriented to RAS (``LoadVolumed``); the query's file may be stored in
     another orientation (CHAOS: LAS). This transform reorients ``key`` (``[1, H, W, D]`` on ``ref_key``'s
     RAS grid) back to the axis codes of the file's ``original_affine``, checks that the result lies exactly
-    on that grid, and stores it as ``uint8 [H, W, D]`` with ``{key}_meta_dict["affine"]`` set to the file's
+    on that grid, and stores it as ``uint8 [H, W, D]`` (``uint16`` for organ ids above 255) with ``{key}_meta_dict["affine"]`` set to the file's
     affine (what MONAI Label's writer saves).
 
     Parameters
@@ -230,7 +319,8 @@ class RestoreQueryGridd(MapTransform):
             affine = np.asarray(restored.affine, dtype=np.float64)
             if not np.allclose(affine, original, atol=1e-3 * max(1.0, float(np.abs(original).max()))):
                 raise ValueError(f"{key}: could not restore the query's grid (affine {affine.tolist()} vs {original.tolist()}).")
-            d[key] = np.asarray(restored.array[0] > 0.5, dtype=np.uint8)
+            values = np.rint(np.clip(restored.array[0], 0, None))  # a binary mask, or a label map of organ ids
+            d[key] = values.astype(np.uint16 if values.max(initial=0) > 255 else np.uint8)
             d[f"{key}_meta_dict"] = {"affine": original, "spatial_shape": np.asarray(d[key].shape)}
         return d
 
@@ -260,7 +350,8 @@ if has_monailabel:
         labels
             Organ names to label ids shown to clients (default CHAOS: liver 1, kidneys 2 and 3, spleen 4).
         organ_id
-            Organ selected from the support label when a request gives none (request param ``organ_id``).
+            Organ selected from the support label when a request gives none (request param ``organ_id``: an id, a
+            name of ``labels``, or a list of either for one label map of several organs).
         n_chunks, sw_batch_size, amp
             As :class:`~monai_sdfsmis.inferers.SlidingSupportInferer`.
         spatial_size, intensity
@@ -308,6 +399,11 @@ if has_monailabel:
 
             return read_model_config(self.model_dir)
 
+        @property
+        def uses_support(self) -> bool:
+            """``False`` for a supervised model folder (``train --supervised``): requests then name no support."""
+            return (self.network_type or self._model_config().get("network_type")) != "supervised"
+
         def _get_network(self, device: Any, data: Any) -> torch.nn.Module:
             from monai_sdfsmis.engines.model_folder import build_network, load_network_weights
 
@@ -333,9 +429,14 @@ if has_monailabel:
             from monai_sdfsmis.engines.model_folder import resolve_intensity
 
             data = data or {}
-            organ = _organ_id(data.get("organ_id", self._config["organ_id"]))
+            organs = self._organ_ids(data)
             intensity = resolve_intensity(self.intensity, self._model_config())
-            return list(inference_preprocessing(organ, intensity).transforms)
+            n_supports = max(1, count_supports(data)) if self.uses_support else 0
+            organ = organs[0] if len(organs) == 1 else organs
+            return list(inference_preprocessing(organ, intensity, n_supports=n_supports).transforms)
+
+        def _organ_ids(self, data: Mapping[str, Any]) -> list[int]:
+            return organ_ids_of_request(data.get("organ_id", self._config["organ_id"]), self.labels)
 
         def inferer(self, data: Mapping[str, Any] | None = None) -> Any:
             from monai_sdfsmis.engines.model_folder import resolve_postprocess, resolve_spatial_size
@@ -360,29 +461,39 @@ if has_monailabel:
                 output_key=self.output_label_key,
                 convert_to_batch=convert_to_batch,
                 device=device,
+                organ_ids=self._organ_ids(data),
             )
             if data.get(SUPPORT_ON_QUERY):
                 # The support slices were drawn by the user on this very volume: they are the ground truth there.
-                data[self.output_label_key] = keep_annotated_slices(data[self.output_label_key], data["support_label"])
+                drawn = torch.as_tensor(data["support_label"])  # [K, H, W, D], one binary mask per organ
+                organs = self._organ_ids(data)
+                if len(organs) > 1:  # the prediction is a label map of organ ids: so is the annotation
+                    ids = torch.tensor(organs, dtype=torch.float32, device=drawn.device).view(-1, 1, 1, 1)
+                    drawn = (drawn.float() * ids).amax(dim=0, keepdim=True)
+                data[self.output_label_key] = keep_annotated_slices(data[self.output_label_key], drawn)
             return data
 
         def post_transforms(self, data: Mapping[str, Any] | None = None) -> Sequence[Callable]:
             return [RestoreQueryGridd(keys=self.output_label_key, ref_key=self.input_key)]
 
         def writer(self, data: dict[str, Any], extension: str | None = None, dtype: Any = None) -> tuple[Any, Any]:
-            organ = _organ_id(data.get("organ_id", self._config["organ_id"]))
-            voxels = int(np.count_nonzero(data[self.output_label_key]))
+            organs = self._organ_ids(data)
+            mask = np.asarray(data[self.output_label_key])
+            voxels = {organ: int(np.count_nonzero(mask == organ if len(organs) > 1 else mask)) for organ in organs}
             warnings = list(getattr(self, "_model_warnings", []))
-            if voxels == 0:
-                warnings.append(f"WARNING: empty mask: no voxel of organ {organ} found in {data.get(self.input_key)}")
-                print(warnings[-1], file=sys.stderr, flush=True)
+            for organ, count in voxels.items():
+                if count == 0:
+                    warnings.append(f"WARNING: empty mask: no voxel of organ {organ} found in {data.get(self.input_key)}")
+                    print(warnings[-1], file=sys.stderr, flush=True)
             data[self.output_json_key] = {
-                "organ_id": organ,
+                "organ_id": organs[0] if len(organs) == 1 else organs,
                 "support_on_query": bool(data.get(SUPPORT_ON_QUERY)),
-                "foreground_voxels": voxels,
+                "supports": count_supports(data) if self.uses_support else 0,
+                "foreground_voxels": int(np.count_nonzero(mask)),
+                "organ_voxels": {str(organ): count for organ, count in voxels.items()},
                 "warnings": warnings,
             }
-            return super().writer(data, extension=extension or ".nii.gz", dtype=np.uint8)
+            return super().writer(data, extension=extension or ".nii.gz", dtype=mask.dtype)
 
 else:
 
