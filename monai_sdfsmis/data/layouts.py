@@ -236,26 +236,26 @@ def read_datalist(
         raise ValueError(f"Datalist file '{path}': '{key}' must be a list of entries.")
     if not entries:
         raise ValueError(f"Datalist file '{path}': {repr(key) if key else 'the list'} is empty.")
-    for index, entry in enumerate(entries):
-        entry = {"image": entry} if isinstance(entry, str) else entry
+    monai_native = key is not None and not any(isinstance(entry, str) for entry in entries)
+    items = [{"image": entry} if isinstance(entry, str) else entry for entry in entries]
+    for index, entry in enumerate(items):
         if not isinstance(entry, dict) or "image" not in entry:
             raise ValueError(f"Datalist '{path}' entry {index} must be an object with an 'image' path, got {entry!r}.")
         for field, value in entry.items():
             if field != "id" and (not isinstance(value, str) or not value):
                 raise ValueError(f"Datalist '{path}' entry {index}: '{field}' must be a file path, got {value!r}.")
     base = Path(base_dir).expanduser() if base_dir is not None else path.parent
-    if key is not None and all(isinstance(entry, dict) for entry in entries):
+    if monai_native:
         return load_decathlon_datalist(path, is_segmentation=True, data_list_key=key, base_dir=base)
+
     # The extensions MONAI's reader does not take (a plain list, bare paths): the same joining rule by hand.
-    items = []
-    for entry in entries:
-        entry = {"image": entry} if isinstance(entry, str) else dict(entry)
-        for field, value in entry.items():
-            if field != "id":
-                joined = os.path.normpath(base / Path(value).expanduser())
-                entry[field] = joined if field in ("image", "label") or os.path.exists(joined) else value
-        items.append(entry)
-    return items
+    def resolve(field: str, value: Any) -> Any:
+        if field == "id":
+            return value
+        joined = os.path.normpath(base / Path(value).expanduser())
+        return joined if field in ("image", "label") or os.path.exists(joined) else value
+
+    return [{field: resolve(field, value) for field, value in entry.items()} for entry in items]
 
 
 def _existing(value: str, json_path: Path, index: int, field: str) -> Path:

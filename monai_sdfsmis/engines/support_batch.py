@@ -8,7 +8,7 @@ inferer as one tensor each (1-shot) or as lists of ``k`` tensors (k-shot).
 
 from __future__ import annotations
 
-__all__ = ["support_keys", "PrepareSupportBatch"]
+__all__ = ["support_keys", "count_support_keys", "PrepareSupportBatch"]
 
 from collections.abc import Mapping
 from typing import Any
@@ -27,6 +27,15 @@ def support_keys(n_supports: int) -> list[tuple[str, str]]:
     return [("support_image", "support_label")] + [
         (f"support_image_{k}", f"support_label_{k}") for k in range(2, int(n_supports) + 1)
     ]
+
+
+def count_support_keys(data: Mapping[str, Any]) -> int:
+    """How many support volumes ``data`` holds under :func:`support_keys`' names (``support_image``,
+    ``support_image_2``, ...; 0 without a ``support_image``)."""
+    k = 0
+    while support_keys(k + 1)[-1][0] in data:
+        k += 1
+    return k
 
 
 class PrepareSupportBatch(PrepareBatchExtraInput):

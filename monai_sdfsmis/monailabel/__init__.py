@@ -6,7 +6,6 @@ from .infer_task import (
     SUPPORT_KEYS,
     RestoreQueryGridd,
     SDFSMISInferTask,
-    count_supports,
     keep_annotated_slices,
     organ_ids_of_request,
     resolve_support_request,

@@ -30,7 +30,6 @@ __all__ = [
     "RestoreQueryGridd",
     "resolve_support_request",
     "run_support_inference",
-    "count_supports",
     "organ_ids_of_request",
     "keep_annotated_slices",
     "SUPPORT_KEYS",
@@ -48,8 +47,10 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Orientation
+from monai.transforms import MapLabelValue, MapTransform, Orientation
 from monai.utils import OptionalImportError, optional_import
+
+from monai_sdfsmis.engines.support_batch import count_support_keys, support_keys
 
 BasicInferTask, has_monailabel = optional_import("monailabel.tasks.infer.basic_infer", name="BasicInferTask")
 InferType, _ = optional_import("monailabel.interfaces.tasks.infer_v2", name="InferType")
@@ -92,8 +93,6 @@ def resolve_support_request(request: Mapping[str, Any], datastore: Any | None = 
     ValueError
         One line naming the missing or unknown support.
     """
-    from monai_sdfsmis.engines.support_batch import support_keys
-
     out = dict(request)
     support = out.get("support_image")
     uploaded = out.get("label") if isinstance(out.get("label"), str) and out.get("label") else None
@@ -159,17 +158,6 @@ def _resolve_support(support: Any, label: Any, tag: str, datastore: Any | None, 
     return image, label
 
 
-def count_supports(data: Mapping[str, Any]) -> int:
-    """How many support volumes a resolved request or pre-processed dict holds (``support_image``,
-    ``support_image_2``, ...)."""
-    from monai_sdfsmis.engines.support_batch import support_keys
-
-    k = 0
-    while support_keys(k + 1)[-1][0] in data:
-        k += 1
-    return k
-
-
 def organ_ids_of_request(value: Any, labels: Mapping[str, int]) -> list[int]:
     """The organ ids a request asks for: an id, a label name of ``labels``, or a list of either.
 
@@ -226,8 +214,6 @@ def run_support_inference(
         ``data`` with ``output_key`` set to the ``[1, H, W, D]`` mask or label map (``[1, 1, H, W, D]`` if not
         converting).
     """
-    from monai_sdfsmis.engines.support_batch import support_keys
-
     uses_support = getattr(network, "uses_support", True)
     if not uses_support and not organ_ids:
         raise ValueError("a supervised model segments the organs it was trained on: name them with organ_id.")
@@ -243,7 +229,7 @@ def run_support_inference(
         x = x if torch.is_tensor(x) else torch.as_tensor(x)
         return (x[None] if convert_to_batch else x).to(device)
 
-    pairs = support_keys(count_supports(data)) if uses_support else []
+    pairs = support_keys(count_support_keys(data)) if uses_support else []
     images, labels = [batch(data[i]) for i, _ in pairs], [batch(data[m]) for _, m in pairs]
     with torch.no_grad():
         if uses_support:
@@ -255,11 +241,8 @@ def run_support_inference(
             )
         else:  # the supervised mode: each organ from its learned condition, no support
             pred = inferer(batch(data[input_key]), network, organ_id=list(organ_ids))
-    if organ_ids is not None and len(organ_ids) > 1:
-        label_map = torch.zeros_like(pred)
-        for index, organ in enumerate(organ_ids, start=1):
-            label_map[pred == index] = float(organ)
-        pred = label_map
+    if organ_ids is not None and len(organ_ids) > 1:  # as the bundle's postprocessing maps its label map
+        pred = MapLabelValue(orig_labels=list(range(1, len(organ_ids) + 1)), target_labels=list(organ_ids))(pred)
     data[output_key] = pred[0] if convert_to_batch else pred
     return data
 
@@ -431,7 +414,7 @@ if has_monailabel:
             data = data or {}
             organs = self._organ_ids(data)
             intensity = resolve_intensity(self.intensity, self._model_config())
-            n_supports = max(1, count_supports(data)) if self.uses_support else 0
+            n_supports = max(1, count_support_keys(data)) if self.uses_support else 0
             organ = organs[0] if len(organs) == 1 else organs
             return list(inference_preprocessing(organ, intensity, n_supports=n_supports).transforms)
 
@@ -488,7 +471,7 @@ if has_monailabel:
             data[self.output_json_key] = {
                 "organ_id": organs[0] if len(organs) == 1 else organs,
                 "support_on_query": bool(data.get(SUPPORT_ON_QUERY)),
-                "supports": count_supports(data) if self.uses_support else 0,
+                "supports": count_support_keys(data) if self.uses_support else 0,
                 "foreground_voxels": int(np.count_nonzero(mask)),
                 "organ_voxels": {str(organ): count for organ, count in voxels.items()},
                 "warnings": warnings,
