@@ -272,3 +272,11 @@ def test_real_chaos_episode_stays_binary_and_finite():
                 assert set(torch.unique(lab).tolist()) <= {0.0, 1.0}
                 ratio = float(lab.sum()) / float(ep[f"{side}_label"].sum())
                 assert 0.6 < ratio < 1.6, ratio  # zoom 0.9..1.2 -> area 0.81..1.44
+
+
+def test_rpt_augment_records_its_settings_for_a_run_s_provenance():
+    aug = RPTAugmentd(translate_px=7, rotate_deg=15.0, zoom=(0.8, 1.25), prob_geometric=0.25)
+    assert aug.settings["translate_px"] == [7.0, 7.0] and aug.settings["rotate_deg"] == 15.0
+    assert aug.settings["zoom"] == [0.8, 1.25] and aug.settings["prob_geometric"] == 0.25
+    assert aug.settings["mode"] == "independent" and aug.settings["gamma_range"] == [0.5, 1.5]
+    assert RPTAugmentd(translate_px=(3, 9)).settings["translate_px"] == [3.0, 9.0]

@@ -384,6 +384,13 @@ class RPTAugmentd(RandomizableTransform, MapTransform):
         self.mode = mode
         self.prob_gamma = float(prob_gamma)
         self.prob_geometric = float(prob_geometric)
+        #: The augmentation's arguments, as a training run's provenance records them.
+        self.settings: dict[str, Any] = {
+            "mode": mode, "prob": float(prob), "prob_gamma": self.prob_gamma, "prob_geometric": self.prob_geometric,
+            "gamma_range": [low, high], "rotate_deg": float(rotate_deg),
+            "translate_px": [float(v) for v in ensure_tuple_rep(translate_px, 2)], "shear_deg": float(shear_deg),
+            "zoom": [float(v) for v in zoom], "alpha": float(alpha), "sigma": float(sigma), "padding_mode": padding_mode,
+        }
         self.sides: dict[str, dict[str, Any]] = {}
         for side, (image_key, label_key) in (("support", support_keys), ("query", query_keys)):
             pair = (image_key, label_key)
