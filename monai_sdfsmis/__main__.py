@@ -392,6 +392,37 @@ def _recipe_overrides(args: argparse.Namespace) -> dict:
     return {key: "$None" if value is None else value for key, value in values.items()}
 
 
+def _check_held_out(args: argparse.Namespace) -> None:
+    """Refuse a --fold or --holdout that the dataset cannot have, before supervoxels or training take minutes."""
+    if args.fold is None and not args.holdout:
+        return
+    from monai_sdfsmis.data import find_alpnet_volumes, rpt_folds
+
+    n_volumes = len(find_alpnet_volumes(args.dataset_dir, supervoxel_dir=None))
+    if args.holdout:
+        outside = sorted(i for i in set(args.holdout) if not 0 <= i < n_volumes)
+        if outside:
+            raise ValueError(
+                f"--holdout {outside}: {args.dataset_dir} has {n_volumes} volumes (indices 0-{n_volumes - 1})"
+            )
+        if len(set(args.holdout)) >= n_volumes:
+            raise ValueError(f"--holdout holds out all {n_volumes} volumes of {args.dataset_dir}: nothing left to train on")
+        return
+    explicit = [item.partition("=")[2] for item in args.overrides if item.partition("=")[0] == "folds"]
+    if explicit:  # --set folds=[[...], ...]: the recipe checks the fold against them
+        return
+    try:
+        folds = rpt_folds(n_volumes)
+    except ValueError:
+        raise ValueError(
+            f"--fold {args.fold}: RPT folds exist for 20 (CHAOS T2-SPIR) or 30 (Synapse/BTCV) volumes, and "
+            f"{args.dataset_dir} has {n_volumes}; choose the held-out volumes with --holdout INDEX [INDEX ...] "
+            "(or give the folds: --set 'folds=[[...], ...]')"
+        ) from None
+    if not 0 <= args.fold < len(folds):
+        raise ValueError(f"--fold {args.fold}: choose a fold from 0 to {len(folds) - 1}")
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from monai_sdfsmis.bundle_files import NO_PRIOR_RECIPE, SUPERVISED_RECIPE, default_bundle_dir, training_configs
 
@@ -403,6 +434,7 @@ def _run_train(args: argparse.Namespace) -> int:
     model_dir = args.output_dir / "model"
     if (model_dir / "model.pt").exists() and not args.resume:
         raise ValueError(f"{model_dir} already holds a trained model; choose another --output_dir (or --resume)")
+    _check_held_out(args)
     values = _recipe_overrides(args)
     from monai.bundle import run
 

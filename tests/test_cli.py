@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -598,3 +599,18 @@ def test_infer_on_a_no_prior_folder_without_its_config_says_what_to_pass(no_prio
         f"error: {folder} has no model_config.json but holds autoencoder/: it looks like a no-prior model folder; "
         "pass --network no_prior (network_type 'no_prior'), or train it with python -m monai_sdfsmis train")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("held_out, message", [
+    (["--fold", "0"], r"--fold 0: RPT folds exist for 20 \(CHAOS T2-SPIR\) or 30 \(Synapse/BTCV\) volumes, and .* has 2; "
+                      r"choose the held-out volumes with --holdout"),
+    (["--holdout", "2"], r"--holdout \[2\]: .* has 2 volumes \(indices 0-1\)"),
+    (["--holdout", "0", "1"], "holds out all 2 volumes"),
+])
+def test_train_refuses_a_held_out_set_the_dataset_cannot_have_before_any_work(synthetic_dataset, tmp_path, capsys,
+                                                                              held_out, message):
+    rc = main(["train", "--dataset_dir", str(synthetic_dataset), "--output_dir", str(tmp_path / "run"), *held_out])
+    assert rc == 1
+    assert re.search(message, capsys.readouterr().err)
+    assert not (synthetic_dataset / "supervoxels_5000").exists()  # refused before supervoxels were computed
+    assert not (tmp_path / "run").exists()

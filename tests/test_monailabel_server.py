@@ -267,7 +267,7 @@ def test_infer_two_organs_from_two_labelled_studies_matches_bundle(server, tmp_p
         ({"support_image": f"image_{UNLABELLED}"}, None, "no 'final' label"),
         ({"support_image": f"image_{SUPPORT}", "organ_id": 9}, None, "organ id 9 absent"),
         ({"support_image": f"image_{SUPPORT}", "organ_id": "pancreas"}, None, "neither a label id nor one of the labels"),
-        ({"support_image": f"image_{SUPPORT}", "organ_id": 1.5}, None, "organ_id must be a positive integer"),
+        ({"support_image": f"image_{SUPPORT}", "organ_id": 1.5}, None, "organ_id: 1.5 is not a label id"),
         ({}, f"label_{SUPPORT}.nii.gz", "grid"),  # a label drawn on another study's grid
     ],
 )

@@ -88,8 +88,8 @@ def test_organ_ids_of_a_request(value, expected):
 
 @pytest.mark.parametrize("value, message", [
     ("pancreas", "'pancreas' is neither a label id nor one of the labels"),
-    ([1, "liver"], "names an organ twice"),
-    ([], "empty list"),
+    ([1, "liver"], "lists an organ twice"),
+    ([], "non-empty list"),
     (0, "positive integer"),
 ])
 def test_organ_ids_of_a_request_refused(value, message):

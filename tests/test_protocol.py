@@ -22,6 +22,7 @@ from monai_sdfsmis.data import (
     support_and_queries,
     support_slice_indices,
 )
+from monai_sdfsmis.data.protocol import organ_id_list
 from tests.utils import chaos_dir, requires_chaos
 
 
@@ -174,7 +175,7 @@ def test_protocol_cases_sabs_names_and_explicit_folds():
     with pytest.raises(ValueError, match="organ_ids must be a non-empty list"):
         protocol_cases(_records(20), organ_ids=())
     # a name or a fraction is not silently iterated or truncated into another organ
-    with pytest.raises(ValueError, match="organ_ids must be a non-empty list of positive integer label ids, got 'liver'"):
+    with pytest.raises(ValueError, match="organ_ids: 'liver' is not a label id"):
         protocol_cases(_records(20), organ_ids="liver")
     with pytest.raises(ValueError, match=r"organ_ids: 1.5 is not a label id"):
         protocol_cases(_records(20), organ_ids=[1.5])
@@ -200,3 +201,26 @@ def test_k_shot_supports_follow_the_fold_from_the_support_and_skip_the_query():
     for shots in (0, 5):
         with pytest.raises(ValueError, match="shots must be 1 to 4 for a test fold of 5 volumes"):
             k_shot_supports(test, test[0], shots)
+
+
+@pytest.mark.parametrize("value, names, expected", [
+    (2, None, [2]), (2.0, None, [2]), ("3", None, [3]), ([4, "1"], None, [4, 1]),
+    ("spleen", {"spleen": 4}, [4]), ([" liver ", 3], {"liver": 1}, [1, 3]),
+])
+def test_organ_id_list_is_the_one_parser_of_ids_numbers_and_names(value, names, expected):
+    assert organ_id_list(value, key="organ_id", names=names) == expected
+
+
+@pytest.mark.parametrize("value, names, unique, message", [
+    ("liver", None, False, r"organ_id: 'liver' is not a label id"),
+    ("pancreas", {"liver": 1}, False, r"'pancreas' is neither a label id nor one of the labels \['liver'\]"),
+    ("nan", None, False, "is not a label id"),
+    ("inf", None, False, "is not a label id"),
+    ([1, "1"], None, True, "lists an organ twice"),
+    ([], None, False, "non-empty list"),
+    (-2, None, False, "is not a label id"),
+])
+def test_organ_id_list_refuses_with_one_line(value, names, unique, message):
+    with pytest.raises(ValueError, match=message):
+        organ_id_list(value, key="organ_id", names=names, unique=unique)
+    assert organ_id_list([1, 1], key="organ_id") == [1, 1]  # duplicates only matter where asked (unique)

@@ -16,7 +16,7 @@ from monai_sdfsmis.transforms import (
     load_volume,
     select_reader,
 )
-from monai_sdfsmis.transforms.io import list_dicom_series
+from monai_sdfsmis.transforms.io import label_map_dtype, list_dicom_series
 from tests.utils import chaos_dir, requires_chaos, requires_totalseg, totalseg_dir
 
 CHAOS_IDS = (1, 2, 3, 5, 8, 10, 13, 15, 19, 20, 21, 22, 31, 32, 33, 34, 36, 37, 38, 39)
@@ -617,3 +617,12 @@ def test_a_save_removes_what_a_killed_save_of_the_same_file_left(tmp_path):
                 resample=False, print_log=False)({"pred": image})
     assert sorted(p.name for p in tmp_path.iterdir()) == [".p_seg.nii.gz.k3_x9ab.nii.gz", "q_seg.nii.gz"]
     assert np.asarray(nib.load(str(tmp_path / "q_seg.nii.gz")).dataobj).sum() == 18
+
+
+def test_label_map_dtype_keeps_every_id_and_refuses_one_that_would_wrap():
+    assert label_map_dtype(1) is np.uint8 and label_map_dtype(255) is np.uint8
+    assert label_map_dtype(256) is np.uint16 and label_map_dtype(65535) is np.uint16
+    for largest in (255, 256, 1000, 65535):
+        assert np.asarray([largest]).astype(label_map_dtype(largest))[0] == largest
+    with pytest.raises(ValueError, match="label id 65536 does not fit a uint16 label map"):
+        label_map_dtype(65536)

@@ -32,6 +32,7 @@ __all__ = [
     "protocol_cases",
 ]
 
+import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -47,23 +48,59 @@ CHAOS_ORGANS: dict[int, str] = {1: "liver", 2: "right_kidney", 3: "left_kidney",
 SABS_ORGANS: dict[int, str] = {6: "liver", 2: "right_kidney", 3: "left_kidney", 1: "spleen"}
 
 
-def organ_id_list(organ_ids: Any, key: str = "organ_ids") -> list[int]:
+def organ_id_list(
+    organ_ids: Any, key: str = "organ_ids", names: Mapping[str, int] | None = None, unique: bool = False
+) -> list[int]:
     """``organ_ids`` as a list of positive integer label ids; anything else is one ``ValueError`` naming ``key``.
 
+    The one parser of organ ids: configs, the command line, the bundle and MONAI Label requests all come here.
+
+    Parameters
+    ----------
+    organ_ids
+        An id, or a list of ids. An id is a positive integer (``2``, ``2.0``, or the text ``"2"`` of a request), or,
+        with ``names``, a label name (``"liver"``).
+    key
+        The setting's name, for the error message.
+    names
+        Label name -> id (MONAI Label's ``labels``); ``None``: no names are accepted.
+    unique
+        Refuse a list that names an organ twice.
+
+    Notes
+    -----
     A string (``"liver"``) or a float that is not a whole number (``1.5``) would otherwise be iterated or truncated
     into some other organ, silently.
     """
-    values: Any = [organ_ids] if isinstance(organ_ids, numbers.Number) else organ_ids
+    values: Any = [organ_ids] if isinstance(organ_ids, (numbers.Number, str)) else organ_ids
     try:
-        values = [] if isinstance(values, str) else list(values)
+        values = list(values)
     except TypeError:
         values = []
     if not values:
         raise ValueError(f"{key} must be a non-empty list of positive integer label ids, got {organ_ids!r}")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
-            raise ValueError(f"{key}: {value!r} is not a label id (a positive integer; 0 is the background)")
-    return [int(value) for value in values]
+    ids = [_organ_id(value, key, names) for value in values]
+    if unique and len(set(ids)) != len(ids):
+        raise ValueError(f"{key} lists an organ twice: {values}")
+    return ids
+
+
+def _organ_id(value: Any, key: str, names: Mapping[str, int] | None) -> int:
+    if isinstance(value, str):
+        text = value.strip()
+        if names is not None and text in names:
+            return int(names[text])
+        try:
+            value = float(text)
+        except ValueError:
+            if names is not None:
+                raise ValueError(f"{key}: {text!r} is neither a label id nor one of the labels {sorted(names)}") from None
+    if (
+        isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        or int(value) != value or value < 1
+    ):
+        raise ValueError(f"{key}: {value!r} is not a label id (a positive integer; 0 is the background)")
+    return int(value)
 
 
 def _five_folds(size: int, n_volumes: int) -> list[list[int]]:

@@ -20,6 +20,8 @@ __all__ = [
     "ProtocolEvaluator",
     "ProtocolResultsSaver",
     "evaluate_protocol",
+    "protocol_tables",
+    "write_protocol_results",
 ]
 
 import copy
@@ -408,6 +410,10 @@ def evaluate_protocol(
 ) -> dict[str, Any]:
     """Run the protocol for a network (and the support-mask copy baseline) and write the results.
 
+    The ``protocol`` command, the training recipe's evaluations, the quick start and the benchmarks call it; the
+    bundle's ``configs/evaluate.json`` wires the same parts (``ProtocolDataset``, ``ProtocolEvaluator``,
+    ``ProtocolResultsSaver``) itself, because MONAI's ``eval`` workflow requires ``dataset`` and ``evaluator`` ids.
+
     Parameters
     ----------
     network
@@ -467,7 +473,44 @@ def evaluate_protocol(
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
     inferer = SlidingSupportInferer() if inferer is None else inferer
     out_dir = None if output_dir is None else Path(output_dir)
+    results: dict[str, Any] = {"methods": {}, "files": {}}
+    overlay_files: list[str] = []
+    for name, net, run_inferer in _methods(network, inferer, baseline, method, baseline_name):
+        handlers: list[Any] = [ProtocolResultsSaver(output_dir=None, method=name)]
+        if out_dir is not None and overlays > 0:
+            handlers.append(OverlaySaver(out_dir / "overlays", method=name, n_slices=overlays))
+        if progress:
+            handlers.append(_CaseProgress(len(dataset), desc=f"protocol: {name}"))
+        handlers.extend(extra_handlers or [])
+        ProtocolEvaluator(
+            device=device if device is not None else network_device(net),
+            val_data_loader=loader,
+            network=net,
+            inferer=run_inferer,
+            surface_metrics=surface_metrics,
+            val_handlers=handlers,
+            metric_cmp_fn=_no_model_selection,
+            shots=shots,
+        ).run()
+        results["methods"][name] = {"rows": handlers[0].rows, "summary": handlers[0].summary}
+        overlay_files.extend(str(p) for h in handlers if isinstance(h, OverlaySaver) for p in h.written)
 
+    results["table"] = protocol_tables({n: r["summary"] for n, r in results["methods"].items()}, surface_metrics)
+    if out_dir is not None:
+        inference = {
+            "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
+            "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
+            "shots": int(shots), "support_fusion": inferer.support_fusion,
+        }
+        provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference}
+        results["files"] = {**write_protocol_results(out_dir, results, provenance), "overlays": overlay_files}
+    return results
+
+
+def _methods(
+    network: torch.nn.Module | None, inferer: SlidingSupportInferer, baseline: bool, method: str, baseline_name: str
+) -> list[tuple[str, torch.nn.Module, SlidingSupportInferer]]:
+    """The ``(row name, network, inferer)`` of each method: the copy baseline first, then ``network``."""
     runs: list[tuple[str, torch.nn.Module, SlidingSupportInferer]] = []
     if baseline:
         anchor = network_device(network) if network is not None else torch.device("cpu")
@@ -477,58 +520,27 @@ def evaluate_protocol(
         runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
     if network is not None:
         runs.append((method, network, inferer))
+    return runs
 
-    results: dict[str, Any] = {"methods": {}, "files": {}}
-    overlay_files: list[str] = []
-    for name, net, run_inferer in runs:
-        saver = ProtocolResultsSaver(output_dir=None, method=name)
-        handlers: list[Any] = [saver]
-        if out_dir is not None and overlays > 0:
-            overlay = OverlaySaver(out_dir / "overlays", method=name, n_slices=overlays)
-            handlers.append(overlay)
-        if progress:
-            handlers.append(_CaseProgress(len(dataset), desc=f"protocol: {name}"))
-        handlers.extend(extra_handlers or [])
-        evaluator = ProtocolEvaluator(
-            device=device if device is not None else network_device(net),
-            val_data_loader=loader,
-            network=net,
-            inferer=run_inferer,
-            surface_metrics=surface_metrics,
-            val_handlers=handlers,
-            metric_cmp_fn=_no_model_selection,
-            shots=shots,
-        )
-        evaluator.run()
-        results["methods"][name] = {"rows": saver.rows, "summary": saver.summary}
-        if out_dir is not None and overlays > 0:
-            overlay_files.extend(str(p) for p in overlay.written)
 
-    summaries = {name: r["summary"] for name, r in results["methods"].items()}
+def protocol_tables(summaries: Mapping[str, Any], surface_metrics: bool = True) -> str:
+    """The markdown tables of a protocol run: Dice (%), and HD95 and ASSD (mm) with ``surface_metrics``."""
     table = format_table(summaries, metric="dice", title=folds_title("Dice (%)", summaries))
     if surface_metrics:
         table += "\n" + format_table(summaries, metric="hd95", title=folds_title("HD95 (mm)", summaries))
         table += "\n" + format_table(summaries, metric="assd", title=folds_title("ASSD (mm)", summaries))
-    results["table"] = table
-    if out_dir is not None:
-        all_rows = [row for r in results["methods"].values() for row in r["rows"]]
-        results["files"] = {
-            "csv": str(write_rows_csv(out_dir / "protocol_cases.csv", all_rows)),
-            "json": str(
-                write_json(
-                    out_dir / "protocol_results.json",
-                    {
-                        "methods": results["methods"], "fold_ids": fold_ids, "organ_ids": list(organ_ids),
-                        # how the method's masks were made (the baseline is always raw, one pass)
-                        "inference": {
-                            "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
-                            "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
-                            "shots": int(shots), "support_fusion": inferer.support_fusion,
-                        },
-                    },
-                )
-            ),
-            "table": str(atomic_write(out_dir / "protocol_table.md", table)),
-            "overlays": overlay_files,
-        }
-    return results
+    return table
+
+
+def write_protocol_results(
+    output_dir: str | PathLike, results: Mapping[str, Any], provenance: Mapping[str, Any]
+) -> dict[str, str]:
+    """Write ``protocol_cases.csv``, ``protocol_results.json`` (methods and ``provenance``) and ``protocol_table.md``
+    atomically into ``output_dir``; their paths by kind (``csv``, ``json``, ``table``)."""
+    out_dir = Path(output_dir)
+    all_rows = [row for r in results["methods"].values() for row in r["rows"]]
+    return {
+        "csv": str(write_rows_csv(out_dir / "protocol_cases.csv", all_rows)),
+        "json": str(write_json(out_dir / "protocol_results.json", {"methods": results["methods"], **provenance})),
+        "table": str(atomic_write(out_dir / "protocol_table.md", results["table"])),
+    }

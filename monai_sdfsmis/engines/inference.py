@@ -30,7 +30,6 @@ __all__ = [
     "segment_volumes",
 ]
 
-import numbers
 import os
 import sys
 import time
@@ -279,14 +278,9 @@ def check_outputs(
 
 def organ_ids_of(organ_id: int | Sequence[int] | None) -> list[int] | None:
     """The organ ids of a call as a checked list (``None``: every foreground label as one organ)."""
-    if organ_id is None:
-        return None
     from monai_sdfsmis.data.protocol import organ_id_list
 
-    ids = organ_id_list([organ_id] if isinstance(organ_id, (str, numbers.Number)) else organ_id, key="organ_id")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"organ_id lists an organ twice: {ids}")
-    return ids
+    return None if organ_id is None else organ_id_list(organ_id, key="organ_id", unique=True)
 
 
 def _select_organs(organ_ids: list[int] | None):
@@ -351,7 +345,7 @@ def inference_postprocessing(
     follow are saved as float32 NIfTI files ``<query>_prob.nii.gz`` (one organ) or ``<query>_prob_<id>.nii.gz``."""
     from monai.transforms import MapLabelValued
 
-    from monai_sdfsmis.transforms.io import SaveVolumed
+    from monai_sdfsmis.transforms.io import SaveVolumed, label_map_dtype
     from monai_sdfsmis.transforms.postprocess import SplitProbabilityd
 
     if check_output_format(output_format) == "dicom_seg":
@@ -383,7 +377,7 @@ def inference_postprocessing(
         steps.append(SplitProbabilityd("pred", postfixes))
     if several:
         steps.append(MapLabelValued("pred", orig_labels=list(range(1, len(organ_ids) + 1)), target_labels=organ_ids))
-    steps.append(save("pred", _OUTPUT_POSTFIX, np.uint16 if several and max(organ_ids) > 255 else np.uint8))
+    steps.append(save("pred", _OUTPUT_POSTFIX, label_map_dtype(max(organ_ids) if several else 1)))
     if save_probabilities:
         steps.extend(save(postfix, postfix, np.float32) for postfix in postfixes)
     return Compose(steps)
@@ -528,6 +522,54 @@ def build_inference_evaluator(
     )
 
 
+def _checkpoint_of(
+    model_dir: str | PathLike, ckpt_path: str | PathLike | None, network_type: str | None
+) -> tuple[Path, dict[str, Any], str]:
+    """The weights file, the model folder's ``model_config.json`` and the network type, or one line on what is wrong."""
+    ckpt = Path(ckpt_path) if ckpt_path is not None else Path(model_dir) / "model.pt"
+    config = read_model_config(ckpt)
+    if not config and network_type is None and (ckpt.parent / "autoencoder").is_dir():
+        raise ValueError(
+            f"{ckpt.parent} has no model_config.json but holds autoencoder/: it looks like a no-prior model folder; "
+            "pass --network no_prior (network_type 'no_prior'), or train it with python -m monai_sdfsmis train"
+        )
+    kind = resolve_network_type(network_type, config)
+    if not ckpt.is_file():
+        where = "is a folder, not a weights file" if ckpt.is_dir() else "not found"
+        raise FileNotFoundError(f"checkpoint {ckpt} {where} (the model folder must hold the file model.pt)")
+    return ckpt, config, kind
+
+
+def _checked_organs_and_supports(
+    ckpt: Path, config: Mapping[str, Any], kind: str, n_supports: int, organ_id: int | Sequence[int] | None
+) -> int | Sequence[int] | None:
+    """A few-shot model needs a support, a supervised one none; the organs to segment (a supervised model's own
+    organs when the call names none)."""
+    if kind != "supervised":
+        if not n_supports:
+            raise ValueError(
+                f"{ckpt.parent} is a few-shot ({kind}) model: give an annotated example with --support and "
+                "--support_label (only a supervised model, python -m monai_sdfsmis train --supervised, segments "
+                "without one)"
+            )
+        return organ_id
+    if n_supports:
+        raise ValueError(
+            f"{ckpt.parent} is a supervised model (trained on label maps): it segments without a support; drop "
+            "--support and --support_label"
+        )
+    trained_on = config.get("settings", {}).get("organ_ids") or []
+    if organ_id is None:
+        organ_id = trained_on
+    unknown = [o for o in organ_ids_of(organ_id) or [] if o not in trained_on]
+    if unknown:
+        raise ValueError(
+            f"{ckpt.parent} is a supervised model of organ labels {trained_on}; it has none for {unknown[0]} "
+            "(--organ_id)"
+        )
+    return organ_id
+
+
 def segment_volumes(
     query: str | PathLike | Sequence[str | PathLike | Mapping[str, Any]],
     support_image: str | PathLike | Sequence[str | PathLike],
@@ -608,38 +650,9 @@ def segment_volumes(
     from monai_sdfsmis.utils import resolve_device
 
     device = resolve_device(device)
-    ckpt = Path(ckpt_path) if ckpt_path is not None else Path(model_dir) / "model.pt"
-    config = read_model_config(ckpt)
-    if not config and network_type is None and (ckpt.parent / "autoencoder").is_dir():
-        raise ValueError(
-            f"{ckpt.parent} has no model_config.json but holds autoencoder/: it looks like a no-prior model folder; "
-            "pass --network no_prior (network_type 'no_prior'), or train it with python -m monai_sdfsmis train"
-        )
-    kind = resolve_network_type(network_type, config)
-    if not ckpt.is_file():
-        where = "is a folder, not a weights file" if ckpt.is_dir() else "not found"
-        raise FileNotFoundError(f"checkpoint {ckpt} {where} (the model folder must hold the file model.pt)")
+    ckpt, config, kind = _checkpoint_of(model_dir, ckpt_path, network_type)
     n_supports = count_supports(support_image)
-    if kind == "supervised":
-        if n_supports:
-            raise ValueError(
-                f"{ckpt.parent} is a supervised model (trained on label maps): it segments without a support; drop "
-                "--support and --support_label"
-            )
-        trained_on = config.get("settings", {}).get("organ_ids") or []
-        if organ_id is None:
-            organ_id = trained_on
-        unknown = [o for o in organ_ids_of(organ_id) or [] if o not in trained_on]
-        if unknown:
-            raise ValueError(
-                f"{ckpt.parent} is a supervised model of organ labels {trained_on}; it has none for {unknown[0]} "
-                "(--organ_id)"
-            )
-    elif not n_supports:
-        raise ValueError(
-            f"{ckpt.parent} is a few-shot ({kind}) model: give an annotated example with --support and --support_label "
-            "(only a supervised model, python -m monai_sdfsmis train --supervised, segments without one)"
-        )
+    organ_id = _checked_organs_and_supports(ckpt, config, kind, n_supports, organ_id)
     datalist = query_datalist(query, support_image, support_label)
     check_output_folder(output_dir)
     check_outputs(datalist, output_dir, overwrite, output_format, save_probabilities, organ_id)

@@ -21,82 +21,37 @@ __all__ = [
 
 import itertools
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from monai_sdfsmis.data.protocol import chunk_bounds, support_slice_indices
+from monai_sdfsmis.inferers.chunks import ChunkSegmenter, SliceContexts, segment_longest_run
+from monai_sdfsmis.inferers.inputs import (
+    check_finite,
+    check_range,
+    check_volume,
+    checked_organ_ids,
+    checked_query_label,
+    checked_supports,
+)
+from monai_sdfsmis.inferers.probabilities import foreground_probability, organ_label_map
+from monai_sdfsmis.inferers.slices import (
+    check_flip_axes,
+    flip_passes,
+    largest_run,
+    split_chunks,
+    support_slices,
+    volume_from_slices,
+)
 from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.transforms.postprocess import OrganMaskPostprocess
 
 QUERY_RANGES = ("protocol", "all")
 #: k-shot fusion: average the supports' soft masks, or fuse their contexts inside the network (``fuse_supports``).
 SUPPORT_FUSIONS = ("average", "network")
-_RANGE_TOLERANCE = 1e-3
-
-
-def largest_run(flags: Sequence[bool] | np.ndarray | torch.Tensor) -> tuple[int, int] | None:
-    """The longest run of consecutive ``True`` values, as ``[start, end)``; the first one on a tie.
-
-    Returns ``None`` when no value is ``True``.
-    """
-    values = np.asarray(torch.as_tensor(flags).cpu(), dtype=bool).ravel()
-    best: tuple[int, int] | None = None
-    start = None
-    for i, flag in enumerate([*values.tolist(), False]):
-        if flag and start is None:
-            start = i
-        elif not flag and start is not None:
-            if best is None or i - start > best[1] - best[0]:
-                best = (start, i)
-            start = None
-    return best
-
-
-def check_flip_axes(flip_axes: Sequence[int] | int | None) -> tuple[int, ...]:
-    """``flip_axes`` as a sorted tuple of distinct in-plane axes (0, 1); ``ValueError`` for anything else."""
-    axes = () if flip_axes is None else (flip_axes,) if isinstance(flip_axes, int) else tuple(flip_axes)
-    if any(isinstance(a, bool) or a not in (0, 1) for a in axes) or len(set(axes)) != len(axes):
-        raise ValueError(f"flip_axes must name distinct in-plane axes 0 and/or 1, got {list(axes)}.")
-    return tuple(sorted(int(a) for a in axes))
-
-
-def foreground_probability(soft: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Soft mask in ``[-1, 1]`` -> probability ``(soft + 1) / 2`` in ``[0, 1]`` that thresholds to ``mask`` at 0.5.
-
-    Where ``mask`` is 1 the probability is raised to at least the next float32 above 0.5, elsewhere lowered to at
-    most 0.5, so ``probability > 0.5`` reproduces ``mask`` exactly (a relative binarization threshold or a removed
-    island would otherwise disagree with a plain 0.5 cut). Same shape as ``soft``, float32.
-    """
-    return _agree_at_half(((soft.float() + 1.0) / 2.0).clamp(0.0, 1.0), mask)
-
-
-def _agree_at_half(probability: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    half = torch.tensor(0.5, dtype=torch.float32, device=probability.device)
-    above = torch.nextafter(half, torch.ones_like(half))
-    return torch.where(mask.bool(), probability.clamp(min=above), probability.clamp(max=half))
-
-
-def organ_label_map(masks: torch.Tensor, probabilities: torch.Tensor, with_probabilities: bool = False) -> torch.Tensor:
-    """``K`` organs' masks and probabilities ``[1, K, H, W, D]`` -> one label map ``[1, 1, H, W, D]``.
-
-    The label map holds ``k + 1`` where organ ``k``'s mask is 1 and 0 where no organ's is; a voxel in several masks
-    goes to the organ with the higher probability (the first on a tie). ``with_probabilities``: the ``K``
-    probabilities follow as channels ``1..K``, each > 0.5 exactly where the label map holds its organ.
-    """
-    inside = masks.bool()
-    score = torch.where(inside, probabilities, torch.full_like(probabilities, -1.0))
-    labels = torch.where(inside.any(dim=1, keepdim=True), score.argmax(dim=1, keepdim=True) + 1, 0).to(torch.float32)
-    if not with_probabilities:
-        return labels
-    organs = torch.arange(1, masks.shape[1] + 1, device=labels.device, dtype=labels.dtype).view(1, -1, 1, 1, 1)
-    return torch.cat([labels, _agree_at_half(probabilities, labels == organs)], dim=1)
 
 
 def network_device(network: Any) -> torch.device:
@@ -130,11 +85,8 @@ class SlidingSupportInferer(Inferer):
       prediction).
 
     Every slice outside the chosen range is 0. Slices of any in-plane size are resized to
-    ``spatial_size x spatial_size`` (bilinear for images, nearest for masks), single-channel images are
-    replicated to 3 channels, and the predicted masks are resized back (nearest) to the query's grid.
-    Nearest resizing is pixel-centre aligned (``"nearest-exact"``, like the bilinear image resize), so a
-    mask resized to ``spatial_size`` and back is unchanged; PyTorch's plain ``"nearest"`` would shift it by
-    up to a pixel.
+    ``spatial_size x spatial_size`` and the masks back to the query's grid (:mod:`monai_sdfsmis.inferers.slices`);
+    the network calls, batching and caches are :class:`~monai_sdfsmis.inferers.chunks.ChunkSegmenter`'s.
 
     Parameters
     ----------
@@ -210,250 +162,30 @@ class SlidingSupportInferer(Inferer):
         if support_fusion not in SUPPORT_FUSIONS:
             raise ValueError(f"support_fusion must be one of {SUPPORT_FUSIONS}, got {support_fusion!r}.")
         self.support_fusion = support_fusion
-        self.organ_ids = None if organ_ids is None else self._checked_organ_ids(list(organ_ids))
+        self.organ_ids = None if organ_ids is None else checked_organ_ids(list(organ_ids))
 
-    # ------------------------------------------------------------------ checks
-    @staticmethod
-    def _check_volume(name: str, volume: Any, channels: Sequence[int] | None) -> torch.Tensor:
-        """``channels`` ``None``: any number (an organ mask per channel)."""
-        if not isinstance(volume, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor [1, C, H, W, D], got {type(volume).__name__}.")
-        allowed = "C >= 1" if channels is None else f"C in {tuple(channels)}"
-        if volume.ndim != 5 or volume.shape[0] != 1 or (channels is not None and volume.shape[1] not in channels) or (
-            volume.shape[1] < 1
-        ):
-            raise ValueError(
-                f"{name} must be [1, C, H, W, D] with {allowed} (one volume, slices along the last axis), got shape "
-                f"{tuple(volume.shape)}."
-            )
-        if min(volume.shape[2:]) < 1:
-            raise ValueError(f"{name} has an empty spatial shape {tuple(volume.shape)}.")
-        return volume
-
-    @staticmethod
-    def _check_finite(name: str, volume: torch.Tensor) -> None:
-        # min/max comparisons are False for NaN, so the range and mask checks alone let NaN volumes through.
-        finite = torch.isfinite(volume)
-        if not bool(finite.all()):
-            n_bad = int(finite.numel() - int(finite.sum()))
-            raise ValueError(f"{name} contains {n_bad} non-finite (NaN or infinite) voxels; fix or mask the input volume.")
-
-    @staticmethod
-    def _check_range(name: str, volume: torch.Tensor) -> None:
-        low, high = float(volume.min()), float(volume.max())
-        if low < -1.0 - _RANGE_TOLERANCE or high > 1.0 + _RANGE_TOLERANCE:
-            raise ValueError(
-                f"{name} intensities must be in [-1, 1], got [{low:g}, {high:g}]; normalise the volume first "
-                "(monai_sdfsmis.transforms.intensity.ScaleToUnitRanged)."
-            )
-
-    @staticmethod
-    def _check_mask(name: str, mask: torch.Tensor) -> None:
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            values = torch.unique(mask)
-            shown = ", ".join(f"{float(v):g}" for v in values[:8])
-            raise ValueError(
-                f"{name} must be a binary organ mask in {{0, 1}}, found values [{shown}]; select one organ first "
-                "(e.g. label == organ_id)."
-            )
-
-    @staticmethod
-    def _checked_organ_ids(organ_id: Any) -> list[int]:
-        """The organ ids a support-free network is asked for, as ints (a collated batch gives a tensor)."""
-        if organ_id is None:
-            raise ValueError(
-                "this network segments without a support and needs organ_id (the label id(s) of the organ(s) to segment)."
-            )
-        values = torch.as_tensor(organ_id).flatten().tolist() if not isinstance(organ_id, (list, tuple)) else organ_id
-        if not values or any(int(v) != v for v in values):
-            raise ValueError(f"organ_id must be one or more integer label ids, got {organ_id!r}.")
-        return [int(v) for v in values]
-
-    def _checked_supports(
-        self, support_image: Any, support_label: Any
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The support volumes and masks as plain tensors, each pair checked; one pair, or ``k`` for k-shot."""
-        if support_image is None or support_label is None:
-            raise ValueError("SlidingSupportInferer needs support_image and support_label (the annotated support volume).")
-        several = isinstance(support_image, (list, tuple))
-        images = list(support_image) if several else [support_image]
-        labels = list(support_label) if isinstance(support_label, (list, tuple)) else [support_label]
-        if not images or len(images) != len(labels):
-            raise ValueError(
-                f"got {len(images)} support image(s) and {len(labels)} support label(s); give one organ mask per "
-                "support volume."
-            )
-        pairs = []
-        for k, (image, label) in enumerate(zip(images, labels)):
-            suffix = f"[{k}]" if several else ""
-            image_name, label_name = f"support_image{suffix}", f"support_label{suffix}"
-            self._check_volume(image_name, image, (1, 3))
-            self._check_volume(label_name, label, None)
-            if label.shape[1] != labels[0].shape[1]:
-                raise ValueError(
-                    f"{label_name} has {label.shape[1]} organ channel(s) but support_label[0] has "
-                    f"{labels[0].shape[1]}; every support needs the same organs."
-                )
-            if label.shape[2:] != image.shape[2:]:
-                raise ValueError(
-                    f"{label_name} {tuple(label.shape)} and {image_name} {tuple(image.shape)} must have the same "
-                    "spatial shape."
-                )
-            image, label = (x.as_tensor() if isinstance(x, MetaTensor) else x for x in (image, label))
-            self._check_finite(image_name, image)
-            if label.is_floating_point():
-                self._check_finite(label_name, label)
-            self._check_range(image_name, image)
-            self._check_mask(label_name, label)
-            pairs.append((image, label))
-        return pairs
-
-    # ------------------------------------------------------------------ slices
-    def _slices(self, volume: torch.Tensor, index: torch.Tensor, mode: str, device: torch.device) -> torch.Tensor:
-        """``volume [1, C, H, W, D]`` at slice numbers ``index [n]`` -> ``[n, C', S, S]`` float32 on ``device``."""
-        slices = volume[0][..., index.to(volume.device)].permute(3, 0, 1, 2)  # [n, C, H, W]
-        slices = slices.to(device=device, dtype=torch.float32)
-        if mode == "image" and slices.shape[1] == 1:
-            slices = slices.expand(-1, 3, -1, -1)
-        size = (self.spatial_size, self.spatial_size)
-        if tuple(slices.shape[-2:]) != size and slices.shape[0] > 0:
-            if mode == "image":
-                shrink = slices.shape[-2] > size[0] or slices.shape[-1] > size[1]
-                slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-                slices = slices.clamp(-1.0, 1.0)
-            else:
-                slices = F.interpolate(slices, size=size, mode="nearest-exact")
-        return slices.contiguous()
-
-    def _support(
-        self, support_image: torch.Tensor, support_label: torch.Tensor, device: torch.device,
-        name: str = "support_label",
-    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """The ``n_chunks`` support slices: images ``[n, 3, S, S]``, masks ``[n, 1, S, S]`` and slice numbers."""
-        present = torch.nonzero(support_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
-        if present.numel() == 0:
-            raise ValueError(
-                f"{name} is empty: the support volume's mask has no foreground voxel, so there is no support "
-                "slice to take; pass the organ mask of the support volume."
-            )
-        picked = present[support_slice_indices(int(present.numel()), self.n_chunks)]
-        images = self._slices(support_image, picked, "image", device)
-        labels = self._slices(support_label, picked, "label", device)
-        if not bool(labels.flatten(1).any(dim=1).all()):
-            # Nearest resizing can drop a very thin structure; the network must still see a non-empty support.
-            raise ValueError(
-                f"{name}: a support slice's mask vanished when resized to {self.spatial_size}x"
-                f"{self.spatial_size}; the organ is too small in slices {picked.tolist()}."
-            )
-        return images, labels, picked.tolist()
-
-    # ------------------------------------------------------------------ core
-    def _segment_chunks(
-        self,
-        network: Any,
-        inputs: torch.Tensor,
-        chunks: list[torch.Tensor],
-        supports: list[tuple[torch.Tensor, torch.Tensor]],
-        device: torch.device,
-        bar: Any,
-        contexts: dict[tuple[int, int, int | None], Any],
-        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Segment the query slice numbers of each chunk with its support slices -> ``{slice: (bool [S, S], soft [S, S])}``.
-
-        Chunk ``j`` is segmented with slice ``j`` of every support volume; the soft masks of all supports and flip
-        passes are averaged. ``contexts`` caches ``network.encode_support`` per support, chunk and flip for the whole
-        call: the support pass (VAE encoder, VTCT, support UNet pass) runs once per support slice, however many query
-        batches and passes use it. ``latents`` (a network with ``encode_latents`` / ``predict_mask_latent`` /
-        ``decode_mask``) caches each query slice's latent per flip for the whole call, so supports and organs share
-        one encoding of the query.
-        """
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.amp and device.type == "cuda" else nullcontext()
-        )
-        passes = self._flip_passes()
-        mirror = lambda x, dim: x if dim is None else x.flip(dim)  # noqa: E731
-        out: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        with autocast:
-            for j, index in enumerate(chunks):
-                if index.numel() == 0:
-                    continue
-                runs = list(itertools.product(range(len(supports)), passes))
-                for k, dim in runs:
-                    if (k, j, dim) not in contexts:
-                        images, labels = supports[k]
-                        contexts[(k, j, dim)] = network.encode_support(
-                            mirror(images[j : j + 1], dim), mirror(labels[j : j + 1], dim)
-                        )
-                if self.support_fusion == "network" and len(supports) > 1:
-                    for dim in passes:
-                        if (-1, j, dim) not in contexts:
-                            contexts[(-1, j, dim)] = network.fuse_supports(
-                                [contexts[(k, j, dim)] for k in range(len(supports))]
-                            )
-                    runs = [(-1, dim) for dim in passes]  # -1: the fused context
-                for start in range(0, index.numel(), self.sw_batch_size):
-                    batch_index = index[start : start + self.sw_batch_size]
-                    queries = self._slices(inputs, batch_index, "image", device)
-                    soft = sum(
-                        mirror(self._soft_masks(network, mirror(queries, d), batch_index, d, contexts[(k, j, d)], latents), d)
-                        for k, d in runs
-                    )
-                    soft = soft / len(runs)  # x / 1 is x exactly
-                    masks = network.binarize(soft)
-                    if tuple(masks.shape) != (queries.shape[0], 1, *queries.shape[-2:]):
-                        raise ValueError(
-                            f"network.binarize(network.segment(...)) returned shape {tuple(masks.shape)}, expected "
-                            f"{(queries.shape[0], 1, *queries.shape[-2:])}."
-                        )
-                    masks = masks[:, 0].to(torch.bool)
-                    for k, slice_number in enumerate(batch_index.tolist()):
-                        out[slice_number] = (masks[k], soft[k, 0].float())
-                    if bar is not None:
-                        bar.update(int(batch_index.numel()))
-        return out
-
-    @staticmethod
-    def _soft_masks(
-        network: Any,
-        queries: torch.Tensor,
-        slice_numbers: torch.Tensor,
-        flip: int | None,
-        context: Any,
-        latents: dict[tuple[int, int | None], torch.Tensor] | None,
-    ) -> torch.Tensor:
-        """``network.segment(queries, context)``, with the query latents taken from (and added to) ``latents``."""
-        if latents is None:
-            return network.segment(queries, context)
-        keys = [(d, flip) for d in slice_numbers.tolist()]
-        todo = [i for i, key in enumerate(keys) if key not in latents]
-        if todo:
-            for i, latent in zip(todo, network.encode_latents(queries[todo])):
-                latents[keys[i]] = latent
-        return network.decode_mask(network.predict_mask_latent(torch.stack([latents[key] for key in keys]), context))
-
+    # ------------------------------------------------------------------ one organ
     def _segment_organ(
         self,
-        network: Any,
-        query: torch.Tensor,
+        segmenter: ChunkSegmenter,
         supports: list[tuple[torch.Tensor, torch.Tensor]],
         query_label: torch.Tensor | None,
-        device: torch.device,
         with_soft: bool,
-        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
         context: Any = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One organ of the query: its mask ``[1, 1, H, W, D]`` (post-processed) and, ``with_soft``, its
         :func:`foreground_probability` ``[1, 1, H, W, D]`` (else ``None``). ``context``: a support-free network's
         organ context, used for every chunk and flip in place of the supports'."""
-        height, width, depth = (int(s) for s in query.shape[2:])
-        contexts: dict[tuple[int, int, int | None], Any] = {}
+        contexts: SliceContexts = {}
         if context is not None:
             support: list[Any] = [None]
-            contexts.update({(0, j, d): context for j in range(self.n_chunks) for d in self._flip_passes()})
+            contexts.update({(0, j, d): context for j in range(self.n_chunks) for d in segmenter.passes})
         else:
             names = ["support_label"] if len(supports) == 1 else [f"support_label[{k}]" for k in range(len(supports))]
-            support = [self._support(image, label, device, name)[:2] for (image, label), name in zip(supports, names)]
+            support = [
+                support_slices(image, label, self.n_chunks, self.spatial_size, segmenter.device, name)[:2]
+                for (image, label), name in zip(supports, names)
+            ]
         if self.query_range == "protocol":
             assert query_label is not None
             present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
@@ -463,73 +195,20 @@ class SlidingSupportInferer(Inferer):
                     "organ slice to segment; use query_range='all' for unannotated queries."
                 )
             bar = progress_bar(total=int(present.numel()), desc="query slices") if self.progress else None
-            predicted = self._segment_chunks(
-                network, query, self._split(present), support, device, bar, contexts, latents
-            )
+            predicted = segmenter(split_chunks(present, self.n_chunks), support, contexts, bar)
             keep = present.tolist()
         else:
-            predicted, keep, bar = self._segment_extent(
-                network, query, support, device, contexts, latents, rechunk=context is None
+            predicted, keep, bar = segment_longest_run(
+                segmenter, support, contexts, self.n_chunks, self.progress, rechunk=context is None
             )
         if bar is not None:
             bar.close()
-
         # channel 0 the mask; for probabilities, channel 1 the soft mask (-1 off the segmented range)
-        channels = 2 if with_soft else 1
-        output = torch.zeros((depth, channels, self.spatial_size, self.spatial_size), dtype=torch.float32, device=device)
-        output[:, 1:] = -1.0
-        if keep:
-            output[keep, 0] = torch.stack([predicted[d][0] for d in keep]).to(torch.float32)
-            if with_soft:
-                output[keep, 1] = torch.stack([predicted[d][1] for d in keep])
-        if (height, width) != (self.spatial_size, self.spatial_size):
-            output = F.interpolate(output, size=(height, width), mode="nearest-exact")
-        output = output.permute(1, 2, 3, 0).unsqueeze(0)  # [1, channels, H, W, D]
+        output = volume_from_slices(
+            predicted, keep, segmenter.query.shape[2:], self.spatial_size, segmenter.device, with_soft
+        )
         mask = self.postprocess(output[:, :1])
         return mask, foreground_probability(output[:, 1:], mask) if with_soft else None
-
-    def _segment_extent(
-        self,
-        network: Any,
-        query: torch.Tensor,
-        support: list[tuple[torch.Tensor, torch.Tensor]],
-        device: torch.device,
-        contexts: dict[tuple[int, int, int | None], Any],
-        latents: dict[tuple[int, int | None], torch.Tensor] | None = None,
-        rechunk: bool = True,
-    ) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], list[int], Any]:
-        """Deployment mode: a first pass over every slice, then the longest predicted run re-chunked (see the class
-        docstring) -> predictions per slice, the kept slice numbers and the open progress bar (or ``None``).
-        ``rechunk=False`` (one context for every chunk) keeps the first pass's predictions of the run."""
-        depth = int(query.shape[-1])
-        bar = progress_bar(total=depth, desc="query slices (pass 1)") if self.progress else None
-        first_chunks = self._split(torch.arange(depth))
-        first = self._segment_chunks(network, query, first_chunks, support, device, bar, contexts, latents)
-        if bar is not None:
-            bar.close()
-        extent = largest_run([bool(first[d][0].any()) for d in range(depth)])
-        if extent is None:
-            return {}, [], None
-        if not rechunk:
-            return {d: first[d] for d in range(*extent)}, list(range(*extent)), None
-        predicted: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        first_chunk_of = {int(d): j for j, c in enumerate(first_chunks) for d in c.tolist()}
-        redo: list[torch.Tensor] = []
-        for j, chunk in enumerate(self._split(torch.arange(*extent))):
-            same = [d for d in chunk.tolist() if first_chunk_of[d] == j]
-            predicted.update({d: first[d] for d in same})
-            redo.append(torch.tensor([d for d in chunk.tolist() if first_chunk_of[d] != j], dtype=torch.long))
-        n_redo = sum(int(r.numel()) for r in redo)
-        bar = progress_bar(total=n_redo, desc="query slices (pass 2)") if self.progress and n_redo else None
-        predicted.update(self._segment_chunks(network, query, redo, support, device, bar, contexts, latents))
-        return predicted, list(range(*extent)), bar
-
-    def _flip_passes(self) -> list[int | None]:
-        # A slice [N, C, H, W] mirrored along volume axis a is flipped along its dim a + 2; None is the plain pass.
-        return [None, *(a + 2 for a in self.flip_axes)]
-
-    def _split(self, index: torch.Tensor) -> list[torch.Tensor]:
-        return [index[a:b] for a, b in chunk_bounds(int(index.numel()), self.n_chunks)]
 
     def __call__(  # type: ignore[override]
         self,
@@ -584,59 +263,29 @@ class SlidingSupportInferer(Inferer):
                 "support_label, query_label and organ_id."
             )
         uses_support = getattr(network, "uses_support", True)
-        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
-        for name in needed:
-            if not callable(getattr(network, name, None)):
-                raise ValueError(
-                    f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
-                    f"SDFSMIS interface ({', '.join(needed)})."
-                )
-        self._check_volume("inputs (query volume)", inputs, (1, 3))
-        if uses_support:
-            supports = self._checked_supports(support_image, support_label)
-            n_organs = int(supports[0][1].shape[1])
-        else:
-            organ_ids = self._checked_organ_ids(self.organ_ids if organ_id is None else organ_id)
-            supports, n_organs = [], len(organ_ids)
-        if len(supports) > 1 and self.support_fusion == "network" and not callable(getattr(network, "fuse_supports", None)):
-            raise ValueError(
-                f"support_fusion='network' needs a network with fuse_supports; {type(network).__name__} has none "
-                "(use support_fusion='average')."
-            )
+        supports, organ_ids = self._checked_network_and_supports(network, uses_support, support_image, support_label, organ_id)
+        n_organs = int(supports[0][1].shape[1]) if uses_support else len(organ_ids)
+        check_volume("inputs (query volume)", inputs, (1, 3))
         # MetaTensor bookkeeping on every slicing op is slow; the metadata is put back on the output only.
         query = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
-        if isinstance(query_label, MetaTensor):
-            query_label = query_label.as_tensor()
-        self._check_finite("inputs (query volume)", query)
-        if query_label is not None and query_label.is_floating_point():
-            self._check_finite("query_label", query_label)
-        self._check_range("inputs (query volume)", query)
-        if self.query_range == "protocol":
-            if query_label is None:
-                raise ValueError(
-                    "query_range='protocol' needs query_label (the query's organ mask, to select its organ slices); "
-                    "use query_range='all' when the query has no annotation."
-                )
-            self._check_volume("query_label", query_label, (n_organs,))
-            if query_label.shape[2:] != inputs.shape[2:]:
-                raise ValueError(
-                    f"query_label {tuple(query_label.shape)} and the query volume {tuple(inputs.shape)} must have the "
-                    "same spatial shape."
-                )
-            self._check_mask("query_label", query_label)
+        check_finite("inputs (query volume)", query)
+        check_range("inputs (query volume)", query)
+        query_label = checked_query_label(query_label, query, n_organs, needed=self.query_range == "protocol")
 
         device = self.device if self.device is not None else network_device(network)
+        segmenter = ChunkSegmenter(
+            network, query, device, self.spatial_size, self.sw_batch_size, flip_passes(self.flip_axes),
+            fuse=self.support_fusion == "network", amp=self.amp,
+        )
         with torch.no_grad():
             masks, probabilities = [], []
-            splits = all(callable(getattr(network, n, None)) for n in ("encode_latents", "predict_mask_latent", "decode_mask"))
-            latents: dict[tuple[int, int | None], torch.Tensor] | None = {} if splits else None
             for organ in range(n_organs):
-                organ_supports = [(image, label[:, organ : organ + 1]) for image, label in supports]
-                organ_query = None if query_label is None else query_label[:, organ : organ + 1]
-                context = None if uses_support else network.organ_context(organ_ids[organ])
                 mask, probability = self._segment_organ(
-                    network, query, organ_supports, organ_query, device, self.probabilities or n_organs > 1, latents,
-                    context,
+                    segmenter,
+                    [(image, label[:, organ : organ + 1]) for image, label in supports],
+                    None if query_label is None else query_label[:, organ : organ + 1],
+                    self.probabilities or n_organs > 1,
+                    None if uses_support else network.organ_context(organ_ids[organ]),
                 )
                 masks.append(mask)
                 probabilities.append(probability)
@@ -647,3 +296,24 @@ class SlidingSupportInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             return convert_to_dst_type(output, inputs, dtype=torch.float32)[0]
         return output.to(device=inputs.device)
+
+    def _checked_network_and_supports(
+        self, network: Any, uses_support: bool, support_image: Any, support_label: Any, organ_id: Any
+    ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
+        """The checked supports (few-shot network) or organ ids (support-free network); the network's interface."""
+        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
+        for name in needed:
+            if not callable(getattr(network, name, None)):
+                raise ValueError(
+                    f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
+                    f"SDFSMIS interface ({', '.join(needed)})."
+                )
+        if not uses_support:
+            return [], checked_organ_ids(self.organ_ids if organ_id is None else organ_id)
+        supports = checked_supports(support_image, support_label)
+        if len(supports) > 1 and self.support_fusion == "network" and not callable(getattr(network, "fuse_supports", None)):
+            raise ValueError(
+                f"support_fusion='network' needs a network with fuse_supports; {type(network).__name__} has none "
+                "(use support_fusion='average')."
+            )
+        return supports, []

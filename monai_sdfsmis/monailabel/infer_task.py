@@ -50,7 +50,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapLabelValue, MapTransform, Orientation
 from monai.utils import OptionalImportError, optional_import
 
+from monai_sdfsmis.data.protocol import organ_id_list
 from monai_sdfsmis.engines.support_batch import count_support_keys, support_keys
+from monai_sdfsmis.transforms.io import label_map_dtype
 
 BasicInferTask, has_monailabel = optional_import("monailabel.tasks.infer.basic_infer", name="BasicInferTask")
 InferType, _ = optional_import("monailabel.interfaces.tasks.infer_v2", name="InferType")
@@ -166,20 +168,7 @@ def organ_ids_of_request(value: Any, labels: Mapping[str, int]) -> list[int]:
     ValueError
         An id that is not a positive integer, an unknown name, an organ asked for twice, or an empty list.
     """
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise ValueError("organ_id is an empty list: name at least one organ (id or label name).")
-    ids = []
-    for item in values:
-        if isinstance(item, str) and item.strip() in labels:
-            ids.append(int(labels[item.strip()]))
-        elif isinstance(item, str) and not item.strip().lstrip("-").replace(".", "", 1).isdigit():
-            raise ValueError(f"organ_id {item!r} is neither a label id nor one of the labels {sorted(labels)}.")
-        else:
-            ids.append(_organ_id(item))
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"organ_id names an organ twice: {values}.")
-    return ids
+    return organ_id_list(value, key="organ_id", names=labels, unique=True)
 
 
 def run_support_inference(
@@ -303,19 +292,9 @@ class RestoreQueryGridd(MapTransform):
             if not np.allclose(affine, original, atol=1e-3 * max(1.0, float(np.abs(original).max()))):
                 raise ValueError(f"{key}: could not restore the query's grid (affine {affine.tolist()} vs {original.tolist()}).")
             values = np.rint(np.clip(restored.array[0], 0, None))  # a binary mask, or a label map of organ ids
-            d[key] = values.astype(np.uint16 if values.max(initial=0) > 255 else np.uint8)
+            d[key] = values.astype(label_map_dtype(values.max(initial=0)))
             d[f"{key}_meta_dict"] = {"affine": original, "spatial_shape": np.asarray(d[key].shape)}
         return d
-
-
-def _organ_id(value: Any) -> int:
-    try:
-        organ = int(value)
-    except (TypeError, ValueError):
-        organ = -1
-    if organ < 1 or str(value).strip() not in (str(organ), f"{organ}.0"):
-        raise ValueError(f"organ_id must be a positive integer label id, got {value!r}.")
-    return organ
 
 
 if has_monailabel:

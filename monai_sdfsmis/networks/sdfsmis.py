@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from monai_sdfsmis.networks.autoencoder import downsampling_factor
+from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencoderMixin
 from monai_sdfsmis.networks.latent_loss import decoded_dice_loss, latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
@@ -52,7 +52,6 @@ from monai_sdfsmis.networks.sqi import (
 )
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
-BINARIZE_MODES = ("zero", "relative")
 SUPPORT_CONDITIONS = ("same", "empty")
 FORWARD_MODES = ("segment", "loss")
 TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
@@ -97,6 +96,33 @@ class SupportContext:
             elif isinstance(value, dict):
                 changes[f.name] = {k: v.to(*args, **kwargs) for k, v in value.items()}
         return replace(self, **changes)
+
+    @classmethod
+    def fuse(cls, contexts: Sequence[SupportContext]) -> SupportContext:
+        """One context from the contexts of ``k`` support slices (k-shot fusion inside the network, as DiffewS).
+
+        Each SII block attends to the tokens of all ``k`` supports (their features concatenated along the token
+        axis, so the attention's softmax runs over every support's tokens); the QE prototypes, the VTCT conditions
+        and the latents are averaged over the supports. One query pass then uses all supports.
+
+        Parameters
+        ----------
+        contexts
+            ``k`` contexts of one support slice each (``batch_size`` 1), from :meth:`SDFSMIS.encode_support`.
+        """
+        if not contexts or any(c.batch_size != 1 for c in contexts):
+            raise ValueError("fusing supports takes one or more contexts of one support slice each (batch size 1).")
+        if len(contexts) == 1:
+            return contexts[0]
+
+        def mean(name: str) -> torch.Tensor | None:
+            values = [getattr(c, name) for c in contexts]
+            return None if values[0] is None else torch.stack(values).mean(dim=0)
+
+        features = None
+        if contexts[0].features is not None:
+            features = {key: torch.cat([c.features[key] for c in contexts], dim=1) for key in contexts[0].features}
+        return cls(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
 
 
 class DualConvIn(nn.Module):
@@ -169,43 +195,61 @@ class DualConvIn(nn.Module):
         return conv(sample)
 
 
-def _frozen_encoder(module: nn.Module) -> nn.Module | None:
-    vtct = getattr(module, "vtct", None)  # networks without VTCT (the supervised segmenter) share these hooks
-    return None if vtct is None else vtct.image_encoder
-
-
-def _frozen_prefixes(module: nn.Module) -> list[str]:
-    return ["vae."] + (["vtct.image_encoder."] if _frozen_encoder(module) is not None else [])
-
-
-def _drop_frozen_state(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """``state_dict`` post-hook: the frozen VAE / image encoder come from their pretrained source, not from us."""
-    drop = tuple(prefix + p for p in _frozen_prefixes(module))
-    for key in [k for k in state_dict if k.startswith(drop)]:
-        del state_dict[key]
-
-
-def _fill_frozen_state(
-    module: nn.Module,
-    state_dict: dict,
-    prefix: str,
-    local_metadata: dict,
-    strict: bool,
-    missing_keys: list,
-    unexpected_keys: list,
-    error_msgs: list,
+def _check_settings(
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    image_encoder: nn.Module | None,
+    empty_prompt_embedding: torch.Tensor | None,
+    *,
+    use_qe: bool,
+    use_vtct: bool,
+    sii_mode: str,
+    shared_conv_in: bool,
+    vtct_mode: str,
+    timestep: int,
+    support_condition: str,
+    foreground_weight: float,
+    decoded_dice_weight: float,
 ) -> None:
-    """``load_state_dict`` pre-hook: the frozen modules keep their weights (so strict loading of a trained-parts
-    state dict works). ``state_dict`` here is ``load_state_dict``'s own copy, so the caller's dict is untouched."""
-    frozen = {"vae.": module.vae}
-    if _frozen_encoder(module) is not None:
-        frozen["vtct.image_encoder."] = _frozen_encoder(module)
-    for name, sub in frozen.items():
-        for key, value in sub.state_dict(prefix=prefix + name).items():
-            state_dict.setdefault(key, value)
+    """``ValueError`` naming the first of :class:`SDFSMIS`'s arguments that does not fit the others."""
+    if sii_mode not in SII_MODES:
+        raise ValueError(f"sii_mode must be one of {SII_MODES}, got {sii_mode!r}.")
+    if support_condition not in SUPPORT_CONDITIONS:
+        raise ValueError(f"support_condition must be one of {SUPPORT_CONDITIONS}, got {support_condition!r}.")
+    if not 0 <= int(timestep) < 1000:
+        raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
+    if not float(foreground_weight) > 0:
+        raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
+    if not float(decoded_dice_weight) >= 0:
+        raise ValueError(f"decoded_dice_weight must be zero or positive, got {decoded_dice_weight}.")
+    if shared_conv_in and not use_qe:
+        raise ValueError(
+            "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
+        )
+    conv_in = unet.conv_in
+    if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != vae.config.latent_channels:
+        raise ValueError(
+            f"unet.conv_in must be SD's original {vae.config.latent_channels}-channel Conv2d, got {conv_in!r} "
+            "(was this UNet already wrapped by SDFSMIS?)."
+        )
+    cross_dim = int(unet.config.cross_attention_dim)
+    needs_empty = not use_vtct or (image_encoder is not None and vtct_mode == "add") or support_condition == "empty"
+    if empty_prompt_embedding is None and needs_empty:
+        raise ValueError(
+            "empty_prompt_embedding ([1, 77, D], SD's text-encoder output for '') is required unless VTCT runs "
+            "without an image encoder or in 'replace' mode."
+        )
+    if empty_prompt_embedding is not None and (
+        empty_prompt_embedding.ndim != 3 or empty_prompt_embedding.shape[0] != 1
+        or empty_prompt_embedding.shape[2] != cross_dim
+    ):
+        raise ValueError(
+            f"empty_prompt_embedding must be [1, T, {cross_dim}] (UNet cross_attention_dim), got "
+            f"{tuple(empty_prompt_embedding.shape)}."
+        )
 
 
-class SDFSMIS(nn.Module):
+class SDFSMIS(FrozenAutoencoderMixin):
     """SD-FSMIS network (1-way 1-shot; a batch holds independent episodes).
 
     Parameters
@@ -296,45 +340,14 @@ class SDFSMIS(nn.Module):
         decoded_dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
-        if sii_mode not in SII_MODES:
-            raise ValueError(f"sii_mode must be one of {SII_MODES}, got {sii_mode!r}.")
-        if binarize_mode not in BINARIZE_MODES:
-            raise ValueError(f"binarize_mode must be one of {BINARIZE_MODES}, got {binarize_mode!r}.")
-        if support_condition not in SUPPORT_CONDITIONS:
-            raise ValueError(f"support_condition must be one of {SUPPORT_CONDITIONS}, got {support_condition!r}.")
-        if not 0.0 < relative_threshold < 1.0:
-            raise ValueError(f"relative_threshold must be in (0, 1), got {relative_threshold}.")
-        if not 0 <= int(timestep) < 1000:
-            raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
-        if not float(foreground_weight) > 0:
-            raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
-        if not float(decoded_dice_weight) >= 0:
-            raise ValueError(f"decoded_dice_weight must be zero or positive, got {decoded_dice_weight}.")
-        if shared_conv_in and not use_qe:
-            raise ValueError(
-                "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
-            )
+        _check_settings(
+            vae, unet, image_encoder, empty_prompt_embedding, use_qe=use_qe, use_vtct=use_vtct, sii_mode=sii_mode,
+            shared_conv_in=shared_conv_in, vtct_mode=vtct_mode, timestep=timestep, support_condition=support_condition,
+            foreground_weight=foreground_weight, decoded_dice_weight=decoded_dice_weight,
+        )
+        self.check_binarize_settings(binarize_mode, relative_threshold)
         conv_in = unet.conv_in
-        if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != vae.config.latent_channels:
-            raise ValueError(
-                f"unet.conv_in must be SD's original {vae.config.latent_channels}-channel Conv2d, got {conv_in!r} "
-                "(was this UNet already wrapped by SDFSMIS?)."
-            )
         cross_dim = int(unet.config.cross_attention_dim)
-        needs_empty = not use_vtct or (image_encoder is not None and vtct_mode == "add") or support_condition == "empty"
-        if empty_prompt_embedding is None and needs_empty:
-            raise ValueError(
-                "empty_prompt_embedding ([1, 77, D], SD's text-encoder output for '') is required unless VTCT runs "
-                "without an image encoder or in 'replace' mode."
-            )
-        if empty_prompt_embedding is not None and (
-            empty_prompt_embedding.ndim != 3 or empty_prompt_embedding.shape[0] != 1
-            or empty_prompt_embedding.shape[2] != cross_dim
-        ):
-            raise ValueError(
-                f"empty_prompt_embedding must be [1, T, {cross_dim}] (UNet cross_attention_dim), got "
-                f"{tuple(empty_prompt_embedding.shape)}."
-            )
 
         self.settings = {
             "use_sii": bool(use_sii), "use_qe": bool(use_qe), "use_vtct": bool(use_vtct), "sii_mode": sii_mode,
@@ -362,9 +375,7 @@ class SDFSMIS(nn.Module):
             if unet.conv_out.bias is not None:
                 nn.init.zeros_(unet.conv_out.bias)
 
-        vae.requires_grad_(False)
-        vae.eval()
-        self.vae = vae
+        self.adopt_frozen_autoencoder(vae)
 
         # Marigold init (SD's kernel repeated twice, halved, bias copied); without QE the query keeps SD's conv_in.
         query_conv = DualConvIn.marigold(conv_in) if use_qe else conv_in
@@ -386,8 +397,6 @@ class SDFSMIS(nn.Module):
             "empty_prompt_embedding",
             None if empty_prompt_embedding is None else empty_prompt_embedding.detach().clone().float(),
         )
-        self.register_state_dict_post_hook(_drop_frozen_state)
-        self.register_load_state_dict_pre_hook(_fill_frozen_state)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -446,16 +455,7 @@ class SDFSMIS(nn.Module):
             empty = torch.randn(1, 77, int(unet.config.cross_attention_dim))
             return cls(vae, unet, encoder, empty, **settings)
 
-    # ------------------------------------------------------------------ modes and persistence
-    def train(self, mode: bool = True) -> SDFSMIS:
-        super().train(mode)
-        self.vae.eval()  # frozen modules never switch to training behaviour
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
+    # ------------------------------------------------------------------ training
     def parameter_groups(
         self, lr_unet: float = 1e-5, lr_new: float = 5e-5, weight_decay: float = 1e-2
     ) -> list[dict[str, Any]]:
@@ -486,66 +486,6 @@ class SDFSMIS(nn.Module):
         ]
 
     # ------------------------------------------------------------------ building blocks
-    @staticmethod
-    def _check_pair(image: torch.Tensor, label: torch.Tensor | None, who: str) -> None:
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"{who}_image must be [B, 3, H, W] in [-1, 1], got {tuple(image.shape)}.")
-        if image.shape[-1] % 8 or image.shape[-2] % 8:
-            raise ValueError(f"{who}_image height/width must be multiples of 8 (VAE), got {tuple(image.shape[-2:])}.")
-        if label is not None and (
-            label.ndim != 4 or label.shape[1] != 1 or label.shape[0] != image.shape[0]
-            or label.shape[-2:] != image.shape[-2:]
-        ):
-            raise ValueError(
-                f"{who}_label must be [B, 1, H, W] matching {who}_image {tuple(image.shape)}, got {tuple(label.shape)}."
-            )
-
-    @staticmethod
-    def mask_to_image(label: torch.Tensor) -> torch.Tensor:
-        """``[B, 1, H, W]`` mask in ``{0, 1}`` -> ``[B, 3, H, W]`` in ``{-1, 1}`` (the VAE's image range)."""
-        return (label.float() * 2.0 - 1.0).expand(-1, 3, -1, -1)
-
-    def encode_posterior(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen VAE encoder: ``[B, 3, H, W]`` in ``[-1, 1]`` -> posterior parameters ``[B, 2C, h, w]`` (mean, log-variance).
-
-        The unscaled output of the encoder (diffusers' ``DiagonalGaussianDistribution.parameters``); it does not
-        depend on the training mode, so it is what a latent cache stores (:class:`~monai_sdfsmis.networks.latent_cache.LatentCache`).
-        """
-        with torch.no_grad():
-            return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters
-
-    def latents_from_posterior(self, parameters: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
-        """Posterior parameters ``[B, 2C, h, w]`` -> scaled latent ``[B, C, h, w]``.
-
-        Parameters
-        ----------
-        parameters
-            From :meth:`encode_posterior`.
-        sample
-            Draw a posterior sample (``True``) or take the mean (``False``); ``None``: sample in ``train()``
-            mode when ``vae_sample_in_training`` (SD's VAE: sample in training, mean in evaluation), mean otherwise.
-        """
-        if sample is None:
-            sample = self.training and self.vae_sample_in_training
-        dist = DiagonalGaussianDistribution(parameters)
-        z = dist.sample() if sample else dist.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (z - shift) * self.vae.config.scaling_factor
-
-    def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
-        """Frozen VAE: ``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latent ``[B, 4, H/8, W/8]``.
-
-        Posterior sample in ``train()`` mode when ``vae_sample_in_training``, posterior mean otherwise.
-        """
-        return self.latents_from_posterior(self.encode_posterior(images))
-
-    def decode_mask(self, latent: torch.Tensor) -> torch.Tensor:
-        """Mask latent ``[B, 4, h, w]`` -> soft mask ``[B, 1, 8h, 8w]`` float32 in ``[-1, 1]`` (decode, clip, channel mean)."""
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latent / self.vae.config.scaling_factor + shift
-        image = self.vae.decode(z.to(self.vae.dtype)).sample
-        return image.float().clamp(-1.0, 1.0).mean(dim=1, keepdim=True)
-
     def condition(self, support_image: torch.Tensor, support_label: torch.Tensor) -> torch.Tensor:
         """Text-like condition ``[Bs, T, D]`` of the query pass: VTCT output, or the empty-prompt embedding."""
         batch = support_image.shape[0]
@@ -654,8 +594,8 @@ class SDFSMIS(nn.Module):
         torch.Tensor or (torch.Tensor, dict)
             Scalar float32 loss (and its parts).
         """
-        self._check_pair(support_image, support_label, "support")
-        self._check_pair(query_image, query_label, "query")
+        self.check_slice_pair(support_image, support_label, "support")
+        self.check_slice_pair(query_image, query_label, "query")
         if support_image.shape != query_image.shape:
             raise ValueError(
                 f"support_image {tuple(support_image.shape)} and query_image {tuple(query_image.shape)} must match."
@@ -698,35 +638,14 @@ class SDFSMIS(nn.Module):
         support_label
             ``[1, 1, H, W]`` in ``{0, 1}`` with at least one foreground pixel.
         """
-        self._check_pair(support_image, support_label, "support")
+        self.check_slice_pair(support_image, support_label, "support")
         return self._support_context(support_image, support_label)
 
     @staticmethod
     def fuse_supports(contexts: Sequence[SupportContext]) -> SupportContext:
-        """One context from the contexts of ``k`` support slices (k-shot fusion inside the network, as DiffewS).
-
-        Each SII block attends to the tokens of all ``k`` supports (their features concatenated along the token
-        axis, so the attention's softmax runs over every support's tokens); the QE prototypes, the VTCT conditions
-        and the latents are averaged over the supports. One query pass then uses all supports.
-
-        Parameters
-        ----------
-        contexts
-            ``k`` contexts of one support slice each (``batch_size`` 1), from :meth:`encode_support`.
-        """
-        if not contexts or any(c.batch_size != 1 for c in contexts):
-            raise ValueError("fuse_supports takes one or more contexts of one support slice each (batch size 1).")
-        if len(contexts) == 1:
-            return contexts[0]
-
-        def mean(name: str) -> torch.Tensor | None:
-            values = [getattr(c, name) for c in contexts]
-            return None if values[0] is None else torch.stack(values).mean(dim=0)
-
-        features = None
-        if contexts[0].features is not None:
-            features = {key: torch.cat([c.features[key] for c in contexts], dim=1) for key in contexts[0].features}
-        return SupportContext(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
+        """One context from the contexts of ``k`` support slices (k-shot fusion inside the network, as DiffewS):
+        :meth:`SupportContext.fuse`."""
+        return SupportContext.fuse(contexts)
 
     @torch.no_grad()
     def segment(self, query_image: torch.Tensor, context: SupportContext) -> torch.Tensor:
@@ -745,25 +664,12 @@ class SDFSMIS(nn.Module):
         torch.Tensor
             ``[N, 1, H, W]`` float32 in ``[-1, 1]``.
         """
-        self._check_pair(query_image, None, "query")
+        self.check_slice_pair(query_image, None, "query")
         expected = tuple(context.image_latent.shape[-2:])
         factor = downsampling_factor(self.vae)
         if tuple(s // factor for s in query_image.shape[-2:]) != expected:
             raise ValueError(f"query_image {tuple(query_image.shape)} does not match the support's size (latent {expected}).")
         return self.decode_mask(self.predict_mask_latent(self.encode_latents(query_image), context))
-
-    def binarize(self, soft: torch.Tensor) -> torch.Tensor:
-        """``[N, 1, H, W]`` soft mask in ``[-1, 1]`` -> bool mask.
-
-        ``"zero"``: ``soft > 0``. ``"relative"`` (DiffewS): ``p = (soft + 1) / 2`` above
-        ``relative_threshold * max(p)`` of each slice.
-        """
-        if soft.ndim != 4 or soft.shape[1] != 1:
-            raise ValueError(f"soft mask must be [N, 1, H, W], got {tuple(soft.shape)}.")
-        if self.binarize_mode == "zero":
-            return soft > 0
-        prob = (soft.float() + 1.0) / 2.0
-        return prob > self.relative_threshold * prob.amax(dim=(1, 2, 3), keepdim=True)
 
     def forward(
         self,

@@ -34,12 +34,13 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
+from monai_sdfsmis.networks.latent_codec import FrozenAutoencoderMixin
 from monai_sdfsmis.networks.latent_loss import latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
-from monai_sdfsmis.networks.sdfsmis import SDFSMIS, DualConvIn, _drop_frozen_state, _fill_frozen_state
+from monai_sdfsmis.networks.sdfsmis import DualConvIn
 
 
-class SupervisedLatentSegmenter(nn.Module):
+class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
     """One-step latent segmenter conditioned on an organ (SDSeg's latent fusion), trained on labelled slices.
 
     Parameters
@@ -63,15 +64,6 @@ class SupervisedLatentSegmenter(nn.Module):
 
     #: The inferer segments with :meth:`organ_context` instead of a support (no support volume is read).
     uses_support = False
-
-    # The latent codec and the binarization are SD-FSMIS's own (they use only ``vae`` and the settings below).
-    mask_to_image = staticmethod(SDFSMIS.mask_to_image)
-    encode_posterior = SDFSMIS.encode_posterior
-    latents_from_posterior = SDFSMIS.latents_from_posterior
-    encode_latents = SDFSMIS.encode_latents
-    decode_mask = SDFSMIS.decode_mask
-    binarize = SDFSMIS.binarize
-    _check_pair = staticmethod(SDFSMIS._check_pair)
 
     def __init__(
         self,
@@ -110,9 +102,8 @@ class SupervisedLatentSegmenter(nn.Module):
         self.relative_threshold = float(relative_threshold)
         self.vae_sample_in_training = False  # posterior means: see build_no_prior_sdfsmis
 
-        vae.requires_grad_(False)
-        vae.eval()
-        self.vae = vae
+        self.check_binarize_settings(binarize_mode, relative_threshold)
+        self.adopt_frozen_autoencoder(vae)
         # A plain widened convolution, so that diffusers' own save_pretrained / from_pretrained keep it.
         unet.conv_in = DualConvIn.marigold(conv_in)
         unet.register_to_config(in_channels=2 * latent_channels)
@@ -121,17 +112,6 @@ class SupervisedLatentSegmenter(nn.Module):
         self.organ_conditions = nn.Parameter(torch.empty(len(self.organ_ids), int(condition_tokens), width))
         nn.init.trunc_normal_(self.organ_conditions, std=0.02)
         self.scheduler = one_step_scheduler()
-        self.register_state_dict_post_hook(_drop_frozen_state)
-        self.register_load_state_dict_pre_hook(_fill_frozen_state)
-
-    def train(self, mode: bool = True) -> SupervisedLatentSegmenter:
-        super().train(mode)
-        self.vae.eval()
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
 
     def parameter_groups(
         self, lr_unet: float = 2e-4, lr_new: float = 2e-4, weight_decay: float = 1e-2
@@ -188,7 +168,7 @@ class SupervisedLatentSegmenter(nn.Module):
             Also return ``{"loss_mean_target": loss}`` (posterior means are used, so they are the same), as the
             few-shot network logs it.
         """
-        self._check_pair(image, label, "slice")
+        self.check_slice_pair(image, label, "slice")
         index = torch.as_tensor(organ_index, device=image.device).long().flatten()
         if index.numel() != image.shape[0] or bool((index < 0).any()) or bool((index >= len(self.organ_ids)).any()):
             raise ValueError(
@@ -203,7 +183,7 @@ class SupervisedLatentSegmenter(nn.Module):
     @torch.no_grad()
     def segment(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Soft masks ``[N, 1, H, W]`` in ``[-1, 1]`` of ``N`` slices ``[N, 3, H, W]`` for one organ's ``context``."""
-        self._check_pair(image, None, "query")
+        self.check_slice_pair(image, None, "query")
         return self.decode_mask(self.predict_mask_latent(self.encode_latents(image), context))
 
     def forward(

@@ -25,6 +25,7 @@ __all__ = [
     "check_output_folder",
     "axis_reorientation",
     "check_written_volume",
+    "label_map_dtype",
     "SaveVolumed",
 ]
 
@@ -702,6 +703,16 @@ def check_written_volume(path: str | os.PathLike, shape: Sequence[int], name: An
     expected = int(np.prod([int(v) for v in shape]))
     if voxels != expected:
         raise OSError(f"writing {shown} failed: it reads back with {voxels} voxels, not {expected}; is the disk full?")
+
+
+def label_map_dtype(max_label: int) -> type:
+    """The integer type a mask or label map is stored in: ``uint8`` when every label fits, else ``uint16``.
+
+    A label above 65535 is a ``ValueError``: no id of a segmentation is that large, and a cast would wrap it.
+    """
+    if int(max_label) > np.iinfo(np.uint16).max:
+        raise ValueError(f"label id {int(max_label)} does not fit a uint16 label map (at most 65535)")
+    return np.uint8 if int(max_label) <= np.iinfo(np.uint8).max else np.uint16
 
 
 def _atomic_writer(writer_cls: type) -> type:
