@@ -408,9 +408,8 @@ def _check_held_out(args: argparse.Namespace) -> None:
         if len(set(args.holdout)) >= n_volumes:
             raise ValueError(f"--holdout holds out all {n_volumes} volumes of {args.dataset_dir}: nothing left to train on")
         return
-    explicit = [item.partition("=")[2] for item in args.overrides if item.partition("=")[0] == "folds"]
-    if explicit:  # --set folds=[[...], ...]: the recipe checks the fold against them
-        return
+    if any(item.partition("=")[0] == "folds" for item in args.overrides):
+        return  # --set folds=[[...], ...]: the recipe checks the fold against them
     try:
         folds = rpt_folds(n_volumes)
     except ValueError:

@@ -13,6 +13,7 @@ __all__ = [
     "flip_passes",
     "mirror",
     "split_chunks",
+    "foreground_slices",
     "resize_slices",
     "support_slices",
     "volume_from_slices",
@@ -69,6 +70,11 @@ def split_chunks(index: torch.Tensor, n_chunks: int) -> list[torch.Tensor]:
     return [index[a:b] for a, b in chunk_bounds(int(index.numel()), n_chunks)]
 
 
+def foreground_slices(mask: torch.Tensor) -> torch.Tensor:
+    """Slice numbers ``[n]`` (CPU, ascending) where ``mask [1, 1, H, W, D]`` has a foreground voxel."""
+    return torch.nonzero(mask[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
+
+
 def resize_slices(
     volume: torch.Tensor, index: torch.Tensor, mode: str, spatial_size: int, device: torch.device
 ) -> torch.Tensor:
@@ -106,7 +112,7 @@ def support_slices(
     ``n_chunks`` parts and the middle one of each is taken
     (:func:`~monai_sdfsmis.data.protocol.support_slice_indices`). ``name`` names the mask in errors.
     """
-    present = torch.nonzero(support_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
+    present = foreground_slices(support_label)
     if present.numel() == 0:
         raise ValueError(
             f"{name} is empty: the support volume's mask has no foreground voxel, so there is no support "

@@ -41,6 +41,7 @@ from monai_sdfsmis.inferers.probabilities import foreground_probability, organ_l
 from monai_sdfsmis.inferers.slices import (
     check_flip_axes,
     flip_passes,
+    foreground_slices,
     largest_run,
     split_chunks,
     support_slices,
@@ -188,7 +189,7 @@ class SlidingSupportInferer(Inferer):
             ]
         if self.query_range == "protocol":
             assert query_label is not None
-            present = torch.nonzero(query_label[0, 0].flatten(0, 1).any(dim=0)).flatten().cpu()
+            present = foreground_slices(query_label)
             if present.numel() == 0:
                 raise ValueError(
                     "query_label is empty: the query's organ mask has no foreground voxel, so protocol mode has no "
@@ -263,9 +264,16 @@ class SlidingSupportInferer(Inferer):
                 "support_label, query_label and organ_id."
             )
         uses_support = getattr(network, "uses_support", True)
-        supports, organ_ids = self._checked_network_and_supports(network, uses_support, support_image, support_label, organ_id)
-        n_organs = int(supports[0][1].shape[1]) if uses_support else len(organ_ids)
+        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
+        for name in needed:
+            if not callable(getattr(network, name, None)):
+                raise ValueError(
+                    f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
+                    f"SDFSMIS interface ({', '.join(needed)})."
+                )
         check_volume("inputs (query volume)", inputs, (1, 3))
+        supports, organ_ids = self._checked_supports(network, uses_support, support_image, support_label, organ_id)
+        n_organs = int(supports[0][1].shape[1]) if uses_support else len(organ_ids)
         # MetaTensor bookkeeping on every slicing op is slow; the metadata is put back on the output only.
         query = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
         check_finite("inputs (query volume)", query)
@@ -297,17 +305,10 @@ class SlidingSupportInferer(Inferer):
             return convert_to_dst_type(output, inputs, dtype=torch.float32)[0]
         return output.to(device=inputs.device)
 
-    def _checked_network_and_supports(
+    def _checked_supports(
         self, network: Any, uses_support: bool, support_image: Any, support_label: Any, organ_id: Any
     ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[int]]:
-        """The checked supports (few-shot network) or organ ids (support-free network); the network's interface."""
-        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
-        for name in needed:
-            if not callable(getattr(network, name, None)):
-                raise ValueError(
-                    f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
-                    f"SDFSMIS interface ({', '.join(needed)})."
-                )
+        """The checked supports (few-shot network) or organ ids (support-free network)."""
         if not uses_support:
             return [], checked_organ_ids(self.organ_ids if organ_id is None else organ_id)
         supports = checked_supports(support_image, support_label)
