@@ -94,7 +94,7 @@ def merge_variants(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 summaries[BASELINE] = copy_summary
             elif all(copy_summary != v for v in copies):
                 summaries[f"{BASELINE} ({name})"] = copy_summary
-        method_rows = [row for r in results for m, v in r["methods"].items() if m != BASELINE for row in v["rows"]]
+        method_rows = [row for r in results for m, v in r["methods"].items() if not m.startswith(BASELINE) for row in v["rows"]]
         summaries[name] = summarize(method_rows, metrics=["dice", "hd95"])
     return summaries
 

@@ -162,6 +162,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
         postprocess=model_folder.resolve_postprocess(args.postprocess, config),
         flip_axes=args.flip_axes,
         support_fusion=args.support_fusion,
+        support_alignment=model_folder.resolve_support_alignment(args.support_alignment, config),
     )
     result = evaluate_protocol(
         network,
@@ -259,6 +260,11 @@ def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
         help="3D clean-up of each mask: largest_component, fill_holes, or none (default: the model folder's)",
     )
     parser.add_argument(
+        "--support_alignment", choices=("none", "body_box"),
+        help="map each support slice (image and mask) onto the body bounding box of the query slices it segments "
+        "before the network sees it (body_box), or not (none, the paper); default: the model folder's, else none",
+    )
+    parser.add_argument(
         "--support_fusion", choices=("average", "network"), default="average",
         help="with several supports: average their soft masks, or fuse them inside the network (SII attends to the "
         "tokens of all supports; one query pass)",
@@ -304,6 +310,7 @@ def _run_infer(args: argparse.Namespace) -> int:
         postprocess=args.postprocess,
         flip_axes=args.flip_axes,
         support_fusion=args.support_fusion,
+        support_alignment=args.support_alignment,
         output_format=args.output_format,
         save_probabilities=args.save_probabilities,
         overwrite=args.overwrite,

@@ -217,6 +217,20 @@ def test_evaluate_writes_per_case_metrics_table_and_overlays(trained):
     for method in ("SD-FSMIS", "support-mask_copy"):
         assert list((eval_dir / "overlays" / method).glob("*.png")), method
 
+    # With aligned supports the bundle adds the copy of the aligned supports; the plain copy row does not move.
+    aligned_out = out / "aligned"
+    proc = _bundle_cli(
+        "run", "--config_file", "['configs/train.json','configs/quickstart.json','configs/evaluate.json']",
+        "--dataset_dir", str(chaos_dir()), "--output_dir", str(out), "--eval_dir", str(aligned_out),
+        "--support_alignment", "body_box", "--n_overlays", "0", *_overrides(SMALL),
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    aligned = json.loads((aligned_out / "protocol_results.json").read_text())
+    assert aligned["inference"]["support_alignment"] == "body_box"
+    assert list(aligned["methods"]) == ["support-mask copy", "support-mask copy (body_box)", "SD-FSMIS"]
+    assert aligned["methods"]["support-mask copy"]["rows"] == results["methods"]["support-mask copy"]["rows"]
+    assert aligned["methods"]["support-mask copy (body_box)"]["rows"] != results["methods"]["support-mask copy"]["rows"]
+
 
 def test_resume_continues_from_the_latest_checkpoint(trained, tmp_path):
     from monai.bundle import ConfigWorkflow

@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +26,7 @@ import torch
 
 from monai_sdfsmis.monailabel import app_dir
 from monai_sdfsmis.monailabel.environment import _is_ready, default_env_dir, ensure_monailabel_env, env_executable
-from tests.utils import REPO_ROOT, chaos_dir, requires_chaos
+from tests.utils import REPO_ROOT, chaos_dir, requires_chaos, stop_process, wait_until_serving
 
 pytestmark = [requires_chaos, pytest.mark.timeout(1500)]
 
@@ -94,26 +93,10 @@ def _running_server(env_python: Path, root: Path, studies: Path, model: Path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited ({proc.returncode}):\n{(root / 'server.log').read_text()[-3000:]}")
-            try:
-                if requests.get(url + "/info/", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not up after 180 s:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
+        wait_until_serving(proc, url + "/info/", root / "server.log", "server", 180)
         yield {"url": url, "root": root, "studies": studies, "model": model, "log": root / "server.log"}
     finally:
-        proc.terminate()  # by its PID, also when a test failed
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=30)
+        stop_process(proc)
         log.close()
 
 

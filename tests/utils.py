@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,31 @@ def link_chaos_subset(destination: Path, volumes: tuple[int, ...] = (1, 2, 3, 5)
         os.symlink(chaos_dir() / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz",
                    destination / "supervoxels_5000" / f"superpix-MIDDLE_{n}.nii.gz")
     return destination
+
+
+def wait_until_serving(proc: subprocess.Popen, url: str, log: Path, what: str, seconds: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the tail of ``log`` if ``proc`` exits or ``seconds`` pass."""
+    import requests
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(url, timeout=5).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not up after {seconds:.0f} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate ``proc`` by its PID (also when a test failed), then kill it if it does not exit in 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=30)

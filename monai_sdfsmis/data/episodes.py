@@ -146,6 +146,53 @@ def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
 
 
+def _excluded_labels(
+    setting: int,
+    exclusion: str,
+    exclude_labels: Sequence[int],
+    label_groups: Sequence[Sequence[int]] | None,
+    group: int | None,
+) -> tuple[tuple[int, ...], str]:
+    """The label ids whose slices Setting 2 excludes, and how (``"or"``/``"and"``); ``()`` for Setting 1."""
+    if setting != 2:
+        return (), exclusion
+    if exclusion != "groups":
+        labels = tuple(int(v) for v in exclude_labels)
+    else:
+        if not label_groups:
+            raise ValueError("exclusion='groups' needs label_groups, e.g. ALPNET_LABEL_GROUPS['chaos'].")
+        if group is None:
+            if len(label_groups) != 1:
+                raise ValueError(
+                    f"exclusion='groups' with {len(label_groups)} label groups needs `group` (0..{len(label_groups) - 1}); "
+                    "use EpisodeDataset.for_groups to build one dataset per group."
+                )
+            group = 0
+        if not 0 <= group < len(label_groups):
+            raise ValueError(f"group {group} is outside the {len(label_groups)} label groups.")
+        labels, exclusion = tuple(int(v) for v in label_groups[group]), "or"
+    if not labels:
+        raise ValueError("Setting 2 needs at least one label to exclude.")
+    return labels, exclusion
+
+
+def _check_volume_files(store: VolumeStore, ids: Sequence[str], setting: int) -> None:
+    """``ValueError`` naming a volume without the supervoxel file (or, Setting 2, the label file) episodes need."""
+    if setting == 2:
+        missing = [vid for vid in ids if not store.has_label(vid)]
+        if missing:
+            raise ValueError(
+                f"Setting 2 needs ground-truth label maps to exclude slices, but volumes {missing[:5]} "
+                f"(e.g. '{store.record(missing[0]).image}') have no label file."
+            )
+    missing_sv = [vid for vid in ids if not store.has_supervoxels(vid)]
+    if missing_sv:
+        raise ValueError(
+            f"Volumes {missing_sv[:5]} (e.g. '{store.record(missing_sv[0]).image}') have no supervoxel file; "
+            "compute supervoxels first (monai_sdfsmis.data.supervoxels.write_supervoxels)."
+        )
+
+
 class EpisodeDataset(SeededDataset):
     """Map-style dataset of self-supervised 1-way 1-shot episodes (adjacent slices, one supervoxel).
 
@@ -239,39 +286,8 @@ class EpisodeDataset(SeededDataset):
         self.min_size = int(min_size)
         self.augment = augment
         self.max_slice_gap = int(max_slice_gap)
-        self.excluded_labels: tuple[int, ...] = ()
-        mode = exclusion
-        if setting == 2:
-            if exclusion == "groups":
-                if not label_groups:
-                    raise ValueError("exclusion='groups' needs label_groups, e.g. ALPNET_LABEL_GROUPS['chaos'].")
-                if group is None:
-                    if len(label_groups) != 1:
-                        raise ValueError(
-                            f"exclusion='groups' with {len(label_groups)} label groups needs `group` (0..{len(label_groups) - 1}); "
-                            "use EpisodeDataset.for_groups to build one dataset per group."
-                        )
-                    group = 0
-                if not 0 <= group < len(label_groups):
-                    raise ValueError(f"group {group} is outside the {len(label_groups)} label groups.")
-                self.excluded_labels = tuple(int(v) for v in label_groups[group])
-                mode = "or"
-            else:
-                self.excluded_labels = tuple(int(v) for v in exclude_labels)
-            if not self.excluded_labels:
-                raise ValueError("Setting 2 needs at least one label to exclude.")
-            missing = [vid for vid in self.ids if not store.has_label(vid)]
-            if missing:
-                raise ValueError(
-                    f"Setting 2 needs ground-truth label maps to exclude slices, but volumes {missing[:5]} "
-                    f"(e.g. '{store.record(missing[0]).image}') have no label file."
-                )
-        missing_sv = [vid for vid in self.ids if not store.has_supervoxels(vid)]
-        if missing_sv:
-            raise ValueError(
-                f"Volumes {missing_sv[:5]} (e.g. '{store.record(missing_sv[0]).image}') have no supervoxel file; "
-                "compute supervoxels first (monai_sdfsmis.data.supervoxels.write_supervoxels)."
-            )
+        self.excluded_labels, mode = _excluded_labels(setting, exclusion, exclude_labels, label_groups, group)
+        _check_volume_files(store, self.ids, setting)
 
         self._tables: list[_VolumeTable] = []
         unusable = []

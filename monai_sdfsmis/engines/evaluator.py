@@ -20,12 +20,16 @@ __all__ = [
     "ProtocolEvaluator",
     "ProtocolResultsSaver",
     "evaluate_protocol",
+    "MethodEvaluator",
+    "protocol_evaluators",
+    "run_protocol_evaluators",
     "protocol_tables",
     "write_protocol_results",
 ]
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -411,8 +415,9 @@ def evaluate_protocol(
     """Run the protocol for a network (and the support-mask copy baseline) and write the results.
 
     The ``protocol`` command, the training recipe's evaluations, the quick start and the benchmarks call it; the
-    bundle's ``configs/evaluate.json`` wires the same parts (``ProtocolDataset``, ``ProtocolEvaluator``,
-    ``ProtocolResultsSaver``) itself, because MONAI's ``eval`` workflow requires ``dataset`` and ``evaluator`` ids.
+    bundle's ``configs/evaluate.json`` builds the same evaluators with :func:`protocol_evaluators` and runs them with
+    :func:`run_protocol_evaluators` (it keeps its own ``dataset`` and ``evaluator`` ids, which MONAI's ``eval``
+    workflow requires).
 
     Parameters
     ----------
@@ -473,36 +478,23 @@ def evaluate_protocol(
     loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
     inferer = SlidingSupportInferer() if inferer is None else inferer
     out_dir = None if output_dir is None else Path(output_dir)
-    results: dict[str, Any] = {"methods": {}, "files": {}}
-    overlay_files: list[str] = []
-    for name, net, run_inferer in _methods(network, inferer, baseline, method, baseline_name):
-        handlers: list[Any] = [ProtocolResultsSaver(output_dir=None, method=name)]
-        if out_dir is not None and overlays > 0:
-            handlers.append(OverlaySaver(out_dir / "overlays", method=name, n_slices=overlays))
-        if progress:
-            handlers.append(_CaseProgress(len(dataset), desc=f"protocol: {name}"))
-        handlers.extend(extra_handlers or [])
-        ProtocolEvaluator(
-            device=device if device is not None else network_device(net),
-            val_data_loader=loader,
-            network=net,
-            inferer=run_inferer,
-            surface_metrics=surface_metrics,
-            val_handlers=handlers,
-            metric_cmp_fn=_no_model_selection,
-            shots=shots,
-        ).run()
-        results["methods"][name] = {"rows": handlers[0].rows, "summary": handlers[0].summary}
-        overlay_files.extend(str(p) for h in handlers if isinstance(h, OverlaySaver) for p in h.written)
-
-    results["table"] = protocol_tables({n: r["summary"] for n, r in results["methods"].items()}, surface_metrics)
+    evaluators = protocol_evaluators(
+        network, loader, inferer, baseline=baseline, method=method, baseline_name=baseline_name,
+        overlays_dir=None if out_dir is None else out_dir / "overlays", n_overlays=overlays,
+        surface_metrics=surface_metrics, device=device, shots=shots, handlers=extra_handlers,
+        progress_cases=len(dataset) if progress else None,
+    )
+    results = run_protocol_evaluators(evaluators, surface_metrics)
+    results["files"] = {}
     if out_dir is not None:
         inference = {
             "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
             "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
             "shots": int(shots), "support_fusion": inferer.support_fusion,
+            "support_alignment": inferer.support_alignment,
         }
         provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference}
+        overlay_files = [str(p) for e in evaluators if e.overlays is not None for p in e.overlays.written]
         results["files"] = {**write_protocol_results(out_dir, results, provenance), "overlays": overlay_files}
     return results
 
@@ -517,10 +509,97 @@ def _methods(
         # The copy is the paper's baseline as published: raw, whatever clean-up the method's masks get.
         raw = copy.copy(inferer)
         raw.postprocess, raw.flip_axes, raw.support_fusion = OrganMaskPostprocess(None), (), "average"
+        raw.support_alignment = "none"
         runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
+        if inferer.support_alignment != "none":
+            # The copy of the supports the network sees: what the alignment alone is worth.
+            aligned = copy.copy(raw)
+            aligned.support_alignment = inferer.support_alignment
+            runs.append((f"{baseline_name} ({inferer.support_alignment})", SupportMaskCopy().to(anchor), aligned))
     if network is not None:
         runs.append((method, network, inferer))
     return runs
+
+
+@dataclass
+class MethodEvaluator:
+    """One row of the protocol: its name, its evaluator and the handlers that keep its results."""
+
+    name: str
+    evaluator: ProtocolEvaluator
+    saver: ProtocolResultsSaver
+    overlays: OverlaySaver | None = None
+
+
+def protocol_evaluators(
+    network: torch.nn.Module | None,
+    loader: Any,
+    inferer: SlidingSupportInferer,
+    *,
+    baseline: bool = True,
+    method: str = "SD-FSMIS",
+    baseline_name: str = "support-mask copy",
+    overlays_dir: str | PathLike | None = None,
+    n_overlays: int = 0,
+    surface_metrics: bool = True,
+    device: str | torch.device | None = None,
+    shots: int = 1,
+    handlers: Sequence[Callable] | None = None,
+    method_handlers: Sequence[Callable] | None = None,
+    progress_cases: int | None = None,
+) -> list[MethodEvaluator]:
+    """The protocol's evaluators, the copy baseline's first (:func:`_methods`): what :func:`evaluate_protocol` runs
+    and the bundle's ``configs/evaluate.json`` wires (its ``evaluator`` is the last one, the network's).
+
+    Parameters
+    ----------
+    network, inferer, baseline, method, baseline_name, surface_metrics, device, shots
+        As :func:`evaluate_protocol`.
+    loader
+        Loader over a :class:`ProtocolDataset` (batch size 1).
+    overlays_dir, n_overlays
+        PNG overlays per query volume under ``overlays_dir/<method>`` (none when ``None`` or 0).
+    handlers
+        More ignite handlers attached to every evaluator (e.g. ``StatsHandler``).
+    method_handlers
+        Handlers attached to the network's evaluator only (e.g. a weights loader that runs at its start).
+    progress_cases
+        Show progress over this many cases per evaluator (``None``: no progress).
+    """
+    built = []
+    for name, net, run_inferer in _methods(network, inferer, baseline, method, baseline_name):
+        saver = ProtocolResultsSaver(output_dir=None, method=name)
+        run_handlers: list[Any] = [saver]
+        overlay = None
+        if overlays_dir is not None and n_overlays > 0:
+            overlay = OverlaySaver(overlays_dir, method=name, n_slices=n_overlays)
+            run_handlers.append(overlay)
+        if progress_cases is not None:
+            run_handlers.append(_CaseProgress(progress_cases, desc=f"protocol: {name}"))
+        run_handlers.extend(handlers or [])
+        if net is network:
+            run_handlers = [*(method_handlers or []), *run_handlers]
+        evaluator = ProtocolEvaluator(
+            device=device if device is not None else network_device(net),
+            val_data_loader=loader,
+            network=net,
+            inferer=run_inferer,
+            surface_metrics=surface_metrics,
+            val_handlers=run_handlers,
+            metric_cmp_fn=_no_model_selection,
+            shots=shots,
+        )
+        built.append(MethodEvaluator(name, evaluator, saver, overlay))
+    return built
+
+
+def run_protocol_evaluators(evaluators: Sequence[MethodEvaluator], surface_metrics: bool = True) -> dict[str, Any]:
+    """Run each evaluator in turn -> ``{"methods": {name: {"rows", "summary"}}, "table": markdown}``."""
+    methods: dict[str, Any] = {}
+    for entry in evaluators:
+        entry.evaluator.run()
+        methods[entry.name] = {"rows": entry.saver.rows, "summary": entry.saver.summary}
+    return {"methods": methods, "table": protocol_tables({n: r["summary"] for n, r in methods.items()}, surface_metrics)}
 
 
 def protocol_tables(summaries: Mapping[str, Any], surface_metrics: bool = True) -> str:

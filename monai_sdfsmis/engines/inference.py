@@ -55,6 +55,7 @@ from monai_sdfsmis.engines.model_folder import (
     resolve_network_type,
     resolve_postprocess,
     resolve_spatial_size,
+    resolve_support_alignment,
 )
 from monai_sdfsmis.engines.support_batch import PrepareSupportBatch, support_keys
 
@@ -585,6 +586,7 @@ def segment_volumes(
     postprocess: Sequence[str] | str | None = None,
     flip_axes: Sequence[int] = (),
     support_fusion: str = "average",
+    support_alignment: str | None = None,
     output_format: str = "nifti",
     save_probabilities: bool = False,
     overwrite: bool = False,
@@ -623,6 +625,9 @@ def segment_volumes(
         Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
     support_fusion
         k-shot: ``"average"`` (the supports' soft masks) or ``"network"`` (their contexts, inside the network).
+    support_alignment
+        ``"none"`` or ``"body_box"`` (:mod:`monai_sdfsmis.inferers.alignment`); default: the model folder's
+        (:func:`resolve_support_alignment`).
     output_format
         ``"nifti"`` or ``"dicom_seg"`` (every query a DICOM series folder; needs the ``dicom_seg`` extra).
     save_probabilities
@@ -671,6 +676,7 @@ def segment_volumes(
         amp=amp,
         probabilities=save_probabilities,
         support_fusion=support_fusion,
+        support_alignment=resolve_support_alignment(support_alignment, config),
         organ_ids=organ_ids_of(organ_id) if kind == "supervised" else None,
     )
     empty = EmptyMaskWarning(output_dir, datalist, organ_id, output_format=output_format)

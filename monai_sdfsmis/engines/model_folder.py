@@ -40,6 +40,7 @@ __all__ = [
     "resolve_network_type",
     "resolve_spatial_size",
     "resolve_postprocess",
+    "resolve_support_alignment",
     "resolve_intensity",
     "build_network",
     "warn_demo_network",
@@ -351,6 +352,25 @@ def resolve_postprocess(
         return check_postprocess_steps(config.get("postprocess"))
     except ValueError as error:
         raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: {error}") from None
+
+
+def resolve_support_alignment(support_alignment: str | None, config: Mapping[str, Any] | None = None) -> str:
+    """``support_alignment`` if given, else the model folder's (the recipe's key), else ``"none"`` (the paper).
+
+    Raises
+    ------
+    ValueError
+        For a name outside :data:`~monai_sdfsmis.inferers.alignment.SUPPORT_ALIGNMENTS`, given or stored (the file is
+        named).
+    """
+    from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS
+
+    config = config or {}
+    value = support_alignment if support_alignment is not None else config.get("support_alignment") or "none"
+    if value not in SUPPORT_ALIGNMENTS:
+        where = "" if support_alignment is not None else f"{config.get('_path', MODEL_CONFIG_NAME)}: "
+        raise ValueError(f"{where}support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {value!r}")
+    return str(value)
 
 
 def resolve_intensity(intensity: str | None, config: Mapping[str, Any] | None = None) -> str:

@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
+from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS, align_support
 from monai_sdfsmis.inferers.slices import largest_run, mirror, resize_slices, split_chunks
 from monai_sdfsmis.progress import progress_bar
 
-#: ``{(support k or -1 for the fused supports, chunk j, flip dim or None): network context}``.
-SliceContexts = dict[tuple[int, int, "int | None"], Any]
+#: ``{(support k or -1 for the fused supports, chunk key, flip dim or None): network context}``; the chunk key is the
+#: chunk's number ``j``, and with support alignment ``(j, first slice, last slice)``, since the aligned support slice
+#: depends on the query slices of the chunk.
+SliceContexts = dict[tuple[int, Any, "int | None"], Any]
 #: ``{slice number: (mask bool [S, S], soft mask float32 [S, S] in [-1, 1])}``.
 SlicePredictions = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -52,6 +55,9 @@ class ChunkSegmenter:
         of averaging one soft mask per support.
     amp
         bf16 autocast on CUDA (CPU runs fp32).
+    support_alignment
+        ``"none"`` or ``"body_box"``: each support slice mapped onto the body box of the query chunk it segments
+        (:func:`~monai_sdfsmis.inferers.alignment.align_support`) before it is encoded.
     """
 
     def __init__(
@@ -64,7 +70,10 @@ class ChunkSegmenter:
         passes: Sequence[int | None],
         fuse: bool = False,
         amp: bool = True,
+        support_alignment: str = "none",
     ) -> None:
+        if support_alignment not in SUPPORT_ALIGNMENTS:
+            raise ValueError(f"support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {support_alignment!r}.")
         self.network = network
         self.query = query
         self.device = device
@@ -72,6 +81,7 @@ class ChunkSegmenter:
         self.sw_batch_size = int(sw_batch_size)
         self.passes = list(passes)
         self.fuse = bool(fuse)
+        self.align = support_alignment == "body_box"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
         splits = all(callable(getattr(network, name, None)) for name in _SPLIT_SEGMENT)
         self.latents: dict[tuple[int, int | None], torch.Tensor] | None = {} if splits else None
@@ -107,30 +117,52 @@ class ChunkSegmenter:
             for j, index in enumerate(chunks):
                 if index.numel() == 0:
                     continue
-                runs = self._contexts_of_chunk(j, supports, contexts)
+                key = self._chunk_key(j, index, supports)
+                runs = self._contexts_of_chunk(j, key, index, supports, contexts)
                 for start in range(0, index.numel(), self.sw_batch_size):
                     batch_index = index[start : start + self.sw_batch_size]
-                    out.update(self._segment_batch(batch_index, [(contexts[(k, j, d)], d) for k, d in runs]))
+                    out.update(self._segment_batch(batch_index, [(contexts[(k, key, d)], d) for k, d in runs]))
                     if bar is not None:
                         bar.update(int(batch_index.numel()))
         return out
 
+    def _chunk_key(self, j: int, index: torch.Tensor, supports: Sequence[Any]) -> Any:
+        """Key of chunk ``j``'s contexts (see :data:`SliceContexts`); a support-free network's is ``j``."""
+        if not self.align or supports[0] is None:
+            return j
+        return (j, int(index[0]), int(index[-1]))
+
+    def _support_slice(self, images: torch.Tensor, labels: torch.Tensor, j: int, index: torch.Tensor) -> tuple:
+        """Support slice ``j`` (image ``[1, 3, S, S]``, mask ``[1, 1, S, S]``), aligned to the chunk when asked."""
+        image, label = images[j : j + 1], labels[j : j + 1]
+        if self.align:
+            chunk = resize_slices(self.query, index, "image", self.spatial_size, self.device)
+            image, label = align_support(image, label, chunk)
+        return image, label
+
     def _contexts_of_chunk(
-        self, j: int, supports: Sequence[tuple[torch.Tensor, torch.Tensor] | None], contexts: SliceContexts
+        self,
+        j: int,
+        key: Any,
+        index: torch.Tensor,
+        supports: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+        contexts: SliceContexts,
     ) -> list[tuple[int, int | None]]:
         """Encode (once) the supports' slice ``j`` for every flip pass; the ``(support, flip)`` runs of chunk ``j``."""
         runs = list(itertools.product(range(len(supports)), self.passes))
-        for k, dim in runs:
-            if (k, j, dim) not in contexts:
-                images, labels = supports[k]  # type: ignore[misc]
-                contexts[(k, j, dim)] = self.network.encode_support(
-                    mirror(images[j : j + 1], dim), mirror(labels[j : j + 1], dim)
-                )
+        for k in range(len(supports)):
+            if all((k, key, dim) in contexts for dim in self.passes):
+                continue
+            image, label = self._support_slice(*supports[k], j, index)  # type: ignore[misc]
+            for dim in self.passes:
+                contexts[(k, key, dim)] = self.network.encode_support(mirror(image, dim), mirror(label, dim))
         if not (self.fuse and len(supports) > 1):
             return runs
         for dim in self.passes:
-            if (-1, j, dim) not in contexts:
-                contexts[(-1, j, dim)] = self.network.fuse_supports([contexts[(k, j, dim)] for k in range(len(supports))])
+            if (-1, key, dim) not in contexts:
+                contexts[(-1, key, dim)] = self.network.fuse_supports(
+                    [contexts[(k, key, dim)] for k in range(len(supports))]
+                )
         return [(-1, dim) for dim in self.passes]  # -1: the fused context
 
     def _segment_batch(self, slice_numbers: torch.Tensor, runs: list[tuple[Any, int | None]]) -> SlicePredictions:
@@ -173,7 +205,7 @@ def segment_longest_run(
 
     A first pass segments every slice of the query in ``n_chunks`` chunks; the organ's extent is the longest run of
     consecutive slices with predicted foreground, which is re-chunked and segmented again (slices whose chunk does
-    not change keep their first-pass prediction). ``rechunk=False`` (one context for every chunk, a support-free
+    not change keep their first-pass prediction, unless the supports are aligned to their chunks). ``rechunk=False`` (one context for every chunk, a support-free
     network) keeps the first pass's predictions of the run.
 
     Returns
@@ -196,9 +228,10 @@ def segment_longest_run(
     first_chunk_of = {int(d): j for j, c in enumerate(first_chunks) for d in c.tolist()}
     redo: list[torch.Tensor] = []
     for j, chunk in enumerate(split_chunks(torch.arange(*extent), n_chunks)):
-        same = [d for d in chunk.tolist() if first_chunk_of[d] == j]
+        # An aligned support depends on its whole chunk, so with alignment every slice of the run is redone.
+        same = set() if segmenter.align else {d for d in chunk.tolist() if first_chunk_of[d] == j}
         predicted.update({d: first[d] for d in same})
-        redo.append(torch.tensor([d for d in chunk.tolist() if first_chunk_of[d] != j], dtype=torch.long))
+        redo.append(torch.tensor([d for d in chunk.tolist() if d not in same], dtype=torch.long))
     n_redo = sum(int(r.numel()) for r in redo)
     bar = progress_bar(total=n_redo, desc="query slices (pass 2)") if progress and n_redo else None
     predicted.update(segmenter(redo, supports, contexts, bar))

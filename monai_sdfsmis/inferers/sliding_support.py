@@ -28,6 +28,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
+from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS
 from monai_sdfsmis.inferers.chunks import ChunkSegmenter, SliceContexts, segment_longest_run
 from monai_sdfsmis.inferers.inputs import (
     check_finite,
@@ -124,6 +125,10 @@ class SlidingSupportInferer(Inferer):
         to the tokens of all supports) and runs one query pass per chunk.
     organ_ids
         The organ(s) a support-free network segments when a call gives no ``organ_id`` (see :meth:`__call__`).
+    support_alignment
+        ``"none"`` (the paper) or ``"body_box"``: each support slice, image and mask, is mapped onto the body bounding
+        box of the query chunk it segments before it is encoded (:mod:`monai_sdfsmis.inferers.alignment`); in
+        deployment mode every slice of the organ's run is then segmented again in the second pass.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class SlidingSupportInferer(Inferer):
         probabilities: bool = False,
         support_fusion: str = "average",
         organ_ids: Sequence[int] | None = None,
+        support_alignment: str = "none",
     ) -> None:
         super().__init__()
         if int(n_chunks) < 1:
@@ -164,6 +170,9 @@ class SlidingSupportInferer(Inferer):
             raise ValueError(f"support_fusion must be one of {SUPPORT_FUSIONS}, got {support_fusion!r}.")
         self.support_fusion = support_fusion
         self.organ_ids = None if organ_ids is None else checked_organ_ids(list(organ_ids))
+        if support_alignment not in SUPPORT_ALIGNMENTS:
+            raise ValueError(f"support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {support_alignment!r}.")
+        self.support_alignment = support_alignment
 
     # ------------------------------------------------------------------ one organ
     def _segment_organ(
@@ -283,7 +292,7 @@ class SlidingSupportInferer(Inferer):
         device = self.device if self.device is not None else network_device(network)
         segmenter = ChunkSegmenter(
             network, query, device, self.spatial_size, self.sw_batch_size, flip_passes(self.flip_axes),
-            fuse=self.support_fusion == "network", amp=self.amp,
+            fuse=self.support_fusion == "network", amp=self.amp, support_alignment=self.support_alignment,
         )
         with torch.no_grad():
             masks, probabilities = [], []

@@ -54,6 +54,8 @@ SERVER_REQUIREMENTS: tuple[str, ...] = (
     "psutil==7.2.2",
     "girder-client==5.0.21",
     "pydantic-settings==2.14.1",
+    # dcmqi's itkimage2segimage: how MONAI Label writes the DICOM-SEG of output=dicom_seg (a DICOMweb datastore)
+    "dcmqi==1.5.7",
 )
 #: Installed with ``--no-deps``: their declared pins are the conflict (``jsonschema<4``, ``sam2`` + CUDA torch).
 NO_DEPS_REQUIREMENTS: tuple[str, ...] = (f"monailabel=={MONAILABEL_VERSION}", "pydicom-seg==0.4.1")

@@ -401,7 +401,11 @@ if has_monailabel:
             return organ_ids_of_request(data.get("organ_id", self._config["organ_id"]), self.labels)
 
         def inferer(self, data: Mapping[str, Any] | None = None) -> Any:
-            from monai_sdfsmis.engines.model_folder import resolve_postprocess, resolve_spatial_size
+            from monai_sdfsmis.engines.model_folder import (
+                resolve_postprocess,
+                resolve_spatial_size,
+                resolve_support_alignment,
+            )
             from monai_sdfsmis.inferers import SlidingSupportInferer
 
             return SlidingSupportInferer(
@@ -409,6 +413,7 @@ if has_monailabel:
                 sw_batch_size=self.sw_batch_size,
                 spatial_size=resolve_spatial_size(self.spatial_size, self._model_config()),
                 postprocess=resolve_postprocess(None, self._model_config()),
+                support_alignment=resolve_support_alignment(None, self._model_config()),
                 query_range="all",
                 amp=self.amp,
             )

@@ -12,6 +12,10 @@ them for k-shot), an uploaded image + label, or a label drawn on a few slices of
 per request (an id, a label name or a list). A supervised model folder (``train --supervised``) takes no
 support: ``organ_id`` names the trained organs to segment.
 Train task ``sd_fsmis``: fine-tunes the model on the datastore's studies (no labels needed).
+A DICOMweb server as ``--studies`` (e.g. Orthanc's ``http://host:8042/dicom-web``) works as with any MONAI Label
+app: studies are fetched and converted by MONAI Label, and ``output=dicom_seg`` (with ``label_info`` in the
+params) returns the mask as a DICOM-SEG of the query series, written by dcmqi's ``itkimage2segimage``, which the
+environment installs (``dcmqi``) and this app hands to MONAI Label instead of letting it download one.
 A bad request (no support, unknown id, shapes that do not match) is an HTTP 400 with a one-line message.
 """
 
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,29 @@ from monai_sdfsmis.monailabel import SDFSMISInferTask, SDFSMISTrainTask, resolve
 logger = logging.getLogger(__name__)
 
 MODEL_NAME = "sd_fsmis"
+
+
+#: The dcmqi tool MONAI Label runs for output=dicom_seg; without it on PATH or in <app>/bin it downloads one.
+DICOM_SEG_TOOL = "itkimage2segimage"
+
+
+def provide_dicom_seg_tool(app_dir: str | os.PathLike) -> Path | None:
+    """Link dcmqi's ``itkimage2segimage`` (beside this interpreter or on PATH) into ``<app_dir>/bin``.
+
+    MONAI Label puts ``<app_dir>/bin`` on PATH, and a DICOMweb datastore downloads dcmqi from the internet when the
+    tool is in neither place; with the ``dcmqi`` package installed nothing needs to be downloaded. Returns the link
+    (or the existing file), or ``None`` when dcmqi is not installed.
+    """
+    target = Path(app_dir) / "bin" / DICOM_SEG_TOOL
+    if target.exists():
+        return target
+    beside = Path(sys.executable).parent / DICOM_SEG_TOOL
+    found = str(beside) if beside.is_file() else shutil.which(DICOM_SEG_TOOL)
+    if found is None:
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.symlink_to(Path(found).resolve())
+    return target
 
 
 def _default_bundle() -> str:
@@ -53,6 +82,11 @@ class SDFSMISApp(MONAILabelApp):
         self.network_type = None if network_type in ("", "none", "None") else network_type
         self.organ_id = int(conf.get("organ_id", 1))
         self.amp = bool(strtobool(conf.get("amp", "true")))
+        if str(studies).startswith(("http://", "https://")) and provide_dicom_seg_tool(app_dir) is None:
+            raise ValueError(
+                f"a DICOMweb datastore ({studies}) needs dcmqi's {DICOM_SEG_TOOL} for output=dicom_seg, and MONAI Label "
+                "would try to download it: pip install dcmqi into the server's environment"
+            )
         # Built before MONAI Label's own initialisation, which asks for the infer and train tasks.
         self.infer_task = SDFSMISInferTask(
             self.model_dir, network_type=self.network_type, organ_id=self.organ_id, amp=self.amp
