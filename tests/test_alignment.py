@@ -117,3 +117,22 @@ def test_a_bright_speck_outside_the_body_is_not_body():
     box = body_box(image)
     assert box is not None and (box.top, box.left) != (5, 5)
     assert abs(box.top - 30) <= 2 and abs(box.bottom - 99) <= 2 and abs(box.left - 20) <= 2 and abs(box.right - 109) <= 2
+
+
+@pytest.mark.parametrize("override, stored, expected", [
+    (None, None, "none"), (None, "body_box", "body_box"), ("none", "body_box", "none"), ("body_box", None, "body_box"),
+])
+def test_the_bundle_takes_the_alignment_from_the_command_line_else_the_model_folder(tmp_path, override, stored, expected):
+    from monai.bundle import ConfigParser
+
+    from tests.utils import REPO_ROOT
+
+    configs = REPO_ROOT / "bundles" / "sd_fsmis" / "configs"
+    (tmp_path / "model_config.json").write_text(json.dumps({} if stored is None else {"support_alignment": stored}))
+    for files in (["inference.json"], ["train.json", "evaluate.json"]):
+        parser = ConfigParser(ConfigParser.load_config_files([str(configs / f) for f in files]))
+        parser["ckpt_path"] = str(tmp_path / "model.pt")
+        parser["spatial_size"] = 64
+        if override is not None:
+            parser["support_alignment"] = override
+        assert parser.get_parsed_content("inferer").support_alignment == expected, files
