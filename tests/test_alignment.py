@@ -45,7 +45,7 @@ def test_the_support_organ_lands_where_the_box_to_box_map_puts_it():
     # the organ's columns 30..39 land on 50..59.
     image, label = _slice(128, (10, 50, 20, 60), (20, 29, 30, 39))
     query, _ = _slice(128, (20, 100, 40, 80), (0, -1, 0, -1))
-    aligned_image, aligned_label = align_support(image, label, query)
+    aligned_image, aligned_label = align_support(image, label, body_box(query))
     assert _box_of(aligned_label) == (40, 58, 50, 59)
     assert aligned_label.dtype == label.dtype and aligned_label.shape == label.shape
     # The image moved with the mask: its body is now the query's (to the pixel that blends body and background).
@@ -56,14 +56,14 @@ def test_the_support_organ_lands_where_the_box_to_box_map_puts_it():
 def test_the_same_body_box_leaves_the_support_unchanged():
     image, label = _slice(96, (8, 80, 12, 70), (30, 41, 20, 33))
     query, _ = _slice(96, (8, 80, 12, 70), (50, 60, 50, 60))
-    aligned_image, aligned_label = align_support(image, label, query)
+    aligned_image, aligned_label = align_support(image, label, body_box(query))
     assert torch.equal(aligned_label, label)
     assert torch.allclose(aligned_image, image, atol=1e-5)
 
 
 def test_without_a_body_in_the_query_the_support_is_kept():
     image, label = _slice(64, (5, 50, 5, 50), (10, 20, 10, 20))
-    aligned_image, aligned_label = align_support(image, label, torch.full((1, 3, 64, 64), BACKGROUND))
+    aligned_image, aligned_label = align_support(image, label, body_box(torch.full((1, 3, 64, 64), BACKGROUND)))
     assert aligned_image is image and aligned_label is label
 
 

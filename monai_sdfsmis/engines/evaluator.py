@@ -23,6 +23,7 @@ __all__ = [
     "MethodEvaluator",
     "protocol_evaluators",
     "run_protocol_evaluators",
+    "inference_settings",
     "protocol_tables",
     "write_protocol_results",
 ]
@@ -487,13 +488,7 @@ def evaluate_protocol(
     results = run_protocol_evaluators(evaluators, surface_metrics)
     results["files"] = {}
     if out_dir is not None:
-        inference = {
-            "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
-            "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
-            "shots": int(shots), "support_fusion": inferer.support_fusion,
-            "support_alignment": inferer.support_alignment,
-        }
-        provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference}
+        provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference_settings(inferer, shots)}
         overlay_files = [str(p) for e in evaluators if e.overlays is not None for p in e.overlays.written]
         results["files"] = {**write_protocol_results(out_dir, results, provenance), "overlays": overlay_files}
     return results
@@ -600,6 +595,15 @@ def run_protocol_evaluators(evaluators: Sequence[MethodEvaluator], surface_metri
         entry.evaluator.run()
         methods[entry.name] = {"rows": entry.saver.rows, "summary": entry.saver.summary}
     return {"methods": methods, "table": protocol_tables({n: r["summary"] for n, r in methods.items()}, surface_metrics)}
+
+
+def inference_settings(inferer: SlidingSupportInferer, shots: int = 1) -> dict[str, Any]:
+    """The inferer's settings a protocol run records in ``protocol_results.json`` (``"inference"``)."""
+    return {
+        "spatial_size": inferer.spatial_size, "n_chunks": inferer.n_chunks,
+        "postprocess": list(inferer.postprocess.steps), "flip_axes": list(inferer.flip_axes),
+        "shots": int(shots), "support_fusion": inferer.support_fusion, "support_alignment": inferer.support_alignment,
+    }
 
 
 def protocol_tables(summaries: Mapping[str, Any], surface_metrics: bool = True) -> str:

@@ -363,14 +363,15 @@ def resolve_support_alignment(support_alignment: str | None, config: Mapping[str
         For a name outside :data:`~monai_sdfsmis.inferers.alignment.SUPPORT_ALIGNMENTS`, given or stored (the file is
         named).
     """
-    from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS
+    from monai_sdfsmis.inferers.alignment import check_support_alignment
 
+    if support_alignment is not None:
+        return check_support_alignment(support_alignment)
     config = config or {}
-    value = support_alignment if support_alignment is not None else config.get("support_alignment") or "none"
-    if value not in SUPPORT_ALIGNMENTS:
-        where = "" if support_alignment is not None else f"{config.get('_path', MODEL_CONFIG_NAME)}: "
-        raise ValueError(f"{where}support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {value!r}")
-    return str(value)
+    try:
+        return check_support_alignment(config.get("support_alignment") or "none")
+    except ValueError as error:
+        raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: {error}") from None
 
 
 def resolve_intensity(intensity: str | None, config: Mapping[str, Any] | None = None) -> str:

@@ -12,7 +12,7 @@ the intensity scaling), after a binary opening that drops speckle; its box is th
 
 from __future__ import annotations
 
-__all__ = ["SUPPORT_ALIGNMENTS", "BodyBox", "body_box", "align_support"]
+__all__ = ["SUPPORT_ALIGNMENTS", "BodyBox", "check_support_alignment", "body_box", "align_support"]
 
 from typing import NamedTuple
 
@@ -27,6 +27,13 @@ SUPPORT_ALIGNMENTS = ("none", "body_box")
 
 #: Scale factors outside this range are clamped: a box that small or large is a failed body detection, not anatomy.
 _SCALE_RANGE = (0.5, 2.0)
+
+
+def check_support_alignment(value: object) -> str:
+    """``value`` if it names one of :data:`SUPPORT_ALIGNMENTS`, else a ``ValueError`` listing them."""
+    if value not in SUPPORT_ALIGNMENTS:
+        raise ValueError(f"support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {value!r}.")
+    return str(value)
 
 
 class BodyBox(NamedTuple):
@@ -64,16 +71,16 @@ def _axis_map(source: tuple[int, int], target: tuple[int, int]) -> tuple[float, 
 
 
 def align_support(
-    image: torch.Tensor, label: torch.Tensor, query_slices: torch.Tensor
+    image: torch.Tensor, label: torch.Tensor, target: BodyBox | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Support slice ``image [1, C, S, S]`` and ``label [1, 1, S, S]`` mapped onto the body box of ``query_slices``.
+    """Support slice ``image [1, C, S, S]`` and ``label [1, 1, S, S]`` mapped onto the body box ``target``.
 
     Parameters
     ----------
     image, label
         One support slice and its binary mask at the network's size.
-    query_slices
-        The query slices ``[N, C, S, S]`` the support will segment (one chunk); their body boxes' union is the target.
+    target
+        :func:`body_box` of the query slices the support will segment (one chunk), or ``None`` (not found).
 
     Returns
     -------
@@ -81,7 +88,7 @@ def align_support(
         The warped image (bilinear, the border continued) and mask (bilinear, then ``> 0.5``), same shapes and dtypes.
         The inputs unchanged when either body is not found or the warped mask would be empty.
     """
-    source, target = body_box(image), body_box(query_slices)
+    source = body_box(image)
     if source is None or target is None:
         return image, label
     height, width = int(image.shape[-2]), int(image.shape[-1])

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS, align_support
+from monai_sdfsmis.inferers.alignment import align_support, body_box, check_support_alignment
 from monai_sdfsmis.inferers.slices import largest_run, mirror, resize_slices, split_chunks
 from monai_sdfsmis.progress import progress_bar
 
@@ -72,8 +72,7 @@ class ChunkSegmenter:
         amp: bool = True,
         support_alignment: str = "none",
     ) -> None:
-        if support_alignment not in SUPPORT_ALIGNMENTS:
-            raise ValueError(f"support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {support_alignment!r}.")
+        check_support_alignment(support_alignment)
         self.network = network
         self.query = query
         self.device = device
@@ -132,14 +131,6 @@ class ChunkSegmenter:
             return j
         return (j, int(index[0]), int(index[-1]))
 
-    def _support_slice(self, images: torch.Tensor, labels: torch.Tensor, j: int, index: torch.Tensor) -> tuple:
-        """Support slice ``j`` (image ``[1, 3, S, S]``, mask ``[1, 1, S, S]``), aligned to the chunk when asked."""
-        image, label = images[j : j + 1], labels[j : j + 1]
-        if self.align:
-            chunk = resize_slices(self.query, index, "image", self.spatial_size, self.device)
-            image, label = align_support(image, label, chunk)
-        return image, label
-
     def _contexts_of_chunk(
         self,
         j: int,
@@ -150,10 +141,15 @@ class ChunkSegmenter:
     ) -> list[tuple[int, int | None]]:
         """Encode (once) the supports' slice ``j`` for every flip pass; the ``(support, flip)`` runs of chunk ``j``."""
         runs = list(itertools.product(range(len(supports)), self.passes))
-        for k in range(len(supports)):
-            if all((k, key, dim) in contexts for dim in self.passes):
-                continue
-            image, label = self._support_slice(*supports[k], j, index)  # type: ignore[misc]
+        todo = [k for k in range(len(supports)) if not all((k, key, dim) in contexts for dim in self.passes)]
+        target = None
+        if self.align and todo:  # the chunk's body box, once for all its supports
+            target = body_box(resize_slices(self.query, index, "image", self.spatial_size, self.device))
+        for k in todo:
+            images, labels = supports[k]  # type: ignore[misc]
+            image, label = images[j : j + 1], labels[j : j + 1]
+            if self.align:
+                image, label = align_support(image, label, target)
             for dim in self.passes:
                 contexts[(k, key, dim)] = self.network.encode_support(mirror(image, dim), mirror(label, dim))
         if not (self.fuse and len(supports) > 1):

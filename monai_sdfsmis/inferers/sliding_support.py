@@ -28,7 +28,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type
 
-from monai_sdfsmis.inferers.alignment import SUPPORT_ALIGNMENTS
+from monai_sdfsmis.inferers.alignment import check_support_alignment
 from monai_sdfsmis.inferers.chunks import ChunkSegmenter, SliceContexts, segment_longest_run
 from monai_sdfsmis.inferers.inputs import (
     check_finite,
@@ -170,9 +170,7 @@ class SlidingSupportInferer(Inferer):
             raise ValueError(f"support_fusion must be one of {SUPPORT_FUSIONS}, got {support_fusion!r}.")
         self.support_fusion = support_fusion
         self.organ_ids = None if organ_ids is None else checked_organ_ids(list(organ_ids))
-        if support_alignment not in SUPPORT_ALIGNMENTS:
-            raise ValueError(f"support_alignment must be one of {SUPPORT_ALIGNMENTS}, got {support_alignment!r}.")
-        self.support_alignment = support_alignment
+        self.support_alignment = check_support_alignment(support_alignment)
 
     # ------------------------------------------------------------------ one organ
     def _segment_organ(
