@@ -17,8 +17,9 @@ bundle key ``debug`` true or the environment variable ``SDFSMIS_DEBUG=1`` nothin
 
 An error is expected when it is one this package raises on purpose: a ``ValueError`` (bad value, bad file content),
 ``FileNotFoundError``/``FileExistsError``/``NotADirectoryError``/``IsADirectoryError``/``PermissionError`` raised
-from code in ``monai_sdfsmis``, or any ``OSError`` with an errno (disk full, read-only file system), which is the
-machine's state rather than a bug.
+from code in ``monai_sdfsmis``, any ``OSError`` with an errno (disk full, read-only file system), which is the
+machine's state rather than a bug, and an ``OSError`` raised from code in ``monai_sdfsmis`` (a written file that does
+not read back: a full disk that a writer did not report).
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ def expected_error(error: BaseException) -> BaseException | None:
     for item in _chain(error):
         if isinstance(item, _PROJECT_TYPES) and _raised_in_package(item):
             return item
-        if isinstance(item, OSError) and item.errno is not None:
-            return item
+        if isinstance(item, OSError) and (item.errno is not None or _raised_in_package(item)):
+            return item  # the machine's state (disk full), or a write of ours that did not read back
     return None
 
 

@@ -10,6 +10,7 @@ __all__ = [
     "resolve_device", "training_autocast",
 ]
 
+import glob
 import logging
 import math
 import os
@@ -70,13 +71,26 @@ def _umask() -> int:
 
 
 def atomic_write(path: str | PathLike, data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) to ``path`` atomically and durably; returns the path written."""
+    """Write ``data`` (text as UTF-8) to ``path`` atomically and durably; returns the path written.
+
+    The temporaries an earlier, killed write of ``path`` left are removed first (:func:`remove_atomic_leftovers`).
+
+    Raises
+    ------
+    OSError
+        With the cause's ``errno`` and a message naming ``path`` (a full disk names the temporary file otherwise, or
+        nothing); ``path`` is then left as it was.
+    """
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
+    remove_atomic_leftovers(path)
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as error:
+        raise OSError(error.errno, f"could not write {os.fspath(path)}: {error.strerror or error}") from error
     return Path(path)
 
 
@@ -86,12 +100,17 @@ def atomic_folder(path: str | PathLike) -> Iterator[Path]:
 
     A reader sees the old folder or the new one, never a half-written one: ``rename(2)`` cannot replace a
     non-empty folder, so the old folder is moved aside first and restored if the final move fails. The new
-    folder gets the permissions a plain ``mkdir`` would give it (``mkdtemp`` creates it 0700).
+    folder gets the permissions a plain ``mkdir`` would give it (``mkdtemp`` creates it 0700). The temporary
+    folders (``.<name>.<random>.tmp``) a killed earlier write of ``path`` left are removed first.
     """
     target = Path(path).expanduser()
     if target.exists() and not target.is_dir():
         raise ValueError(f"Cannot write the folder '{target}': a file of that name exists.")
     target.parent.mkdir(parents=True, exist_ok=True)
+    # What a killed earlier write of this folder left (its ".old" copies are kept: one may be the only copy).
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     aside: Path | None = None
     try:

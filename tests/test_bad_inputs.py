@@ -74,6 +74,9 @@ def inputs(tmp_path_factory):
     slices = np.random.default_rng(4).integers(0, 500, size=(12, 10, 5)).astype(np.int16)
     write_dicom_series(folder / "dicom_missing_slice", slices, "1.2.826.0.1.3680043.99.5", "gap",
                        offsets=[0.0, 4.0, 12.0, 16.0, 20.0])
+    # slices 2 and 3 at one position, file names in reverse slice order: ITK would stack them by file name
+    write_dicom_series(folder / "dicom_repeated_slice", slices, "1.2.826.0.1.3680043.99.6", "repeat",
+                       offsets=[0.0, 4.0, 8.0, 8.0, 12.0], file_numbers=[4, 3, 2, 1, 0])
     before = _digest(folder)
     yield folder
     assert _digest(folder) == before, "an input file was modified"
@@ -126,6 +129,12 @@ def test_dicom_series_with_a_missing_slice(inputs, tmp_path):
     line = _case(inputs, tmp_path, query="dicom_missing_slice")
     assert f"DICOM series in {inputs / 'dicom_missing_slice'} is not evenly spaced" in line
     assert "from IM00001.dcm to IM00002.dcm" in line and "1 slice(s) missing?" in line
+
+
+def test_dicom_series_with_two_slices_at_one_position(inputs, tmp_path):
+    line = _case(inputs, tmp_path, query="dicom_repeated_slice")
+    assert f"DICOM series in {inputs / 'dicom_repeated_slice'} has two slices at one position (3.000 mm" in line
+    assert "IM00002.dcm and IM00001.dcm" in line
 
 
 def test_2d_where_3d_is_needed(inputs, tmp_path):

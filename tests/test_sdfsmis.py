@@ -9,8 +9,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, DualConvIn, SupportContext
+from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, SupportContext
 from monai_sdfsmis.networks.sqi import KVConcatAttnProcessor, SupportQueryAttnProcessor, sii_blocks
+from monai_sdfsmis.networks.support_query_unet import DualConvIn
 from tests import hand_reference
 
 SIZE = 64  # latent 8x8: fast; the timing test uses the real 256

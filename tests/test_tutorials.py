@@ -1,4 +1,5 @@
-"""Every ``tutorials/*.md`` is executed, block by block, as a user would type it into one terminal.
+"""Every ``tutorials/*.md``, and the bundle's model card, is executed, block by block, as a user would type it into
+one terminal.
 
 How a tutorial is run (:func:`run_tutorial`):
 
@@ -13,6 +14,10 @@ How a tutorial is run (:func:`run_tutorial`):
   :data:`TUTORIALS` (expensive sizes written in the tutorial as ``${AE_ITERATIONS:-3000}`` or
   ``os.environ.get("AE_ITERATIONS", "3000")``), ``HF_HUB_OFFLINE=1`` and ``SDFSMIS_NUM_THREADS=1``.
 
+The model card (``bundles/sd_fsmis/docs/README.md``, :func:`test_model_card_runs`) runs the same way, from the root
+of a scratch checkout, with tiny random Stable Diffusion 1.5 and DINOv2 folders in ``SD_WEIGHTS`` and
+``DINOV2_WEIGHTS`` and the toy sizes of :data:`MODEL_CARD_RUN`.
+
 Authors of a new tutorial add it to :data:`TUTORIALS`; until then its test fails. To try a tutorial by hand::
 
     python -c "from tests.test_tutorials import run_tutorial; run_tutorial('tutorials/x.md', {'ITERATIONS': '3'})"
@@ -23,6 +28,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +40,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.utils import REPO_ROOT, chaos_dir
+from tests.utils import REPO_ROOT, chaos_dir, save_tiny_pretrained_weights
 
 TUTORIALS_DIR = REPO_ROOT / "tutorials"
 
@@ -92,6 +98,17 @@ TUTORIALS: dict[str, TutorialRun] = {
         needs_chaos=True,
     ),
 }
+
+MODEL_CARD = REPO_ROOT / "bundles" / "sd_fsmis" / "docs" / "README.md"
+
+#: How the model card is run: every block, the weights in SD_WEIGHTS and DINOV2_WEIGHTS (set by the test), one fold
+#: (FOLDS), two DDP processes on the CPU (NPROC_PER_NODE), 64 px and tiny widths, 2-3 iterations per stage.
+MODEL_CARD_RUN = TutorialRun(
+    env={"SPATIAL_SIZE": "64", "AE_WIDTH": "tiny", "UNET_WIDTH": "tiny", "AE_ITERATIONS": "3", "ITERATIONS": "2",
+         "FOLDS": "0", "SLICES": "3", "NPROC_PER_NODE": "2"},
+    timeout=900,
+    needs_chaos=True,
+)
 
 RUN_TAGS = ("bash", "python")
 SHOW_TAGS = ("text", "console", "json", "yaml", "ini", "bash skip-test", "python skip-test")
@@ -283,6 +300,63 @@ def test_tutorial_runs(name, tmp_path):
     if settings.needs_chaos and not (chaos_dir() / "image_1.nii.gz").exists():
         pytest.skip("CHAOS T2-SPIR copy not found (set SDFSMIS_DATA_DIR)")
     run_tutorial(path, settings.env, settings.timeout, workdir=tmp_path / "work")
+
+
+def _scratch_checkout(root: Path) -> Path:
+    """What the model card's commands need of a checkout, at ``root``, with the data beside it as on this project's
+    machines (``../shared/data/chaos_t2spir``): the bundle, copied since its commands write into it (``models/``,
+    ``eval/``, ``runs/``), and the benchmark scripts, linked."""
+    bundle = root / "bundles" / "sd_fsmis"
+    for name in ("configs", "docs"):
+        shutil.copytree(REPO_ROOT / "bundles" / "sd_fsmis" / name, bundle / name)
+    for name in ("LICENSE", "large_files.yml"):
+        shutil.copy2(REPO_ROOT / "bundles" / "sd_fsmis" / name, bundle / name)
+    (bundle / "models").mkdir()
+    (root / "benchmarks").symlink_to(REPO_ROOT / "benchmarks", target_is_directory=True)
+    data = root.parent / "shared" / "data"
+    data.mkdir(parents=True)
+    (data / "chaos_t2spir").symlink_to(chaos_dir(), target_is_directory=True)
+    return bundle
+
+
+def test_model_card_runs(tmp_path):
+    """Every ``bash`` block of the model card succeeds, in order, in one terminal: the Performance commands from
+    the repository root, the usage commands from the bundle's folder (the card's own ``cd``), on the real CHAOS
+    volumes with tiny random SD-1.5 and DINOv2 folders; the files the card says they write are there."""
+    if MODEL_CARD_RUN.needs_chaos and not (chaos_dir() / "image_1.nii.gz").exists():
+        pytest.skip("CHAOS T2-SPIR copy not found (set SDFSMIS_DATA_DIR)")
+    root = tmp_path / "monai-sdfsmis"
+    bundle = _scratch_checkout(root)
+    sd, dino = save_tiny_pretrained_weights(tmp_path / "weights")
+    env = {**MODEL_CARD_RUN.env, "SD_WEIGHTS": str(sd), "DINOV2_WEIGHTS": str(dino)}
+    ran = run_tutorial(MODEL_CARD, env, MODEL_CARD_RUN.timeout, workdir=root)
+    assert len(ran) >= 12 and all(block.tag == "bash" for block in ran)
+
+    import nibabel as nib
+    import numpy as np
+
+    # The paths the card names, under Performance (from the root) and Additional Usage Steps (from the bundle).
+    written = [
+        root / "runs/chaos_fold0/model/model.pt",
+        root / "runs/chaos_fold0/results.json",
+        root / "outputs/no_prior_30min/results.md",
+        root / "outputs/copy_baseline/protocol_results.json",
+        bundle / "eval/quickstart_no_prior/models/model.pt",
+        bundle / "eval/quickstart_no_prior/evaluation/final/protocol_table.md",
+        bundle / "eval/quickstart_no_prior/results.json",
+        bundle / "models/fold0/model.pt",
+        bundle / "models/fold0_ddp/model.pt",
+        bundle / "eval/evaluation/fold_0/protocol_table.md",
+        bundle / "runs/noprior_fold0/model/model_config.json",
+        bundle / "runs/noprior_fold0/evaluation/final/protocol_table.md",
+        bundle / "runs/noprior_fold0/evaluation/fold_0/protocol_table.md",
+    ]
+    missing = [str(p.relative_to(tmp_path)) for p in written if not p.is_file()]
+    assert not missing, f"the model card says these are written, but they are not: {missing}"
+    query = nib.load(chaos_dir() / "image_1.nii.gz")
+    for folder in ("eval/inference", "eval/inference_no_prior"):
+        mask = nib.load(bundle / folder / "q_seg.nii.gz")
+        assert mask.shape == query.shape and np.allclose(mask.affine, query.affine, atol=1e-4), folder
 
 
 # The harness itself: a harness that passes a broken tutorial would make every tutorial test worthless.

@@ -71,3 +71,54 @@ def stop_process(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def save_tiny_pretrained_weights(folder: Path) -> tuple[Path, Path]:
+    """Tiny random Stable Diffusion 1.5 and DINOv2 weights in the real on-disk formats, for the commands that take
+    ``--sd_weights`` and ``--image_encoder_weights``.
+
+    ``folder/sd15`` is a ``StableDiffusionPipeline.save_pretrained`` folder (``model_index.json``, ``vae/``,
+    ``unet/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; safetensors), ``folder/dinov2`` a
+    ``Dinov2Model.save_pretrained`` folder. The UNet, VAE and DINOv2 are the package's toy architectures
+    (``monai_sdfsmis/networks/configs/tiny``; the VAE downsamples 8x as SD's does), the text encoder a small CLIP
+    with a byte-level tokenizer (``tests/test_pretrained.py``), the scheduler SD-1.5's.
+
+    Returns
+    -------
+    tuple of Path
+        The SD-1.5 folder and the DINOv2 folder.
+    """
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTokenizer, Dinov2Config, Dinov2Model
+
+    from monai_sdfsmis.networks.pretrained import SD15_CONFIG_DIR
+    from monai_sdfsmis.networks.sdfsmis import TINY_CONFIG_DIR
+    from tests.test_pretrained import tiny_text_encoder, write_clip_tokenizer
+
+    def config(name: str) -> dict:
+        return json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
+
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        text_encoder = tiny_text_encoder()
+        assert text_encoder.config.hidden_size == unet.config.cross_attention_dim
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL.from_config(config("vae")),
+            text_encoder=text_encoder,
+            tokenizer=CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder / "tokenizer_source"))),
+            unet=unet,
+            scheduler=PNDMScheduler.from_pretrained(str(SD15_CONFIG_DIR), subfolder="scheduler"),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(str(folder / "sd15"), safe_serialization=True)
+        dino = config("dinov2")
+        dino.pop("model_type", None)
+        Dinov2Model(Dinov2Config(**dino)).save_pretrained(str(folder / "dinov2"), safe_serialization=True)
+    return folder / "sd15", folder / "dinov2"

@@ -29,6 +29,7 @@ import torch
 from monai.utils import convert_to_numpy
 from torch.utils.data import Sampler
 
+from monai_sdfsmis.data.protocol import organ_id_list
 from monai_sdfsmis.data.seeded import SeededDataset
 from monai_sdfsmis.data.volumes import VolumeStore
 
@@ -157,7 +158,9 @@ def _excluded_labels(
     if setting != 2:
         return (), exclusion
     if exclusion != "groups":
-        labels = tuple(int(v) for v in exclude_labels)
+        # One parser for every organ id setting: "liver" is one bad id, not the ids 'l', 'i', 'v', 'e', 'r'.
+        given = isinstance(exclude_labels, str) or not isinstance(exclude_labels, Sequence) or len(exclude_labels) > 0
+        labels = tuple(organ_id_list(exclude_labels, key="exclude_labels")) if given else ()
     else:
         if not label_groups:
             raise ValueError("exclusion='groups' needs label_groups, e.g. ALPNET_LABEL_GROUPS['chaos'].")

@@ -19,6 +19,7 @@ from __future__ import annotations
 __all__ = ["SCHEDULES", "TrainingBudget", "attach_budget"]
 
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,9 +38,12 @@ class TrainingBudget:
     Attributes
     ----------
     max_iterations, max_seconds
-        The budget (``None``: unlimited).
+        The budget (``None``: unlimited). ``max_iterations`` counts from the run's first iteration, also after a
+        resume: a resumed run stops where an uninterrupted one would.
     iterations
         Iterations run in this call of ``engine.run()`` (after a resume: since the resume).
+    start_iteration
+        The engine's iteration when this call started: 0, or the checkpoint's iteration after a resume.
     elapsed
         Training-loop seconds, without the time spent inside :meth:`paused`.
     stopped_by
@@ -49,6 +53,7 @@ class TrainingBudget:
     max_iterations: int | None = None
     max_seconds: float | None = None
     iterations: int = 0
+    start_iteration: int = 0
     elapsed: float = 0.0
     stopped_by: str | None = None
     _time_limit: TimeLimit | None = field(default=None, repr=False)
@@ -130,18 +135,7 @@ def attach_budget(
     TrainingBudget
         Filled in as the run goes.
     """
-    if max_iterations is None and max_seconds is None:
-        raise ValueError("a training budget needs max_iterations, max_seconds or both.")
-    if max_iterations is not None and int(max_iterations) < 1:
-        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
-    if max_seconds is not None and not max_seconds > 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
-    if horizon_every < 1:
-        raise ValueError(f"horizon_every must be >= 1, got {horizon_every}.")
-    if warmup_iterations < 0:
-        raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
+    _check_budget(max_iterations, max_seconds, schedule, warmup_iterations, horizon_every)
     optimizer = optimizer or getattr(engine, "optimizer", None)
     if optimizer is None:
         raise ValueError("attach_budget needs an optimizer (engine.optimizer or the optimizer argument).")
@@ -160,7 +154,8 @@ def attach_budget(
         if seconds <= 0:
             return
         left = max(float(max_seconds) - seconds, 0.0)
-        _set_horizon(scheduler, schedule, warmup, budget.iterations + int(left * budget.iterations / seconds) + 1)
+        done = budget.start_iteration + budget.iterations
+        _set_horizon(scheduler, schedule, warmup, done + int(left * budget.iterations / seconds) + 1)
 
     def started(engine: Engine) -> None:
         budget._start = time.perf_counter()
@@ -169,12 +164,16 @@ def attach_budget(
         budget.stopped_by = None
         if max_seconds is not None:
             budget._time_limit = TimeLimit(max(1, int(-(-max_seconds // 1))))  # ceil: TimeLimit takes whole seconds
+        # A resume (a handler attached before this one restored the engine) goes on from the checkpoint's iteration.
+        budget.start_iteration = int(engine.state.iteration)
+        if budget.start_iteration:
+            _continue_resumed_run(engine, budget, scheduler)
 
     def completed_iteration(engine: Engine) -> None:
         budget.iterations += 1
         if timed_horizon and budget.iterations % horizon_every == 0:
             reestimate_horizon()
-        if budget.max_iterations is not None and budget.iterations >= budget.max_iterations:
+        if budget.max_iterations is not None and budget.start_iteration + budget.iterations >= budget.max_iterations:
             budget.stopped_by = "iterations"
             engine.terminate()
         elif budget._time_limit is not None:
@@ -190,3 +189,42 @@ def attach_budget(
     engine.add_event_handler(Events.ITERATION_COMPLETED, completed_iteration)
     engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, stopped)
     return budget
+
+
+def _check_budget(
+    max_iterations: int | None, max_seconds: float | None, schedule: str, warmup_iterations: int, horizon_every: int
+) -> None:
+    if max_iterations is None and max_seconds is None:
+        raise ValueError("a training budget needs max_iterations, max_seconds or both.")
+    if max_iterations is not None and int(max_iterations) < 1:
+        raise ValueError(f"max_iterations must be a positive integer, got {max_iterations}.")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ValueError(f"max_seconds must be positive, got {max_seconds}.")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; expected one of {SCHEDULES}.")
+    if horizon_every < 1:
+        raise ValueError(f"horizon_every must be >= 1, got {horizon_every}.")
+    if warmup_iterations < 0:
+        raise ValueError(f"warmup_iterations must be >= 0, got {warmup_iterations}.")
+
+
+def _continue_resumed_run(engine: Engine, budget: TrainingBudget, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Go on from the checkpoint's iteration ``budget.start_iteration``: refuse a plan shorter than what was done, and
+    put the schedule at that step, as in the uninterrupted run, instead of starting a new warm-up."""
+    start, planned = budget.start_iteration, budget.max_iterations
+    if planned is not None and start > planned:
+        raise ValueError(
+            f"the resumed checkpoint is at iteration {start}, beyond the {planned} iterations this run "
+            f"plans; plan at least {start} iterations (--iterations) to resume from it, or start afresh elsewhere"
+        )
+    scheduler.last_epoch = start - 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "lr_scheduler.step() before optimizer.step()"
+        scheduler.step()
+    engine.logger.info(
+        f"resumed at iteration {start}: training goes on "
+        + (f"to iteration {planned}" if planned is not None else "until the time is up")
+    )
+    if planned is not None and start >= planned:
+        budget.stopped_by = "iterations"
+        engine.terminate()

@@ -114,7 +114,8 @@ class AtomicDiskSaver(DiskSaver):
     ignite's own atomic mode names its temporaries ``tmpXXXXXXXX`` and does not sync them before the rename; here a
     killed run leaves a name :func:`remove_stale_temporaries` recognises, and a crash cannot leave a renamed, empty
     checkpoint. With ``filename`` every save goes to that one name and replaces it in place: ``remove`` of it is a
-    no-op, so the previous file stays until the new one is complete.
+    no-op, so the previous file stays until the new one is complete. A write that fails (a full disk) raises an
+    ``OSError`` naming the checkpoint, with the cause's ``errno``.
     """
 
     def __init__(self, dirname: str | PathLike, filename: str | None = None) -> None:
@@ -124,10 +125,18 @@ class AtomicDiskSaver(DiskSaver):
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
         if _rank() != self.save_on_rank:
             return
-        with atomic_path(self.dirname / (self.filename or filename), suffix=".tmp") as tmp, open(tmp, "wb") as handle:
-            torch.save(checkpoint, handle, **self.kwargs)
-            handle.flush()
-            os.fsync(handle.fileno())
+        target = self.dirname / (self.filename or filename)
+        try:
+            with atomic_path(target, suffix=".tmp") as tmp, open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle, **self.kwargs)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except (OSError, RuntimeError) as error:
+            # torch's writer reports a full disk as "enforce fail ... unexpected pos", the OSError only as its context.
+            cause = error if isinstance(error, OSError) else error.__cause__ or error.__context__
+            if not isinstance(cause, OSError):
+                raise
+            raise OSError(cause.errno, f"could not write {target}: {cause.strerror or cause}") from error
 
     def remove(self, filename: str) -> None:
         if self.filename is None:

@@ -50,6 +50,7 @@ __all__ = [
 
 import json
 import logging
+import numbers
 import sys
 from collections.abc import Mapping, Sequence
 from os import PathLike
@@ -324,6 +325,8 @@ def resolve_spatial_size(spatial_size: int | None, config: Mapping[str, Any] | N
         raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: spatial_size must be a positive integer, got {stored!r}")
     if spatial_size is None:
         return int(stored) if stored else DEFAULT_SPATIAL_SIZE
+    if isinstance(spatial_size, bool) or not isinstance(spatial_size, numbers.Integral) or spatial_size < 1:
+        raise ValueError(f"spatial_size (--spatial_size) must be a positive integer, got {spatial_size!r}")
     if stored and int(stored) != int(spatial_size):
         raise ValueError(
             f"spatial_size {int(spatial_size)} disagrees with the model folder: {config.get('_path', MODEL_CONFIG_NAME)} "
@@ -351,7 +354,7 @@ def resolve_postprocess(
     try:
         return check_postprocess_steps(config.get("postprocess"))
     except ValueError as error:
-        raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: {error}") from None
+        raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: postprocess: {error}") from None
 
 
 def resolve_support_alignment(support_alignment: str | None, config: Mapping[str, Any] | None = None) -> str:
@@ -375,14 +378,26 @@ def resolve_support_alignment(support_alignment: str | None, config: Mapping[str
 
 
 def resolve_intensity(intensity: str | None, config: Mapping[str, Any] | None = None) -> str:
-    """``intensity`` if given, else the preset the model was trained with, else ``"minmax"``."""
-    if intensity is not None:
-        from monai_sdfsmis.transforms.intensity import PRESETS
+    """``intensity`` if given, else the preset the model was trained with, else ``"minmax"``.
 
+    Raises
+    ------
+    ValueError
+        For a name outside :data:`~monai_sdfsmis.transforms.intensity.PRESETS`, given or stored (the file is named).
+    """
+    from monai_sdfsmis.transforms.intensity import PRESETS
+
+    if intensity is not None:
         if intensity not in PRESETS:
             raise ValueError(f"intensity (--intensity) must be one of {', '.join(PRESETS)}, got {intensity!r}")
         return intensity
-    return str((config or {}).get("intensity") or DEFAULT_INTENSITY)
+    config = config or {}
+    stored = config.get("intensity") or DEFAULT_INTENSITY
+    if stored not in PRESETS:
+        raise ValueError(
+            f"{config.get('_path', MODEL_CONFIG_NAME)}: intensity must be one of {', '.join(PRESETS)}, got {stored!r}"
+        )
+    return str(stored)
 
 
 # ---------------------------------------------------------------------------------------------- network

@@ -442,7 +442,7 @@ class TrainingReport:
 
         training_seconds = self.clock.seconds()
         segmenter = {
-            "iterations": budget.iterations,
+            "iterations": budget.start_iteration + budget.iterations,  # a resumed run's count goes on from its checkpoint
             "planned_iterations": budget.max_iterations,
             "stopped_by": budget.stopped_by,
             "seconds": budget.elapsed,

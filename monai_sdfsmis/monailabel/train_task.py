@@ -65,6 +65,51 @@ def datastore_records(
     return [VolumeRecord(id=vid, image=img, supervoxel=sv) for vid, img, sv in zip(ids, paths, supervoxels)]
 
 
+def _last_loss(output: Any) -> float | None:
+    """The loss of the trainer's last iteration (its output is one dict, or a list of one dict per item)."""
+    if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
+        output = output[0]
+    return float(output["loss"]) if isinstance(output, Mapping) and "loss" in output else None
+
+
+def _fine_tuning_settings(
+    model_dir: Path, bundle_dir: Path, config: Mapping[str, Any], device: Any, iterations: int, batch_size: int
+) -> dict[str, Any]:
+    """The bundle keys that turn the training recipe into fine-tuning of the served model (``config``: its
+    ``model_config.json``): the served autoencoder and network, no time budget, nothing held out."""
+    values: dict[str, Any] = {
+        "bundle_root": str(bundle_dir),
+        "ckpt_dir": str(model_dir),
+        "output_dir": str(model_dir / "train_logs"),
+        "device": device,
+        "amp": device.type == "cuda",
+        "num_workers": 0,
+        "num_threads": None,
+        "resume": False,
+        "setting": 1,
+        "iterations": int(iterations),
+        "batch_size": int(batch_size),
+        # fine-tuning: the served autoencoder stays, no time budget, nothing held out to evaluate
+        "train_autoencoder": False,
+        "total_minutes": None,
+        "fold": 0,
+        "folds": [[]],
+        "min_useful_iterations": None,
+        "progress": False,
+        "supervoxel_dir": "supervoxels_5000",
+        "warmup": min(int(iterations) // 5, 100),
+        "ckpt_interval": 10**9,
+        # The network the infer task serves: the model folder's own no-prior network and widths.
+        "network_def": "$monai_sdfsmis.engines.model_folder.build_network('no_prior', @ckpt_dir)",
+        "train::records": "@records",
+    }
+    if config.get("spatial_size"):
+        values["spatial_size"] = int(config["spatial_size"])
+    if config.get("intensity"):
+        values["intensity"] = str(config["intensity"])
+    return values
+
+
 def train_from_records(
     records: Sequence[VolumeRecord],
     model_dir: str | os.PathLike,
@@ -107,41 +152,10 @@ def train_from_records(
         raise ValueError(f"model folder {model_dir}: no autoencoder/ (stage 1 of the no-prior model) to train with.")
     if int(iterations) < 1 or int(batch_size) < 1:
         raise ValueError(f"iterations and batch_size must be at least 1, got {iterations} and {batch_size}.")
-    config = read_model_config(model_dir)
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-
+    values = _fine_tuning_settings(model_dir, bundle_dir, read_model_config(model_dir), device, iterations, batch_size)
     parser = ConfigParser()
     parser.read_config([str(bundle_dir / c) for c in TRAIN_CONFIGS])
-    values: dict[str, Any] = {
-        "bundle_root": str(bundle_dir),
-        "ckpt_dir": str(model_dir),
-        "output_dir": str(model_dir / "train_logs"),
-        "device": device,
-        "amp": device.type == "cuda",
-        "num_workers": 0,
-        "num_threads": None,
-        "resume": False,
-        "setting": 1,
-        "iterations": int(iterations),
-        "batch_size": int(batch_size),
-        # fine-tuning: the served autoencoder stays, no time budget, nothing held out to evaluate
-        "train_autoencoder": False,
-        "total_minutes": None,
-        "fold": 0,
-        "folds": [[]],
-        "min_useful_iterations": None,
-        "progress": False,
-        "supervoxel_dir": "supervoxels_5000",
-        "warmup": min(int(iterations) // 5, 100),
-        "ckpt_interval": 10**9,
-        # The network the infer task serves: the model folder's own no-prior network and widths.
-        "network_def": "$monai_sdfsmis.engines.model_folder.build_network('no_prior', @ckpt_dir)",
-        "train::records": "@records",
-    }
-    if config.get("spatial_size"):
-        values["spatial_size"] = int(config["spatial_size"])
-    if config.get("intensity"):
-        values["intensity"] = str(config["intensity"])
     values.update(dict(overrides or {}))
     for key, value in values.items():
         parser[key] = value
@@ -159,17 +173,11 @@ def train_from_records(
     trainer = parser.get_parsed_content("train::trainer")
     start = time.monotonic()
     parser.get_parsed_content("training")
-    output = trainer.state.output
-    loss = None
-    if isinstance(output, Sequence) and output and isinstance(output[0], Mapping):
-        output = output[0]
-    if isinstance(output, Mapping) and "loss" in output:
-        loss = float(output["loss"])
     if not ckpt.is_file():
         raise RuntimeError(f"training finished but wrote no {ckpt}.")
     return {
         "iterations": int(trainer.state.iteration),
-        "loss": loss,
+        "loss": _last_loss(trainer.state.output),
         "seconds": round(time.monotonic() - start, 2),
         "model": str(ckpt),
         "studies": [r.id for r in records],

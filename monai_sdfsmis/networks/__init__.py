@@ -36,11 +36,14 @@ from .sqi import (
 )
 from .supervised import SupervisedLatentSegmenter, build_supervised_segmenter
 from .support_copy import SupportMaskCopy
+from .support_query_unet import DualConvIn, SupportQueryUNet
 from .vtct import VisualToTextualConditionTranslator
 
 __all__ = [
     "SDFSMIS",
     "SupportContext",
+    "SupportQueryUNet",
+    "DualConvIn",
     "QueryEnhancement",
     "VisualToTextualConditionTranslator",
     "SupportQueryAttention",

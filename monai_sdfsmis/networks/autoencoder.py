@@ -42,10 +42,13 @@ from monai_sdfsmis.utils import atomic_folder
 
 #: Named widths: ``block_out_channels`` and ``norm_num_groups`` of the four levels.
 #: ``default`` is SD-1.5's VAE (128, 256, 512, 512) at half width (about 1/4 of its FLOPs);
+#: ``light`` is ``small`` with one ResNet block per level: the frozen encoder runs four times per stage-2 episode
+#: (both images, both masks), so its cost bounds the episodes a CPU budget buys.
 #: ``tiny`` is for CPU tests and smoke runs only.
 AUTOENCODER_WIDTHS: dict[str, dict[str, object]] = {
     "default": {"block_out_channels": (64, 128, 256, 256), "norm_num_groups": 32, "layers_per_block": 2},
     "small": {"block_out_channels": (32, 64, 128, 128), "norm_num_groups": 32, "layers_per_block": 2},
+    "light": {"block_out_channels": (32, 64, 128, 128), "norm_num_groups": 32, "layers_per_block": 1},
     "tiny": {"block_out_channels": (8, 16, 16, 16), "norm_num_groups": 4, "layers_per_block": 1},
 }
 
@@ -74,7 +77,7 @@ def build_autoencoder(
     ----------
     block_out_channels
         Channels of the four encoder levels (the decoder mirrors them), or a name from
-        :data:`AUTOENCODER_WIDTHS` (``"default"``, ``"small"``, ``"tiny"``), which also sets
+        :data:`AUTOENCODER_WIDTHS` (``"default"``, ``"small"``, ``"light"``, ``"tiny"``), which also sets
         ``layers_per_block`` and ``norm_num_groups`` unless they are given. With ``downsampling=4`` the
         first three levels of a named width are used (three given channel counts also mean 4x).
     latent_channels

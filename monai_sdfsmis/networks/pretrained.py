@@ -425,14 +425,18 @@ def _load_sd_single_file(
         raise ValueError(f"could not read the checkpoint {path}: {exc}") from exc
     common: dict[str, Any] = {"config": str(config_dir), "local_files_only": True, "torch_dtype": torch_dtype}
     try:
+        # Checked before loading: with accelerate, diffusers builds on the meta device and a missing weight
+        # surfaces as "cannot copy out of meta tensor" instead of a random layer.
+        for model_class, sub, convert, what in (
+            (AutoencoderKL, "vae", convert_ldm_vae_checkpoint, "VAE"),
+            (UNet2DConditionModel, "unet", convert_ldm_unet_checkpoint, "UNet"),
+        ):
+            config = model_class.load_config(str(config_dir), subfolder=sub, local_files_only=True)
+            with torch.device("meta"):
+                expected = set(model_class.from_config(config).state_dict())
+            _check_complete(expected, set(convert(checkpoint, dict(config))), path, what)
         vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **common)
-        _check_complete(
-            set(vae.state_dict()), set(convert_ldm_vae_checkpoint(checkpoint, dict(vae.config))), path, "VAE"
-        )
         unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **common)
-        _check_complete(
-            set(unet.state_dict()), set(convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))), path, "UNet"
-        )
     except (RuntimeError, KeyError, IndexError, SingleFileComponentError) as exc:
         # shape mismatch, or a layout diffusers' converter does not know
         raise ValueError(f"{path} is not an SD-1.x checkpoint matching the configs in {config_dir}: {exc}") from exc

@@ -1,6 +1,6 @@
 """SD-FSMIS: Stable Diffusion adapted for one-shot medical image segmentation (model and one-step inference).
 
-Composition of a frozen SD VAE, SD's UNet (fine-tuned) with two input convolutions (:class:`DualConvIn`)
+Composition of a frozen SD VAE, SD's UNet (fine-tuned) with two input convolutions (:class:`~monai_sdfsmis.networks.support_query_unet.DualConvIn`)
 and support-query interaction (:mod:`.sqi`), query enhancement (:mod:`.query_enhancement`), the
 visual-to-textual condition translator (:mod:`.vtct`, frozen DINOv2 + trained MLP) and the one-step
 scheduler (:mod:`.one_step`). The network interface used by inferers and engines (ARCHITECTURE.md)::
@@ -17,7 +17,6 @@ from __future__ import annotations
 __all__ = [
     "SDFSMIS",
     "SupportContext",
-    "DualConvIn",
     "BINARIZE_MODES",
     "SUPPORT_CONDITIONS",
     "FORWARD_MODES",
@@ -26,8 +25,7 @@ __all__ = [
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -41,15 +39,8 @@ from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencode
 from monai_sdfsmis.networks.latent_loss import decoded_dice_loss, latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
-from monai_sdfsmis.networks.sqi import (
-    SII_MODES,
-    SUPPORT_FEATURES_KEY,
-    SUPPORT_STORE_KEY,
-    SupportBank,
-    install_sii,
-    match_support_batch,
-    sii_blocks,
-)
+from monai_sdfsmis.networks.sqi import SII_MODES, SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
+from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
 SUPPORT_CONDITIONS = ("same", "empty")
@@ -125,76 +116,6 @@ class SupportContext:
         return cls(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
 
 
-class DualConvIn(nn.Module):
-    """Replacement of ``unet.conv_in`` with one input convolution per branch (Marigold-initialised 8-channel convs).
-
-    The UNet is called once per branch (support pass, query pass); :meth:`routing` selects which
-    convolution the next calls use. Everything after ``conv_in`` is shared.
-
-    Parameters
-    ----------
-    query
-        Convolution of the query branch (8 input channels with QE, SD's 4-channel one without).
-    support
-        Convolution of the support branch (8 input channels); ``None`` when it is shared with the
-        query (``shared_conv_in``) or when there is no support pass (no SII).
-    shared
-        Whether the support branch uses ``query``.
-    """
-
-    BRANCHES = ("query", "support")
-
-    def __init__(self, query: nn.Conv2d, support: nn.Conv2d | None = None, shared: bool = False) -> None:
-        super().__init__()
-        self.query = query
-        self.support = support
-        self.shared = shared
-        self.branch = "query"
-
-    @staticmethod
-    def marigold(conv_in: nn.Conv2d, copies: int = 2) -> nn.Conv2d:
-        """SD's ``conv_in`` widened to ``copies * in_channels`` inputs: kernel repeated along inputs and divided by
-        ``copies`` (Marigold / DiffewS), bias copied, so a repeated input gives SD's activation."""
-        # Built on the meta device: no throw-away random init, so the global RNG (and with it the init of
-        # whatever is built next) does not depend on how many input convs a configuration has.
-        new = nn.Conv2d(
-            conv_in.in_channels * copies,
-            conv_in.out_channels,
-            kernel_size=conv_in.kernel_size,
-            stride=conv_in.stride,
-            padding=conv_in.padding,
-            bias=conv_in.bias is not None,
-            device="meta",
-            dtype=conv_in.weight.dtype,
-        ).to_empty(device=conv_in.weight.device)
-        with torch.no_grad():
-            new.weight.copy_(conv_in.weight.repeat(1, copies, 1, 1) / copies)
-            if conv_in.bias is not None:
-                new.bias.copy_(conv_in.bias)
-        return new
-
-    @contextmanager
-    def routing(self, branch: str) -> Iterator[None]:
-        """Route the UNet calls inside the block through ``branch`` (``"query"`` or ``"support"``)."""
-        if branch not in self.BRANCHES:
-            raise ValueError(f"branch must be one of {self.BRANCHES}, got {branch!r}.")
-        previous, self.branch = self.branch, branch
-        try:
-            yield
-        finally:
-            self.branch = previous
-
-    def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        conv = self.query if self.branch == "query" or self.shared else self.support
-        if conv is None:
-            raise RuntimeError("this UNet has no support input convolution (SII is off): there is no support pass.")
-        if sample.shape[1] != conv.in_channels:
-            raise ValueError(
-                f"{self.branch} UNet input has {sample.shape[1]} channels, its input convolution expects {conv.in_channels}."
-            )
-        return conv(sample)
-
-
 def _check_settings(
     vae: AutoencoderKL,
     unet: UNet2DConditionModel,
@@ -222,15 +143,10 @@ def _check_settings(
         raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
     if not float(decoded_dice_weight) >= 0:
         raise ValueError(f"decoded_dice_weight must be zero or positive, got {decoded_dice_weight}.")
-    if shared_conv_in and not use_qe:
+    if int(unet.config.in_channels) != int(vae.config.latent_channels):
         raise ValueError(
-            "shared_conv_in=True needs use_qe=True: without QE the query input has 4 channels and the support 8."
-        )
-    conv_in = unet.conv_in
-    if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != vae.config.latent_channels:
-        raise ValueError(
-            f"unet.conv_in must be SD's original {vae.config.latent_channels}-channel Conv2d, got {conv_in!r} "
-            "(was this UNet already wrapped by SDFSMIS?)."
+            f"the UNet takes {unet.config.in_channels} input channels, the autoencoder's latent has "
+            f"{vae.config.latent_channels}: SDFSMIS needs SD's UNet, whose input is one latent."
         )
     cross_dim = int(unet.config.cross_attention_dim)
     needs_empty = not use_vtct or (image_encoder is not None and vtct_mode == "add") or support_condition == "empty"
@@ -257,8 +173,9 @@ class SDFSMIS(FrozenAutoencoderMixin):
     vae
         SD's ``AutoencoderKL``; frozen (``requires_grad=False``, always ``eval``).
     unet
-        SD's ``UNet2DConditionModel`` with its original 4-channel ``conv_in``; modified in place
-        (``conv_in`` -> :class:`DualConvIn`, SII installed).
+        SD's ``UNet2DConditionModel`` with its original 4-channel ``conv_in``. Its weights become those of
+        :attr:`unet`, a :class:`~monai_sdfsmis.networks.support_query_unet.SupportQueryUNet` (``conv_in`` ->
+        :class:`~monai_sdfsmis.networks.support_query_unet.DualConvIn`, SII installed) that diffusers' ``save_pretrained`` / ``from_pretrained`` restore.
     image_encoder
         Frozen DINOv2 of VTCT (``Dinov2Model``); ``None`` -> VTCT uses a learned condition embedding
         (no-prior mode). Not used when ``use_vtct=False``.
@@ -302,7 +219,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
     -----
     * Support and query run as two UNet calls (support first, its per-block features collected into
       :attr:`SupportContext.features` and handed to the query pass through ``cross_attention_kwargs``;
-      :mod:`.sqi`), routed to their input convolution by :class:`DualConvIn`; this is what makes one
+      :mod:`.sqi`), routed to their input convolution by ``DualConvIn``; this is what makes one
       support reusable for any number of queries. No pass state lives in the UNet, so
       ``unet.enable_gradient_checkpointing()`` and ``unet.compile(fullgraph=True)`` work.
     * Training goes through ``forward(..., mode="loss")`` (the same as :meth:`compute_loss`) so that a
@@ -346,7 +263,6 @@ class SDFSMIS(FrozenAutoencoderMixin):
             foreground_weight=foreground_weight, decoded_dice_weight=decoded_dice_weight,
         )
         self.check_binarize_settings(binarize_mode, relative_threshold)
-        conv_in = unet.conv_in
         cross_dim = int(unet.config.cross_attention_dim)
 
         self.settings = {
@@ -369,23 +285,16 @@ class SDFSMIS(FrozenAutoencoderMixin):
         self.foreground_weight = float(foreground_weight)
         self.residual_from_support = bool(residual_from_support)
         self.decoded_dice_weight = float(decoded_dice_weight)
+        self.adopt_frozen_autoencoder(vae)
+        self.unet = SupportQueryUNet.from_unet(
+            unet, {"use_qe": use_qe, "use_sii": use_sii, "shared_conv_in": shared_conv_in, "sii_mode": sii_mode}
+        )
+        self.bank = self.unet.support_bank
         if self.residual_from_support:
             # Zero output is "no edit": the first prediction is the support's mask latent, the copy baseline.
-            nn.init.zeros_(unet.conv_out.weight)
-            if unet.conv_out.bias is not None:
-                nn.init.zeros_(unet.conv_out.bias)
-
-        self.adopt_frozen_autoencoder(vae)
-
-        # Marigold init (SD's kernel repeated twice, halved, bias copied); without QE the query keeps SD's conv_in.
-        query_conv = DualConvIn.marigold(conv_in) if use_qe else conv_in
-        support_conv = DualConvIn.marigold(conv_in) if use_sii and not shared_conv_in else None
-        unet.conv_in = DualConvIn(query_conv, support_conv, shared=shared_conv_in and use_sii)
-        unet.register_to_config(in_channels=query_conv.in_channels)
-        self.unet = unet
-        self.bank = SupportBank()
-        if use_sii:
-            install_sii(unet, self.bank, sii_mode)
+            nn.init.zeros_(self.unet.conv_out.weight)
+            if self.unet.conv_out.bias is not None:
+                nn.init.zeros_(self.unet.conv_out.bias)
 
         self.qe = QueryEnhancement(qe_threshold, qe_fallback_k, qe_mode) if use_qe else None
         self.vtct = (
@@ -465,8 +374,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
         layers and VTCT's MLP / positional embedding / gate / learned condition (``lr_new``). Frozen
         VAE and DINOv2 and the empty-prompt buffer are not included.
         """
-        new_modules: list[nn.Module] = [self.unet.conv_in]
-        new_modules += [block.attn_sq for _, block in sii_blocks(self.unet) if hasattr(block, "attn_sq")]
+        new_modules = self.unet.new_modules
         if self.vtct is not None:
             new_modules.append(self.vtct)
         new, seen = [], set()
@@ -500,16 +408,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
         branch: str,
         cross_attention_kwargs: dict[str, Any] | None = None,
     ) -> torch.Tensor:
-        timesteps = torch.full((sample.shape[0],), self.timestep, dtype=torch.long, device=sample.device)
-        dtype = self.unet.dtype
-        with self.unet.conv_in.routing(branch):
-            return self.unet(
-                sample.to(dtype),
-                timesteps,
-                encoder_hidden_states=condition.to(dtype),
-                cross_attention_kwargs=cross_attention_kwargs,
-                return_dict=False,
-            )[0]
+        return self.unet.run_branch(sample, self.timestep, condition, branch, cross_attention_kwargs)
 
     def _support_context(
         self,

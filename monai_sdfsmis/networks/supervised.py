@@ -37,7 +37,7 @@ from torch import nn
 from monai_sdfsmis.networks.latent_codec import FrozenAutoencoderMixin
 from monai_sdfsmis.networks.latent_loss import latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
-from monai_sdfsmis.networks.sdfsmis import DualConvIn
+from monai_sdfsmis.networks.support_query_unet import DualConvIn
 
 
 class SupervisedLatentSegmenter(FrozenAutoencoderMixin):

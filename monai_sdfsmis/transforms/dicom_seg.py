@@ -132,6 +132,11 @@ def write_dicom_seg(
     The SEG is a new series in the source study, one segment (``segment_label``, an automatically segmented organ),
     one frame per source slice that holds foreground (every frame when none does, so that an empty answer is still
     a valid SEG). It is written under a temporary name, read back and checked (frame count, pixels), then renamed.
+
+    Raises
+    ------
+    OSError
+        Naming ``output_path`` when the SEG cannot be written whole (a full disk); nothing is left under its name.
     """
     hd = require("dicom_seg", "writing a DICOM-SEG")
     from pydicom.sr.codedict import codes
@@ -165,9 +170,14 @@ def write_dicom_seg(
     )
     target = Path(output_path)
     remove_atomic_leftovers(target)
-    with atomic_path(target) as tmp:
-        seg.save_as(str(tmp))
-        _check_written_seg(tmp, frames, target)
+    try:
+        with atomic_path(target) as tmp:
+            seg.save_as(str(tmp))
+            _check_written_seg(tmp, frames, target)
+    except OSError as error:
+        if error.errno is None:  # _check_written_seg's, which names the file
+            raise
+        raise OSError(error.errno, f"could not write {target}: {error.strerror or error}") from error
     return target
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "ReplicateChannelDict",
 ]
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -144,7 +145,12 @@ class ScaleToUnitRange(Transform):
                     "(standard deviation 0)"
                 )
             c = self.zscore_clip
-            out = clip(NormalizeIntensity(dtype=np.float32)(img), -c, c) / c
+            # MONAI's float32 statistics overflow ((x - mean)^2 from |x - mean| ~ 2e19), which turned a volume of large
+            # but finite values into NaN; they are taken of the volume scaled by a power of two (exact) instead.
+            scale = 2.0 ** math.floor(math.log2(max(abs(v_min), abs(v_max))))  # finite in float32
+            unit = values.float() / scale
+            mean, std = float(unit.mean()) * scale, float(unit.std(unbiased=False)) * scale
+            out = clip(NormalizeIntensity(subtrahend=mean, divisor=std, dtype=np.float32)(img), -c, c) / c
         return convert_to_dst_type(out, img, dtype=np.float32)[0]
 
 

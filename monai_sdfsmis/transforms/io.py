@@ -204,11 +204,21 @@ _NRRD_DATA_FILE = re.compile(rb"^data ?file: *(.+?) *$", re.IGNORECASE | re.MULT
 
 def _check_file_container(path: Path) -> None:
     """Refuse, naming the file, what a reader would report only as a low-level error: a gzip stream named ``.nii``,
-    and a detached NRRD header (``.nhdr``) whose single data file is missing."""
+    a NIfTI of RGB(A) colour voxels, and a detached NRRD header (``.nhdr``) whose single data file is missing."""
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if path.suffix.lower() == ".nii" and head[:2] == b"\x1f\x8b":
         raise ValueError(f"{path} is gzip-compressed but named .nii: rename it to {path.name}.gz")
+    if path.name.lower().endswith(NIFTI_SUFFIXES):
+        try:
+            fields = nib.load(str(path)).get_data_dtype().names  # the header only
+        except Exception:  # a corrupt header: the reader's own error names the file
+            fields = None
+        if fields:
+            raise ValueError(
+                f"{path} holds {''.join(fields)} colour voxels; a single-channel grey-value volume is required "
+                "(convert it to grey values)"
+            )
     if path.suffix.lower() == ".nhdr":
         match = _NRRD_DATA_FILE.search(head)
         data_file = match.group(1).decode(errors="replace") if match else None
