@@ -62,6 +62,20 @@ def test_unet_forward_shape_and_argument_checks():
     assert set(UNET_WIDTHS) >= {"default", "small", "tiny", "wide"}
 
 
+def test_light_autoencoder_is_small_with_one_resnet_block_per_level():
+    """``light`` (RESULTS.md section 19): ``small``'s channels and latent, one ResNet block per encoder level where
+    ``small`` has two (decoder: two where ``small`` has three); counted from the diffusers modules, not the table."""
+    small, light = build_autoencoder("small", sample_size=64), build_autoencoder("light", sample_size=64)
+    assert [b.resnets[0].conv1.out_channels for b in light.encoder.down_blocks] == [32, 64, 128, 128]
+    assert [len(b.resnets) for b in small.encoder.down_blocks] == [2, 2, 2, 2]
+    assert [len(b.resnets) for b in light.encoder.down_blocks] == [1, 1, 1, 1]
+    assert [len(b.resnets) for b in light.decoder.up_blocks] == [2, 2, 2, 2]
+    x = torch.randn(1, 3, 64, 64)
+    assert light.encode(x).latent_dist.mean.shape == small.encode(x).latent_dist.mean.shape == (1, 4, 8, 8)
+    n_small = sum(p.numel() for p in small.parameters())
+    assert sum(p.numel() for p in light.parameters()) < 0.8 * n_small
+
+
 # --------------------------------------------------------------------------------------------- SDFSMIS
 def test_no_prior_sdfsmis_trains_the_learned_condition(vae):
     net = build_no_prior_sdfsmis(vae, "tiny", seed=0)
