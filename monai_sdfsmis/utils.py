@@ -30,11 +30,14 @@ def atomic_path(path: str | PathLike, suffix: str | None = None) -> Iterator[Pat
 
     The temporary name keeps ``path``'s suffixes (``.nii.gz``, ``.safetensors``) so that writers choosing the
     format from the extension (nibabel) write the right one; ``suffix`` replaces them (checkpoints use ``.tmp``, so
-    that leftovers of a killed run can be recognised). The folder is created if needed, and the file gets the
-    permissions a plain ``open()`` would give it (``mkstemp`` creates it 0600).
+    that leftovers of a killed run can be recognised). With ``path``'s own suffixes, the temporaries a killed earlier
+    write of ``path`` left are removed first (:func:`remove_atomic_leftovers`). The folder is created if needed, and
+    the file gets the permissions a plain ``open()`` would give it (``mkstemp`` creates it 0600).
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        remove_atomic_leftovers(target)
     suffix = "".join(target.suffixes) if suffix is None else suffix
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=suffix)
     os.close(fd)
@@ -73,7 +76,7 @@ def _umask() -> int:
 def atomic_write(path: str | PathLike, data: str | bytes) -> Path:
     """Write ``data`` (text as UTF-8) to ``path`` atomically and durably; returns the path written.
 
-    The temporaries an earlier, killed write of ``path`` left are removed first (:func:`remove_atomic_leftovers`).
+    The temporaries an earlier, killed write of ``path`` left are removed first (by :func:`atomic_path`).
 
     Raises
     ------
@@ -82,7 +85,6 @@ def atomic_write(path: str | PathLike, data: str | bytes) -> Path:
         nothing); ``path`` is then left as it was.
     """
     payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    remove_atomic_leftovers(path)
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as handle:

@@ -38,7 +38,7 @@ from scipy import ndimage as ndi
 
 from monai_sdfsmis.extras import numba_njit as njit  # numba is the [supervoxels] extra
 from monai_sdfsmis.progress import progress_bar
-from monai_sdfsmis.utils import atomic_path, remove_atomic_leftovers
+from monai_sdfsmis.utils import atomic_path
 
 # Edge directions as (dz, dy, dx) in (z, y, x) array order, in the reference's edge order: the edge joins voxel
 # ``p + offset`` ("first") and ``p`` ("second"). Negative in-plane steps cover the other half of the diagonals.
@@ -502,7 +502,6 @@ def _atomic_save(labels: np.ndarray, affine: np.ndarray, out_path: Path) -> None
     nii = nib.Nifti1Image(labels.astype(np.int16), affine)
     nii.set_data_dtype(np.int16)
     try:
-        remove_atomic_leftovers(out_path)
         with atomic_path(out_path) as tmp:
             nib.save(nii, str(tmp))
             check_written_volume(tmp, labels.shape, name=out_path)

@@ -39,8 +39,8 @@ from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencode
 from monai_sdfsmis.networks.latent_loss import decoded_dice_loss, latent_mse
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
-from monai_sdfsmis.networks.sqi import SII_MODES, SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
-from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet
+from monai_sdfsmis.networks.sqi import SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
+from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet, check_support_query
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
 SUPPORT_CONDITIONS = ("same", "empty")
@@ -122,19 +122,15 @@ def _check_settings(
     image_encoder: nn.Module | None,
     empty_prompt_embedding: torch.Tensor | None,
     *,
-    use_qe: bool,
     use_vtct: bool,
-    sii_mode: str,
-    shared_conv_in: bool,
     vtct_mode: str,
     timestep: int,
     support_condition: str,
     foreground_weight: float,
     decoded_dice_weight: float,
 ) -> None:
-    """``ValueError`` naming the first of :class:`SDFSMIS`'s arguments that does not fit the others."""
-    if sii_mode not in SII_MODES:
-        raise ValueError(f"sii_mode must be one of {SII_MODES}, got {sii_mode!r}.")
+    """``ValueError`` naming the first of :class:`SDFSMIS`'s arguments that does not fit the others (the UNet's
+    own, ``use_qe``/``use_sii``/``shared_conv_in``/``sii_mode``, are checked by ``check_support_query``)."""
     if support_condition not in SUPPORT_CONDITIONS:
         raise ValueError(f"support_condition must be one of {SUPPORT_CONDITIONS}, got {support_condition!r}.")
     if not 0 <= int(timestep) < 1000:
@@ -257,10 +253,13 @@ class SDFSMIS(FrozenAutoencoderMixin):
         decoded_dice_weight: float = 0.0,
     ) -> None:
         super().__init__()
+        support_query = check_support_query(
+            {"use_qe": use_qe, "use_sii": use_sii, "shared_conv_in": shared_conv_in, "sii_mode": sii_mode}
+        )
         _check_settings(
-            vae, unet, image_encoder, empty_prompt_embedding, use_qe=use_qe, use_vtct=use_vtct, sii_mode=sii_mode,
-            shared_conv_in=shared_conv_in, vtct_mode=vtct_mode, timestep=timestep, support_condition=support_condition,
-            foreground_weight=foreground_weight, decoded_dice_weight=decoded_dice_weight,
+            vae, unet, image_encoder, empty_prompt_embedding, use_vtct=use_vtct, vtct_mode=vtct_mode,
+            timestep=timestep, support_condition=support_condition, foreground_weight=foreground_weight,
+            decoded_dice_weight=decoded_dice_weight,
         )
         self.check_binarize_settings(binarize_mode, relative_threshold)
         cross_dim = int(unet.config.cross_attention_dim)
@@ -286,9 +285,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
         self.residual_from_support = bool(residual_from_support)
         self.decoded_dice_weight = float(decoded_dice_weight)
         self.adopt_frozen_autoencoder(vae)
-        self.unet = SupportQueryUNet.from_unet(
-            unet, {"use_qe": use_qe, "use_sii": use_sii, "shared_conv_in": shared_conv_in, "sii_mode": sii_mode}
-        )
+        self.unet = SupportQueryUNet.from_unet(unet, support_query)
         self.bank = self.unet.support_bank
         if self.residual_from_support:
             # Zero output is "no edit": the first prediction is the support's mask latent, the copy baseline.

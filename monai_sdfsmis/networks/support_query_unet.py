@@ -16,7 +16,7 @@ The module names are those SD-FSMIS has always used (``conv_in.query``, ``conv_i
 
 from __future__ import annotations
 
-__all__ = ["SupportQueryUNet", "DualConvIn", "SUPPORT_QUERY_KEYS"]
+__all__ = ["SupportQueryUNet", "DualConvIn", "SUPPORT_QUERY_KEYS", "check_support_query"]
 
 import inspect
 from collections.abc import Iterator, Mapping

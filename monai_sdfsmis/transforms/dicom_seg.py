@@ -24,7 +24,7 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
 from monai_sdfsmis.extras import require
-from monai_sdfsmis.utils import atomic_path, remove_atomic_leftovers
+from monai_sdfsmis.utils import atomic_path
 
 DICOM_SEG_EXT = ".dcm"
 # A frame pixel must fall within this fraction of a voxel of a mask voxel centre: the mask is on the series' grid.
@@ -169,7 +169,6 @@ def write_dicom_seg(
         omit_empty_frames=bool(frames.any()),
     )
     target = Path(output_path)
-    remove_atomic_leftovers(target)
     try:
         with atomic_path(target) as tmp:
             seg.save_as(str(tmp))

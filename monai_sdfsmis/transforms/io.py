@@ -51,7 +51,7 @@ from monai.utils import ImageMetaKey, convert_to_numpy, ensure_tuple, get_equiva
 
 from monai_sdfsmis.extras import require
 from monai_sdfsmis.transforms.dicom_geometry import check_slice_geometry, read_slice_geometry
-from monai_sdfsmis.utils import atomic_path, remove_atomic_leftovers
+from monai_sdfsmis.utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 NRRD_SUFFIXES = (".nrrd", ".nhdr")
@@ -820,7 +820,6 @@ class SaveVolumed(SaveImaged):
                 raise ValueError(
                     f"output {target} already exists; remove it, choose another output_dir or set overwrite=True"
                 )
-            remove_atomic_leftovers(target)
         try:
             return super().__call__(d)
         except RuntimeError as error:
