@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monai_sdfsmis.networks.latent_loss import foreground_cells, latent_mse
+from monai_sdfsmis.networks.latent_loss import foreground_cells, latent_mse, mask_latent_loss
 from monai_sdfsmis.networks.sdfsmis import SDFSMIS
 
 
@@ -50,6 +50,37 @@ def _episode(query_foreground: bool) -> tuple[torch.Tensor, ...]:
     if query_foreground:
         ql[:, :, 10:30, 24:44] = 1
     return si, sl, qi, ql
+
+
+def test_mask_latent_loss_and_its_logged_parts_by_hand():
+    """The loss a network trains on and the parts it logs, against the formulas written out here."""
+    torch.manual_seed(0)
+    prediction, target, mean_target = torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2), torch.randn(2, 4, 2, 2)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[0, 0, :3, :3] = 1  # item 1 has no foreground
+
+    def decode(latent: torch.Tensor) -> torch.Tensor:  # latent cell -> 4x4 pixels, channel mean, in [-1, 1]
+        return torch.tanh(latent.mean(dim=1, keepdim=True)).repeat_interleave(4, 2).repeat_interleave(4, 3)
+
+    weight = torch.ones(2, 1, 2, 2)
+    weight[0, 0, 0, 0] = 3.0  # the one cell the mask touches
+    squared = (prediction - target) ** 2
+    mse = (weight * squared).sum() / (weight.expand_as(squared)).sum()
+    p = (decode(prediction) + 1) / 2
+    dice = (2 * (p * mask).sum(dim=(1, 2, 3)) + 1e-5) / (p.sum(dim=(1, 2, 3)) + mask.sum(dim=(1, 2, 3)) + 1e-5)
+    loss, parts = mask_latent_loss(prediction, target, mask, 3.0, 0.25, decode)
+    assert loss.item() == pytest.approx((mse + 0.25 * (1 - dice).mean()).item(), rel=1e-6)
+    assert parts["loss_latent"].item() == pytest.approx(mse.item(), rel=1e-6)
+    assert parts["loss_decoded_dice"].item() == pytest.approx((1 - dice).mean().item(), rel=1e-6)
+    assert parts["loss_mean_target"].item() == pytest.approx(mse.item(), rel=1e-6)
+    # a sampled target logs the MSE against the posterior mean instead
+    squared_mean = (prediction - mean_target) ** 2
+    mse_mean = (weight * squared_mean).sum() / (weight.expand_as(squared_mean)).sum()
+    loss, parts = mask_latent_loss(prediction, target, mask, 3.0, mean_target=mean_target)
+    assert loss.item() == pytest.approx(mse.item(), rel=1e-6) and set(parts) == {"loss_mean_target"}
+    assert parts["loss_mean_target"].item() == pytest.approx(mse_mean.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="needs decode"):
+        mask_latent_loss(prediction, target, mask, decoded_dice_weight=0.5)
 
 
 def test_sdfsmis_weights_the_query_organ_cells_only():

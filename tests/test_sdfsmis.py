@@ -359,6 +359,10 @@ def test_frozen_modules_stay_in_eval_and_out_of_parameter_groups():
     for module in [model.unet.conv_in, model.vtct.mlp] + [b.attn_sq for _, b in sii_blocks(model.unet)]:
         assert {id(p) for p in module.parameters()} <= new
     assert id(model.vtct.gate) in new and id(model.vtct.positional_embedding) in new
+    # a parameter made trainable outside the UNet and the new modules would get no learning rate: refused, named
+    model.vae.decoder.conv_out.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"outside the UNet and the new modules: \['vae\.decoder\.conv_out\.weight'"):
+        model.parameter_groups()
 
 
 def test_gradient_flow_and_one_adamw_step():

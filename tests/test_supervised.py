@@ -113,6 +113,9 @@ def test_training_step_moves_the_unet_and_the_organ_conditions(vae):
     # only the rows of the organs in the batch received a gradient
     grad = network.organ_conditions.grad.abs().flatten(1).sum(dim=1)
     assert grad[1] > 0 and grad[2] > 0 and grad[0] == 0 and grad[3] == 0
+    network.vae.encoder.conv_in.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"outside the UNet and the new modules: \['vae\.encoder\.conv_in\."):
+        network.parameter_groups()
 
 
 def test_state_dict_and_diffusers_round_trip(net, vae, tmp_path):

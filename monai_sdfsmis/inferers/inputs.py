@@ -7,6 +7,8 @@ call, so a bad volume never reaches the network and never yields a mask.
 from __future__ import annotations
 
 __all__ = [
+    "check_call_arguments",
+    "network_uses_support",
     "check_volume",
     "check_finite",
     "check_range",
@@ -24,6 +26,31 @@ from monai.data import MetaTensor
 
 #: How far outside [-1, 1] an intensity may lie (rounding of a rescaled volume) before it is refused.
 RANGE_TOLERANCE = 1e-3
+
+
+def check_call_arguments(args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+    """Refuse what the inferer's ``__call__`` does not take: a misspelt keyword (e.g. ``support=``) must not be dropped
+    silently, as MONAI's ``SliceInferer`` would."""
+    if args or kwargs:
+        unexpected = [f"positional #{i + 2}" for i in range(len(args))] + sorted(kwargs)
+        raise ValueError(
+            f"SlidingSupportInferer got unexpected arguments {unexpected}; it takes inputs, network, support_image, "
+            "support_label, query_label and organ_id."
+        )
+
+
+def network_uses_support(network: Any) -> bool:
+    """Whether ``network`` segments from a support (few-shot) or from its own organ contexts (``uses_support =
+    False``); ``ValueError`` naming the first method of that interface it lacks."""
+    uses_support = bool(getattr(network, "uses_support", True))
+    needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
+    for name in needed:
+        if not callable(getattr(network, name, None)):
+            raise ValueError(
+                f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
+                f"SDFSMIS interface ({', '.join(needed)})."
+            )
+    return uses_support
 
 
 def check_volume(name: str, volume: Any, channels: Sequence[int] | None) -> torch.Tensor:

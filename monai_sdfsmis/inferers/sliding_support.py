@@ -31,12 +31,14 @@ from monai.utils import convert_to_dst_type
 from monai_sdfsmis.inferers.alignment import check_support_alignment
 from monai_sdfsmis.inferers.chunks import ChunkSegmenter, SliceContexts, segment_longest_run
 from monai_sdfsmis.inferers.inputs import (
+    check_call_arguments,
     check_finite,
     check_range,
     check_volume,
     checked_organ_ids,
     checked_query_label,
     checked_supports,
+    network_uses_support,
 )
 from monai_sdfsmis.inferers.probabilities import foreground_probability, organ_label_map
 from monai_sdfsmis.inferers.slices import (
@@ -263,21 +265,8 @@ class SlidingSupportInferer(Inferer):
             device (a ``MetaTensor``
             carrying the query's metadata when ``inputs`` is one).
         """
-        if args or kwargs:
-            # A misspelt keyword (e.g. ``support=``) must not be dropped silently, as MONAI's SliceInferer does.
-            unexpected = [f"positional #{i + 2}" for i in range(len(args))] + sorted(kwargs)
-            raise ValueError(
-                f"SlidingSupportInferer got unexpected arguments {unexpected}; it takes inputs, network, support_image, "
-                "support_label, query_label and organ_id."
-            )
-        uses_support = getattr(network, "uses_support", True)
-        needed = ("encode_support", "segment", "binarize") if uses_support else ("organ_context", "segment", "binarize")
-        for name in needed:
-            if not callable(getattr(network, name, None)):
-                raise ValueError(
-                    f"network {type(network).__name__} has no '{name}' method; SlidingSupportInferer needs the "
-                    f"SDFSMIS interface ({', '.join(needed)})."
-                )
+        check_call_arguments(args, kwargs)
+        uses_support = network_uses_support(network)
         check_volume("inputs (query volume)", inputs, (1, 3))
         supports, organ_ids = self._checked_supports(network, uses_support, support_image, support_label, organ_id)
         n_organs = int(supports[0][1].shape[1]) if uses_support else len(organ_ids)

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 __all__ = ["BINARIZE_MODES", "FrozenAutoencoderMixin"]
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -82,6 +85,30 @@ class FrozenAutoencoderMixin(nn.Module):
             raise ValueError(f"binarize_mode must be one of {BINARIZE_MODES}, got {binarize_mode!r}.")
         if not 0.0 < float(relative_threshold) < 1.0:
             raise ValueError(f"relative_threshold must be in (0, 1), got {relative_threshold}.")
+
+    def unet_and_new_groups(
+        self, new: Sequence[nn.Module | nn.Parameter], lr_unet: float, lr_new: float, weight_decay: float
+    ) -> list[dict[str, Any]]:
+        """Two AdamW parameter groups: ``"new"`` (the trainable parameters of ``new``, at ``lr_new``) and ``"unet"``
+        (every other trainable parameter of ``self.unet``, at ``lr_unet``).
+
+        ``RuntimeError`` naming them when the segmenter has a trainable parameter in neither (it would not train).
+        """
+        new_params, seen = [], set()
+        for item in new:
+            for p in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    new_params.append(p)
+        unet = [p for p in self.unet.parameters() if p.requires_grad and id(p) not in seen]  # type: ignore[attr-defined]
+        covered = seen | {id(p) for p in unet}
+        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
+        if stray:
+            raise RuntimeError(f"trainable parameters outside the UNet and the new modules: {stray[:5]}")
+        return [
+            {"params": unet, "lr": lr_unet, "weight_decay": weight_decay, "name": "unet"},
+            {"params": new_params, "lr": lr_new, "weight_decay": weight_decay, "name": "new"},
+        ]
 
     def train(self, mode: bool = True) -> FrozenAutoencoderMixin:
         super().train(mode)

@@ -7,7 +7,9 @@ nothing. Weighting the latent cells that the organ touches makes leaving that pl
 
 from __future__ import annotations
 
-__all__ = ["foreground_cells", "latent_mse", "decoded_dice_loss"]
+__all__ = ["foreground_cells", "latent_mse", "decoded_dice_loss", "mask_latent_loss"]
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,51 @@ def decoded_dice_loss(soft_mask: torch.Tensor, target: torch.Tensor) -> torch.Te
     """
     probability = (soft_mask.float() + 1.0) / 2.0
     return DiceLoss(reduction="mean")(probability, target.float())
+
+
+def mask_latent_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    foreground_weight: float = 1.0,
+    decoded_dice_weight: float = 0.0,
+    decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mean_target: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A latent segmenter's training loss and the parts it logs.
+
+    Parameters
+    ----------
+    prediction, target
+        ``[B, C, h, w]`` predicted and target mask latents.
+    mask
+        ``[B, 1, H, W]`` the target's binary mask.
+    foreground_weight
+        :func:`latent_mse`'s weight of the cells the mask touches.
+    decoded_dice_weight
+        Weight of :func:`decoded_dice_loss` of ``decode(prediction)`` added to the latent MSE (0: none).
+    decode
+        Latent ``[B, C, h, w]`` -> soft mask ``[B, 1, H, W]`` in ``[-1, 1]``; needed when ``decoded_dice_weight > 0``.
+    mean_target
+        The posterior-mean target where ``target`` is a posterior sample; ``None``: ``target`` is the mean.
+
+    Returns
+    -------
+    (torch.Tensor, dict)
+        The scalar loss and ``{"loss_mean_target": ...}``, the latent MSE against the posterior-mean target
+        (comparable across settings, so it is what to log), with ``"loss_latent"`` and ``"loss_decoded_dice"``
+        when the decoded Dice is on.
+    """
+    loss = latent_mse(prediction, target, mask, foreground_weight)
+    parts: dict[str, torch.Tensor] = {}
+    if decoded_dice_weight > 0:
+        if decode is None:
+            raise ValueError("mask_latent_loss needs decode when decoded_dice_weight > 0.")
+        dice = decoded_dice_loss(decode(prediction), mask)
+        parts = {"loss_latent": loss.detach(), "loss_decoded_dice": dice.detach()}
+        loss = loss + decoded_dice_weight * dice
+    if mean_target is not None:
+        logged = latent_mse(prediction.detach(), mean_target, mask, foreground_weight)
+    else:
+        logged = parts.get("loss_latent", loss.detach())
+    return loss, {"loss_mean_target": logged, **parts}

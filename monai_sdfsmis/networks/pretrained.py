@@ -18,6 +18,7 @@ from __future__ import annotations
 __all__ = [
     "SD15_CONFIG_DIR",
     "DINOV2_SMALL_CONFIG_DIR",
+    "TINY_CONFIG_DIR",
     "SD15_EMPTY_PROMPT_IDS",
     "SINGLE_FILE_SUFFIXES",
     "PretrainedComponents",
@@ -29,6 +30,7 @@ __all__ = [
     "build_sd15_unet",
     "build_sd15_vae",
     "build_dinov2_small",
+    "build_tiny_components",
 ]
 
 import contextlib
@@ -54,6 +56,9 @@ SD15_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "sd15"
 
 DINOV2_SMALL_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "dinov2_small"
 """``facebook/dinov2-small``'s ``config.json`` (hidden 384, patch 14, 12 layers, 6 heads)."""
+
+TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
+"""Toy-width ``unet.json``, ``vae.json`` and ``dinov2.json`` of the same architectures (tests and smoke runs)."""
 
 # SD-1.5's tokenizer (CLIP ViT-L/14 BPE, 49408 ids) puts <|startoftext|> at 49406 and <|endoftext|> at 49407
 # (256 byte tokens + 256 byte</w> tokens + 48894 merges = 49406 ordinary ids before them). Its tokenizer_config
@@ -655,3 +660,25 @@ def build_dinov2_small(device: str | torch.device | None = "meta", **overrides: 
     config = Dinov2Config.from_pretrained(str(DINOV2_SMALL_CONFIG_DIR), local_files_only=True, **overrides)
     with _device_context(device):
         return Dinov2Model(config)
+
+
+def build_tiny_components(with_image_encoder: bool = True) -> PretrainedComponents:
+    """SD-FSMIS's parts at toy width, randomly initialised from ``configs/tiny/{unet,vae,dinov2}.json``.
+
+    For tests and smoke runs on CPU (latent 4x32x32 at 256x256 input, 7 transformer blocks). The weights and the
+    empty-prompt embedding (a random ``[1, 77, D]`` stand-in for CLIP's output) are drawn from torch's global RNG:
+    seed it, inside ``torch.random.fork_rng`` to leave it untouched (as :meth:`SDFSMIS.tiny` does).
+    """
+
+    def read(name: str) -> dict:
+        return json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
+
+    unet = UNet2DConditionModel.from_config(read("unet"))
+    vae = AutoencoderKL.from_config(read("vae"))
+    encoder = None
+    if with_image_encoder:
+        config = read("dinov2")
+        config.pop("model_type", None)
+        encoder = Dinov2Model(Dinov2Config(**config))
+    embedding = torch.randn(1, 77, int(unet.config.cross_attention_dim))
+    return PretrainedComponents(vae=vae, unet=unet, image_encoder=encoder, empty_prompt_embedding=embedding)

@@ -23,11 +23,9 @@ __all__ = [
     "TINY_CONFIG_DIR",
 ]
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,8 +34,9 @@ from torch import nn
 
 from monai_sdfsmis.networks.autoencoder import downsampling_factor
 from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencoderMixin
-from monai_sdfsmis.networks.latent_loss import decoded_dice_loss, latent_mse
+from monai_sdfsmis.networks.latent_loss import mask_latent_loss
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
+from monai_sdfsmis.networks.pretrained import TINY_CONFIG_DIR, build_tiny_components
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
 from monai_sdfsmis.networks.sqi import SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
 from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet, check_support_query
@@ -45,7 +44,6 @@ from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
 SUPPORT_CONDITIONS = ("same", "empty")
 FORWARD_MODES = ("segment", "loss")
-TINY_CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "tiny"
 
 
 @dataclass
@@ -220,10 +218,8 @@ class SDFSMIS(FrozenAutoencoderMixin):
       ``unet.enable_gradient_checkpointing()`` and ``unet.compile(fullgraph=True)`` work.
     * Training goes through ``forward(..., mode="loss")`` (the same as :meth:`compute_loss`) so that a
       ``DistributedDataParallel`` wrapper synchronises gradients in buckets.
-    * ``state_dict()`` holds only what training changes plus the empty-prompt buffer: the frozen VAE
-      and DINOv2 stay ordinary submodules (so ``.to()``, ``.half()``, ``repr`` and ``apply`` reach them)
-      but a state-dict hook drops their keys and a load pre-hook keeps their current weights, so
-      ``load_state_dict(net.state_dict(), strict=True)`` works and ``model.pt`` is UNet-sized.
+    * ``state_dict()`` holds only what training changes plus the empty-prompt buffer
+      (:class:`~monai_sdfsmis.networks.latent_codec.FrozenAutoencoderMixin`; DINOv2 is kept out like the VAE).
     """
 
     def __init__(
@@ -328,38 +324,20 @@ class SDFSMIS(FrozenAutoencoderMixin):
         """
         from monai_sdfsmis.networks.pretrained import load_pretrained_components
 
-        if not settings.get("use_vtct", True):
-            image_encoder = None
-        loader_kwargs: dict[str, Any] = {"local_files_only": local_files_only, "torch_dtype": torch_dtype}
-        if cache_dir is not None:
-            loader_kwargs["cache_dir"] = cache_dir
-        parts = load_pretrained_components(sd, image_encoder, **loader_kwargs)
-        return cls(parts.vae, parts.unet, parts.image_encoder, parts.empty_prompt_embedding, **settings)
+        encoder = image_encoder if settings.get("use_vtct", True) else None
+        parts = load_pretrained_components(
+            sd, encoder, local_files_only=local_files_only, torch_dtype=torch_dtype, cache_dir=cache_dir
+        )
+        return cls(**vars(parts), **settings)
 
     @classmethod
     def tiny(cls, seed: int = 0, *, with_image_encoder: bool = True, **settings: Any) -> SDFSMIS:
-        """The same architecture at toy width, randomly initialised from ``configs/tiny/{unet,vae,dinov2}.json``.
-
-        For tests and smoke runs on CPU (latent 4x32x32 at 256x256 input, 7 transformer blocks). The
-        empty-prompt embedding is a seeded random ``[1, 77, D]`` stand-in for CLIP's output. The global
-        RNG is left untouched.
-        """
-        from transformers import Dinov2Config, Dinov2Model
-
-        def read(name: str) -> dict:
-            return json.loads((TINY_CONFIG_DIR / f"{name}.json").read_text())
-
+        """The same architecture at toy width, randomly initialised from ``seed``
+        (:func:`~monai_sdfsmis.networks.pretrained.build_tiny_components`), for tests and smoke runs on CPU. The
+        global RNG is left untouched."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel.from_config(read("unet"))
-            vae = AutoencoderKL.from_config(read("vae"))
-            encoder = None
-            if with_image_encoder:
-                config = read("dinov2")
-                config.pop("model_type", None)
-                encoder = Dinov2Model(Dinov2Config(**config))
-            empty = torch.randn(1, 77, int(unet.config.cross_attention_dim))
-            return cls(vae, unet, encoder, empty, **settings)
+            return cls(**vars(build_tiny_components(with_image_encoder)), **settings)
 
     # ------------------------------------------------------------------ training
     def parameter_groups(
@@ -371,24 +349,8 @@ class SDFSMIS(FrozenAutoencoderMixin):
         layers and VTCT's MLP / positional embedding / gate / learned condition (``lr_new``). Frozen
         VAE and DINOv2 and the empty-prompt buffer are not included.
         """
-        new_modules = self.unet.new_modules
-        if self.vtct is not None:
-            new_modules.append(self.vtct)
-        new, seen = [], set()
-        for module in new_modules:
-            for p in module.parameters():
-                if p.requires_grad and id(p) not in seen:
-                    seen.add(id(p))
-                    new.append(p)
-        pretrained = [p for p in self.unet.parameters() if p.requires_grad and id(p) not in seen]
-        covered = seen | {id(p) for p in pretrained}
-        stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
-        if stray:
-            raise RuntimeError(f"trainable parameters outside the UNet/VTCT: {stray[:5]}")
-        return [
-            {"params": pretrained, "lr": lr_unet, "weight_decay": weight_decay, "name": "unet"},
-            {"params": new, "lr": lr_new, "weight_decay": weight_decay, "name": "new"},
-        ]
+        new_modules = self.unet.new_modules + ([self.vtct] if self.vtct is not None else [])
+        return self.unet_and_new_groups(new_modules, lr_unet, lr_new, weight_decay)
 
     # ------------------------------------------------------------------ building blocks
     def condition(self, support_image: torch.Tensor, support_label: torch.Tensor) -> torch.Tensor:
@@ -506,22 +468,14 @@ class SDFSMIS(FrozenAutoencoderMixin):
                 raise ValueError(f"posteriors must hold the 4 episode posteriors, got {len(posteriors)}.")
             posterior = torch.cat(list(posteriors))
         z_si, z_sm, z_qi, z_qm = self.latents_from_posterior(posterior).chunk(4)
-        context = self._support_context(support_image, support_label, z_si, z_sm)
-        x0 = self.predict_mask_latent(z_qi, context)
-        loss = latent_mse(x0, z_qm, query_label, self.foreground_weight)
-        parts: dict[str, torch.Tensor] = {}
-        if self.decoded_dice_weight > 0:
-            dice = decoded_dice_loss(self.decode_mask(x0), query_label)
-            parts = {"loss_latent": loss.detach(), "loss_decoded_dice": dice.detach()}
-            loss = loss + self.decoded_dice_weight * dice
-        if not return_parts:
-            return loss
-        if self.training and self.vae_sample_in_training:
-            target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
-            mean_target = latent_mse(x0.detach(), target, query_label, self.foreground_weight)
-        else:
-            mean_target = parts.get("loss_latent", loss.detach())
-        return loss, {"loss_mean_target": mean_target, **parts}
+        x0 = self.predict_mask_latent(z_qi, self._support_context(support_image, support_label, z_si, z_sm))
+        mean_target = None
+        if return_parts and self.training and self.vae_sample_in_training:
+            mean_target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
+        loss, parts = mask_latent_loss(
+            x0, z_qm, query_label, self.foreground_weight, self.decoded_dice_weight, self.decode_mask, mean_target
+        )
+        return (loss, parts) if return_parts else loss
 
     @torch.no_grad()
     def encode_support(self, support_image: torch.Tensor, support_label: torch.Tensor) -> SupportContext:

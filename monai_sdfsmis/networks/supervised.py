@@ -35,7 +35,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from monai_sdfsmis.networks.latent_codec import FrozenAutoencoderMixin
-from monai_sdfsmis.networks.latent_loss import latent_mse
+from monai_sdfsmis.networks.latent_loss import mask_latent_loss
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.support_query_unet import DualConvIn
 
@@ -117,11 +117,7 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
         self, lr_unet: float = 2e-4, lr_new: float = 2e-4, weight_decay: float = 1e-2
     ) -> list[dict[str, Any]]:
         """AdamW groups: the UNet (``lr_unet``) and the organ conditions (``lr_new``); the autoencoder is frozen."""
-        return [
-            {"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": lr_unet,
-             "weight_decay": weight_decay, "name": "unet"},
-            {"params": [self.organ_conditions], "lr": lr_new, "weight_decay": weight_decay, "name": "new"},
-        ]
+        return self.unet_and_new_groups([self.organ_conditions], lr_unet, lr_new, weight_decay)
 
     def organ_index(self, organ_id: int) -> int:
         """Position of label ``organ_id`` among the network's organs."""
@@ -177,8 +173,8 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
         posterior = self.encode_posterior(torch.cat([image, self.mask_to_image(label)]))
         image_latent, mask_latent = self.latents_from_posterior(posterior).chunk(2)
         x0 = self.predict_mask_latent(image_latent, self.organ_conditions[index])
-        loss = latent_mse(x0, mask_latent, label, self.foreground_weight)
-        return (loss, {"loss_mean_target": loss.detach()}) if return_parts else loss
+        loss, parts = mask_latent_loss(x0, mask_latent, label, self.foreground_weight)
+        return (loss, parts) if return_parts else loss
 
     @torch.no_grad()
     def segment(self, image: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
