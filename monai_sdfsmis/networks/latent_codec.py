@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, ModelMixin
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
@@ -66,6 +66,7 @@ class FrozenAutoencoderMixin(nn.Module):
     """
 
     vae: AutoencoderKL
+    unet: ModelMixin
     vae_sample_in_training: bool = False
     binarize_mode: str = "zero"
     relative_threshold: float = 0.25
@@ -100,7 +101,7 @@ class FrozenAutoencoderMixin(nn.Module):
                 if p.requires_grad and id(p) not in seen:
                     seen.add(id(p))
                     new_params.append(p)
-        unet = [p for p in self.unet.parameters() if p.requires_grad and id(p) not in seen]  # type: ignore[attr-defined]
+        unet = [p for p in self.unet.parameters() if p.requires_grad and id(p) not in seen]
         covered = seen | {id(p) for p in unet}
         stray = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in covered]
         if stray:
@@ -117,7 +118,7 @@ class FrozenAutoencoderMixin(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.unet.device  # type: ignore[attr-defined]
+        return self.unet.device
 
     @staticmethod
     def check_slice_pair(image: torch.Tensor, label: torch.Tensor | None, who: str) -> None:

@@ -36,7 +36,7 @@ from monai_sdfsmis.networks.autoencoder import downsampling_factor
 from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencoderMixin
 from monai_sdfsmis.networks.latent_loss import mask_latent_loss
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
-from monai_sdfsmis.networks.pretrained import TINY_CONFIG_DIR, build_tiny_components
+from monai_sdfsmis.networks.pretrained import TINY_CONFIG_DIR, build_tiny_components, load_pretrained_components
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
 from monai_sdfsmis.networks.sqi import SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
 from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet, check_support_query
@@ -322,8 +322,6 @@ class SDFSMIS(FrozenAutoencoderMixin):
         settings
             The constructor's keyword arguments (``use_sii``, ``sii_mode``, ``timestep``, ...).
         """
-        from monai_sdfsmis.networks.pretrained import load_pretrained_components
-
         encoder = image_encoder if settings.get("use_vtct", True) else None
         parts = load_pretrained_components(
             sd, encoder, local_files_only=local_files_only, torch_dtype=torch_dtype, cache_dir=cache_dir
