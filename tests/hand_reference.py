@@ -143,8 +143,8 @@ def hand_loss_check(model: Any, support_image, support_label, query_image, query
     z_sm = scaled_mean_latent(model.vae, mask_image(support_label))
     z_qi = scaled_mean_latent(model.vae, query_image)
     z_qm = scaled_mean_latent(model.vae, mask_image(query_label))
-    t = model.timestep
-    if model.use_sii:
+    t = model.config.timestep
+    if model.config.use_sii:
         support = calls.only("support")
         torch.testing.assert_close(support.sample, torch.cat([z_si, z_sm], dim=1), rtol=1e-5, atol=1e-6)
         assert torch.all(support.timestep == t)

@@ -120,7 +120,7 @@ def test_no_prior_loss_and_segment_match_hand_recomputation(vae):
     from tests import hand_reference
 
     net = build_no_prior_sdfsmis(vae, "tiny", seed=0).train()
-    assert net.vae_sample_in_training is False and vae.config.scaling_factor != 0.18215
+    assert net.config.vae_sample_in_training is False and vae.config.scaling_factor != 0.18215
     episode = _distinct_episode()
     with hand_reference.record_unet(net) as calls:
         loss = net.compute_loss(*episode)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -9,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, SupportContext
+from monai_sdfsmis.networks.sdfsmis import SDFSMIS, TINY_CONFIG_DIR, SDFSMISSettings, SupportContext
 from monai_sdfsmis.networks.sqi import KVConcatAttnProcessor, SupportQueryAttnProcessor, sii_blocks
 from monai_sdfsmis.networks.support_query_unet import DualConvIn
 from tests import hand_reference
@@ -239,8 +240,8 @@ def test_loss_is_eq5_recomputed_by_hand(settings, mode):
     episode = _distinct_episode()
     with hand_reference.record_unet(model) as calls:
         loss = model.compute_loss(*episode)
-    assert [c.branch for c in calls.calls] == (["support", "query"] if model.use_sii else ["query"])
-    result = hand_reference.hand_loss_check(model, *episode, loss, calls, qe=model.use_qe)
+    assert [c.branch for c in calls.calls] == (["support", "query"] if model.config.use_sii else ["query"])
+    result = hand_reference.hand_loss_check(model, *episode, loss, calls, qe=model.config.use_qe)
     # The loss value alone already separates the query-mask target from the support-mask one by >> its tolerance
     # (measured 1.1-1.4 %), and the target recovered from the gradient by a factor ~1e6 (0.03 RMS vs ~1e-8).
     assert result["margin"] > 2e-3, result
@@ -253,7 +254,7 @@ def test_loss_mean_target_part_is_the_posterior_mean_mse_when_sampling():
     with hand_reference.record_unet(model) as calls:
         loss, parts = model.compute_loss(si, sl, qi, ql, return_parts=True)
     query = calls.only("query")
-    alpha_bar = hand_reference.one_step_alpha_bar(model.scheduler, model.timestep)
+    alpha_bar = hand_reference.one_step_alpha_bar(model.scheduler, model.config.timestep)
     x0 = hand_reference.v_prediction_x0(query.output, query.sample[:, :4], alpha_bar)
     z_qm = hand_reference.scaled_mean_latent(model.vae, hand_reference.mask_image(ql))
     torch.testing.assert_close(parts["loss_mean_target"], ((x0 - z_qm) ** 2).mean())
@@ -277,7 +278,7 @@ def test_segment_is_the_hand_decoded_channel_mean():
     expected_input = hand_reference.hand_query_enhancement(z_si, sl[:1].expand(2, -1, -1, -1), z_qi)
     torch.testing.assert_close(query.sample, expected_input, rtol=1e-5, atol=1e-6)
     x0 = hand_reference.v_prediction_x0(
-        query.output, z_qi, hand_reference.one_step_alpha_bar(model.scheduler, model.timestep)
+        query.output, z_qi, hand_reference.one_step_alpha_bar(model.scheduler, model.config.timestep)
     )
     hand_soft, decoded = hand_reference.hand_decode(model.vae, x0)
     torch.testing.assert_close(soft, hand_soft)
@@ -495,6 +496,36 @@ def test_bad_inputs_raise_clear_errors():
         SDFSMIS(model.vae, unet, None, None, use_vtct=False)
     with pytest.raises(ValueError, match=r"\[1, T, 32\]"):
         SDFSMIS(model.vae, unet, None, torch.zeros(1, 77, 16), use_vtct=False)
+
+
+def test_settings_are_coerced_checked_and_rebuild_the_same_network():
+    settings = SDFSMISSettings(timestep="1", use_qe=0, qe_fallback_k=3.0, relative_threshold="0.5")
+    assert (settings.timestep, settings.use_qe, settings.qe_fallback_k, settings.relative_threshold) == (1, False, 3, 0.5)
+    assert type(settings.timestep) is int and type(settings.use_qe) is bool and type(settings.qe_fallback_k) is int
+    assert settings.support_query == {"use_qe": False, "use_sii": True, "shared_conv_in": False, "sii_mode": "sii"}
+    for bad, message in [
+        ({"support_condition": "query"}, "support_condition"), ({"binarize_mode": "half"}, "binarize_mode"),
+        ({"relative_threshold": 1.0}, "relative_threshold"), ({"foreground_weight": 0}, "foreground_weight"),
+        ({"decoded_dice_weight": -1}, "decoded_dice_weight"), ({"timestep": -1}, "timestep"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            SDFSMISSettings(**bad)
+    with pytest.raises(TypeError, match="qe_treshold"):
+        SDFSMIS.tiny(seed=0, qe_treshold=0.5)  # a misspelt setting is refused, not ignored
+    # what model_config.json stores rebuilds the same network: every setting by name, VTCT's encoder on the side
+    net = SDFSMIS.tiny(seed=0, with_image_encoder=False, timestep=1, qe_mode="ssp", binarize_mode="relative")
+    stored = dict(net.settings)
+    assert stored.pop("image_encoder") is False
+    assert stored["timestep"] == 1 and stored["qe_mode"] == "ssp" and stored["binarize_mode"] == "relative"
+    assert stored["vae_sample_in_training"] is True and stored["use_sii"] is True  # SDFSMIS's own defaults
+    assert set(stored) == {f.name for f in dataclasses.fields(SDFSMISSettings)}
+    again = SDFSMIS.tiny(seed=0, with_image_encoder=False, **json.loads(json.dumps(stored)))
+    assert again.settings == net.settings and again.qe.mode == "ssp"
+    # binarize follows the settings object: p = (soft + 1) / 2 = (0.05, 0.4, 0.8); relative cut 0.25 * 0.8 = 0.2
+    soft = torch.tensor([-0.9, -0.2, 0.6]).view(1, 1, 1, 3)
+    assert net.binarize(soft).flatten().tolist() == [False, True, True]
+    net.config.binarize_mode = "zero"
+    assert net.binarize(soft).flatten().tolist() == [False, False, True]
 
 
 def test_tiny_training_step_time_at_256():

@@ -443,7 +443,7 @@ def test_probabilities_are_the_soft_masks_and_threshold_to_the_mask(postprocess)
     range; > 0.5 exactly where the returned mask is 1, also where post-processing or the binarization rule decided
     otherwise."""
     net, query, support, support_label, query_label = _tiny_sdfsmis_case()
-    net.binarize_mode = "relative"  # a threshold that is not soft > 0: the probability must still cut at 0.5
+    net.config.binarize_mode = "relative"  # a threshold that is not soft > 0: the probability must still cut at 0.5
     inferer = SlidingSupportInferer(n_chunks=3, sw_batch_size=2, spatial_size=query.shape[2], probabilities=True,
                                     postprocess=postprocess)
     out = inferer(query, net, support_image=support, support_label=support_label, query_label=query_label)

@@ -77,7 +77,7 @@ def test_loss_and_segment_match_hand_recomputation(net):
     z_mask = hand_reference.scaled_mean_latent(net.vae, hand_reference.mask_image(label))
     torch.testing.assert_close(train_call["sample"], torch.cat([z_image, torch.zeros_like(z_image)], dim=1))
     torch.testing.assert_close(train_call["condition"], net.organ_conditions.detach()[index])
-    alpha_bar = hand_reference.one_step_alpha_bar(net.scheduler, net.timestep)
+    alpha_bar = hand_reference.one_step_alpha_bar(net.scheduler, net.config.timestep)
     x0 = hand_reference.v_prediction_x0(train_call["output"], train_call["sample"][:, :4], alpha_bar)
     torch.testing.assert_close(loss, F.mse_loss(x0, z_mask))
     assert float(F.mse_loss(z_mask, torch.zeros_like(z_mask))) > 0.05  # the target is not the trivial zero latent

@@ -27,6 +27,7 @@ from .pretrained import (
 )
 from .query_enhancement import QueryEnhancement
 from .sdfsmis import SDFSMIS, SupportContext
+from .sdfsmis_settings import SDFSMISSettings
 from .sqi import (
     KVConcatAttnProcessor,
     SIIPassThroughProcessor,
@@ -41,6 +42,7 @@ from .vtct import VisualToTextualConditionTranslator
 
 __all__ = [
     "SDFSMIS",
+    "SDFSMISSettings",
     "SupportContext",
     "SupportQueryUNet",
     "DualConvIn",

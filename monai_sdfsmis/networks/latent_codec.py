@@ -3,15 +3,16 @@ predicted mask latents, and the rule that turns a decoded soft mask into a mask.
 
 :class:`FrozenAutoencoderMixin` is the base of :class:`~monai_sdfsmis.networks.sdfsmis.SDFSMIS` (few-shot) and
 :class:`~monai_sdfsmis.networks.supervised.SupervisedLatentSegmenter` (supervised). A subclass calls
-:meth:`~FrozenAutoencoderMixin.adopt_frozen_autoencoder` in its constructor and sets ``vae_sample_in_training``,
-``binarize_mode`` and ``relative_threshold``; it has a ``unet``.
+:meth:`~FrozenAutoencoderMixin.adopt_frozen_autoencoder` in its constructor, keeps its settings as ``config`` (a
+:class:`LatentSegmenterSettings`) and has a ``unet``.
 """
 
 from __future__ import annotations
 
-__all__ = ["BINARIZE_MODES", "FrozenAutoencoderMixin"]
+__all__ = ["BINARIZE_MODES", "FrozenAutoencoderMixin", "LatentSegmenterSettings"]
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -21,6 +22,51 @@ from torch import nn
 
 #: ``"zero"``: soft > 0; ``"relative"`` (DiffewS): ``(soft + 1) / 2`` above a fraction of its per-slice maximum.
 BINARIZE_MODES = ("zero", "relative")
+
+_SCALAR_TYPES = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+@dataclass
+class LatentSegmenterSettings:
+    """The settings every latent segmenter shares, coerced to their types and checked on construction.
+
+    Attributes
+    ----------
+    timestep
+        UNet timestep of the one-step prediction (999 paper, 1 DiffewS code).
+    foreground_weight
+        Training only: weight of the latent cells the organ touches in the loss
+        (:func:`~monai_sdfsmis.networks.latent_loss.latent_mse`); 1 is the paper's plain MSE.
+    vae_sample_in_training
+        Sample the autoencoder's posterior in ``train()`` mode (SD's VAE, as DiffewS); the posterior mean otherwise.
+    binarize_mode, relative_threshold
+        :meth:`FrozenAutoencoderMixin.binarize`: ``"zero"`` (soft > 0) or ``"relative"`` (DiffewS: ``(soft + 1) / 2``
+        above ``relative_threshold`` times its per-slice maximum).
+    """
+
+    timestep: int = 999
+    foreground_weight: float = 1.0
+    vae_sample_in_training: bool = False
+    binarize_mode: str = "zero"
+    relative_threshold: float = 0.25
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            kind = _SCALAR_TYPES.get(str(field.type))
+            if kind is not None:
+                setattr(self, field.name, kind(getattr(self, field.name)))
+        if not 0 <= self.timestep < 1000:
+            raise ValueError(f"timestep must be in [0, 1000), got {self.timestep}.")
+        if not self.foreground_weight > 0:
+            raise ValueError(f"foreground_weight must be positive, got {self.foreground_weight}.")
+        if self.binarize_mode not in BINARIZE_MODES:
+            raise ValueError(f"binarize_mode must be one of {BINARIZE_MODES}, got {self.binarize_mode!r}.")
+        if not 0.0 < self.relative_threshold < 1.0:
+            raise ValueError(f"relative_threshold must be in (0, 1), got {self.relative_threshold}.")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings by name, as ``model_config.json`` stores them and the constructor takes them back."""
+        return asdict(self)
 
 
 def _frozen_modules(module: nn.Module) -> dict[str, nn.Module]:
@@ -67,9 +113,12 @@ class FrozenAutoencoderMixin(nn.Module):
 
     vae: AutoencoderKL
     unet: ModelMixin
-    vae_sample_in_training: bool = False
-    binarize_mode: str = "zero"
-    relative_threshold: float = 0.25
+    config: LatentSegmenterSettings
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The network's settings by name (``model_config.json``'s ``settings``)."""
+        return self.config.as_dict()
 
     def adopt_frozen_autoencoder(self, vae: AutoencoderKL) -> None:
         """Freeze ``vae`` (no gradients, always ``eval``), keep it as ``self.vae`` and out of the state dict."""
@@ -78,14 +127,6 @@ class FrozenAutoencoderMixin(nn.Module):
         self.vae = vae
         self.register_state_dict_post_hook(_drop_frozen_state)
         self.register_load_state_dict_pre_hook(_fill_frozen_state)
-
-    @staticmethod
-    def check_binarize_settings(binarize_mode: str, relative_threshold: float) -> None:
-        """``ValueError`` unless ``binarize_mode`` is one of :data:`BINARIZE_MODES` and the threshold in (0, 1)."""
-        if binarize_mode not in BINARIZE_MODES:
-            raise ValueError(f"binarize_mode must be one of {BINARIZE_MODES}, got {binarize_mode!r}.")
-        if not 0.0 < float(relative_threshold) < 1.0:
-            raise ValueError(f"relative_threshold must be in (0, 1), got {relative_threshold}.")
 
     def unet_and_new_groups(
         self, new: Sequence[nn.Module | nn.Parameter], lr_unet: float, lr_new: float, weight_decay: float
@@ -149,6 +190,41 @@ class FrozenAutoencoderMixin(nn.Module):
         with torch.no_grad():
             return self.vae.encode(images.to(self.vae.dtype)).latent_dist.parameters
 
+    def encode_slice_pairs(
+        self,
+        pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        posteriors: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Posterior parameters of every image and mask of ``pairs`` (all of one shape), in one autoencoder call.
+
+        Parameters
+        ----------
+        pairs
+            Name (for errors, e.g. ``"support"``) -> ``(image [B, 3, H, W] in [-1, 1], label [B, 1, H, W] in {0, 1})``.
+        posteriors
+            The ``2 * len(pairs)`` posteriors already computed (:meth:`encode_posterior`, e.g. from a
+            :class:`~monai_sdfsmis.networks.latent_cache.LatentCache`), in the order image, mask of each pair.
+
+        Returns
+        -------
+        torch.Tensor
+            ``[2 * len(pairs) * B, 2C, h, w]``: image, mask, image, mask, ... each ``B`` rows.
+        """
+        for who, (image, label) in pairs.items():
+            self.check_slice_pair(image, label, who)
+        (first, (first_image, _)), *others = pairs.items()
+        for who, (image, _) in others:
+            if image.shape != first_image.shape:
+                raise ValueError(
+                    f"{first}_image {tuple(first_image.shape)} and {who}_image {tuple(image.shape)} must match."
+                )
+        if posteriors is None:
+            images = [side for image, label in pairs.values() for side in (image, self.mask_to_image(label))]
+            return self.encode_posterior(torch.cat(images))
+        if len(posteriors) != 2 * len(pairs):
+            raise ValueError(f"posteriors must hold the {2 * len(pairs)} episode posteriors, got {len(posteriors)}.")
+        return torch.cat(list(posteriors))
+
     def latents_from_posterior(self, parameters: torch.Tensor, sample: bool | None = None) -> torch.Tensor:
         """Posterior parameters ``[B, 2C, h, w]`` -> scaled latent ``[B, C, h, w]``.
 
@@ -158,10 +234,11 @@ class FrozenAutoencoderMixin(nn.Module):
             From :meth:`encode_posterior`.
         sample
             Draw a posterior sample (``True``) or take the mean (``False``); ``None``: sample in ``train()``
-            mode when ``vae_sample_in_training`` (SD's VAE: sample in training, mean in evaluation), mean otherwise.
+            mode when ``config.vae_sample_in_training`` (SD's VAE: sample in training, mean in evaluation), mean
+            otherwise.
         """
         if sample is None:
-            sample = self.training and self.vae_sample_in_training
+            sample = self.training and self.config.vae_sample_in_training
         dist = DiagonalGaussianDistribution(parameters)
         z = dist.sample() if sample else dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -170,7 +247,7 @@ class FrozenAutoencoderMixin(nn.Module):
     def encode_latents(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen VAE: ``[B, 3, H, W]`` in ``[-1, 1]`` -> scaled latent ``[B, 4, H/f, W/f]`` (``f`` its downsampling).
 
-        Posterior sample in ``train()`` mode when ``vae_sample_in_training``, posterior mean otherwise.
+        Posterior sample in ``train()`` mode when ``config.vae_sample_in_training``, posterior mean otherwise.
         """
         return self.latents_from_posterior(self.encode_posterior(images))
 
@@ -184,12 +261,12 @@ class FrozenAutoencoderMixin(nn.Module):
     def binarize(self, soft: torch.Tensor) -> torch.Tensor:
         """``[N, 1, H, W]`` soft mask in ``[-1, 1]`` -> bool mask.
 
-        ``"zero"``: ``soft > 0``. ``"relative"`` (DiffewS): ``p = (soft + 1) / 2`` above
-        ``relative_threshold * max(p)`` of each slice.
+        ``config.binarize_mode`` ``"zero"``: ``soft > 0``. ``"relative"`` (DiffewS): ``p = (soft + 1) / 2`` above
+        ``config.relative_threshold * max(p)`` of each slice.
         """
         if soft.ndim != 4 or soft.shape[1] != 1:
             raise ValueError(f"soft mask must be [N, 1, H, W], got {tuple(soft.shape)}.")
-        if self.binarize_mode == "zero":
+        if self.config.binarize_mode == "zero":
             return soft > 0
         prob = (soft.float() + 1.0) / 2.0
-        return prob > self.relative_threshold * prob.amax(dim=(1, 2, 3), keepdim=True)
+        return prob > self.config.relative_threshold * prob.amax(dim=(1, 2, 3), keepdim=True)

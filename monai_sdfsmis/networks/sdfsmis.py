@@ -18,6 +18,7 @@ __all__ = [
     "SDFSMIS",
     "SupportContext",
     "BINARIZE_MODES",
+    "SDFSMISSettings",
     "SUPPORT_CONDITIONS",
     "FORWARD_MODES",
     "TINY_CONFIG_DIR",
@@ -38,11 +39,11 @@ from monai_sdfsmis.networks.latent_loss import mask_latent_loss
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.pretrained import TINY_CONFIG_DIR, build_tiny_components, load_pretrained_components
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
+from monai_sdfsmis.networks.sdfsmis_settings import SUPPORT_CONDITIONS, SDFSMISSettings
 from monai_sdfsmis.networks.sqi import SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
-from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet, check_support_query
+from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
-SUPPORT_CONDITIONS = ("same", "empty")
 FORWARD_MODES = ("segment", "loss")
 
 
@@ -114,51 +115,6 @@ class SupportContext:
         return cls(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
 
 
-def _check_settings(
-    vae: AutoencoderKL,
-    unet: UNet2DConditionModel,
-    image_encoder: nn.Module | None,
-    empty_prompt_embedding: torch.Tensor | None,
-    *,
-    use_vtct: bool,
-    vtct_mode: str,
-    timestep: int,
-    support_condition: str,
-    foreground_weight: float,
-    decoded_dice_weight: float,
-) -> None:
-    """``ValueError`` naming the first of :class:`SDFSMIS`'s arguments that does not fit the others (the UNet's
-    own, ``use_qe``/``use_sii``/``shared_conv_in``/``sii_mode``, are checked by ``check_support_query``)."""
-    if support_condition not in SUPPORT_CONDITIONS:
-        raise ValueError(f"support_condition must be one of {SUPPORT_CONDITIONS}, got {support_condition!r}.")
-    if not 0 <= int(timestep) < 1000:
-        raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
-    if not float(foreground_weight) > 0:
-        raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
-    if not float(decoded_dice_weight) >= 0:
-        raise ValueError(f"decoded_dice_weight must be zero or positive, got {decoded_dice_weight}.")
-    if int(unet.config.in_channels) != int(vae.config.latent_channels):
-        raise ValueError(
-            f"the UNet takes {unet.config.in_channels} input channels, the autoencoder's latent has "
-            f"{vae.config.latent_channels}: SDFSMIS needs SD's UNet, whose input is one latent."
-        )
-    cross_dim = int(unet.config.cross_attention_dim)
-    needs_empty = not use_vtct or (image_encoder is not None and vtct_mode == "add") or support_condition == "empty"
-    if empty_prompt_embedding is None and needs_empty:
-        raise ValueError(
-            "empty_prompt_embedding ([1, 77, D], SD's text-encoder output for '') is required unless VTCT runs "
-            "without an image encoder or in 'replace' mode."
-        )
-    if empty_prompt_embedding is not None and (
-        empty_prompt_embedding.ndim != 3 or empty_prompt_embedding.shape[0] != 1
-        or empty_prompt_embedding.shape[2] != cross_dim
-    ):
-        raise ValueError(
-            f"empty_prompt_embedding must be [1, T, {cross_dim}] (UNet cross_attention_dim), got "
-            f"{tuple(empty_prompt_embedding.shape)}."
-        )
-
-
 class SDFSMIS(FrozenAutoencoderMixin):
     """SD-FSMIS network (1-way 1-shot; a batch holds independent episodes).
 
@@ -176,38 +132,10 @@ class SDFSMIS(FrozenAutoencoderMixin):
     empty_prompt_embedding
         ``[1, 77, D]`` SD's CLIP text-encoder output for ``""``, stored as a buffer (inference needs no
         text encoder). Required unless ``use_vtct`` with no image encoder (or ``vtct_mode="replace"``).
-    use_sii, use_qe, use_vtct
-        The three components (ablation switches). ``use_sii=False`` drops the support UNet pass.
-    sii_mode
-        ``"sii"`` (new cross-attention per block) or ``"kv_concat"`` (DiffewS).
-    shared_conv_in
-        One 8-channel input convolution for both branches instead of one each (needs ``use_qe``).
-    qe_threshold, qe_fallback_k, qe_mode
-        :class:`~monai_sdfsmis.networks.query_enhancement.QueryEnhancement` settings.
-    vtct_mode, vtct_tokens
-        :class:`~monai_sdfsmis.networks.vtct.VisualToTextualConditionTranslator` settings.
-    timestep
-        UNet timestep of both passes (999 paper, 1 DiffewS code).
-    vae_sample_in_training
-        Sample the VAE posterior in ``train()`` mode (DiffewS); the posterior mean is used otherwise.
-    binarize_mode, relative_threshold
-        :meth:`binarize`: ``"zero"`` (soft > 0) or ``"relative"`` (DiffewS: ``(soft + 1) / 2`` above
-        ``relative_threshold`` times its per-slice maximum).
-    support_condition
-        Condition of the support UNet pass: ``"same"`` as the query (VTCT output) or ``"empty"`` (the
-        empty prompt, as DiffewS). Without VTCT both are the empty prompt.
-    foreground_weight
-        Training only: weight of the latent cells the query organ touches in the loss
-        (:func:`~monai_sdfsmis.networks.latent_loss.latent_mse`); 1 is the paper's plain MSE.
-    residual_from_support
-        Predict the query's mask latent as the support's mask latent plus the one-step output
-        (``x0 = z_sm - unet_output``) instead of the output alone (the paper). ``conv_out`` starts at zero, so an
-        untrained network returns the support-mask copy and training edits it; a from-scratch UNet then never
-        sits on the all-empty mean-latent plateau.
-    decoded_dice_weight
-        Training only: add this weight times the soft Dice loss of the decoded prediction against the query mask
-        (:func:`~monai_sdfsmis.networks.latent_loss.decoded_dice_loss`, through the frozen decoder) to the latent MSE;
-        0 (default) is the paper's loss alone.
+    settings
+        :class:`~monai_sdfsmis.networks.sdfsmis_settings.SDFSMISSettings`'s fields by name (the paper's defaults and
+        the ablation switches: ``use_sii``, ``use_qe``, ``use_vtct``, ``sii_mode``, ``timestep``, ...), kept as
+        :attr:`config`.
 
     Notes
     -----
@@ -228,77 +156,37 @@ class SDFSMIS(FrozenAutoencoderMixin):
         unet: UNet2DConditionModel,
         image_encoder: nn.Module | None = None,
         empty_prompt_embedding: torch.Tensor | None = None,
-        *,
-        use_sii: bool = True,
-        use_qe: bool = True,
-        use_vtct: bool = True,
-        sii_mode: str = "sii",
-        shared_conv_in: bool = False,
-        qe_threshold: float = 0.7,
-        qe_fallback_k: int = 12,
-        qe_mode: str = "cosine",
-        vtct_mode: str = "add",
-        vtct_tokens: int = 77,
-        timestep: int = 999,
-        vae_sample_in_training: bool = True,
-        binarize_mode: str = "zero",
-        relative_threshold: float = 0.25,
-        support_condition: str = "same",
-        foreground_weight: float = 1.0,
-        residual_from_support: bool = False,
-        decoded_dice_weight: float = 0.0,
+        **settings: Any,
     ) -> None:
         super().__init__()
-        support_query = check_support_query(
-            {"use_qe": use_qe, "use_sii": use_sii, "shared_conv_in": shared_conv_in, "sii_mode": sii_mode}
-        )
-        _check_settings(
-            vae, unet, image_encoder, empty_prompt_embedding, use_vtct=use_vtct, vtct_mode=vtct_mode,
-            timestep=timestep, support_condition=support_condition, foreground_weight=foreground_weight,
-            decoded_dice_weight=decoded_dice_weight,
-        )
-        self.check_binarize_settings(binarize_mode, relative_threshold)
-        cross_dim = int(unet.config.cross_attention_dim)
-
-        self.settings = {
-            "use_sii": bool(use_sii), "use_qe": bool(use_qe), "use_vtct": bool(use_vtct), "sii_mode": sii_mode,
-            "shared_conv_in": bool(shared_conv_in), "qe_threshold": float(qe_threshold),
-            "qe_fallback_k": int(qe_fallback_k), "qe_mode": qe_mode, "vtct_mode": vtct_mode,
-            "vtct_tokens": int(vtct_tokens), "timestep": int(timestep),
-            "vae_sample_in_training": bool(vae_sample_in_training), "binarize_mode": binarize_mode,
-            "relative_threshold": float(relative_threshold), "support_condition": support_condition,
-            "foreground_weight": float(foreground_weight), "residual_from_support": bool(residual_from_support),
-            "decoded_dice_weight": float(decoded_dice_weight),
-            "image_encoder": image_encoder is not None and use_vtct,
-        }
-        self.use_sii, self.use_qe, self.use_vtct = bool(use_sii), bool(use_qe), bool(use_vtct)
-        self.timestep = int(timestep)
-        self.vae_sample_in_training = bool(vae_sample_in_training)
-        self.binarize_mode = binarize_mode
-        self.relative_threshold = float(relative_threshold)
-        self.support_condition = support_condition
-        self.foreground_weight = float(foreground_weight)
-        self.residual_from_support = bool(residual_from_support)
-        self.decoded_dice_weight = float(decoded_dice_weight)
+        config = self.config = SDFSMISSettings(**settings)
+        config.check_components(vae, unet, image_encoder, empty_prompt_embedding)
+        self.has_image_encoder = image_encoder is not None and config.use_vtct
         self.adopt_frozen_autoencoder(vae)
-        self.unet = SupportQueryUNet.from_unet(unet, support_query)
+        self.unet = SupportQueryUNet.from_unet(unet, config.support_query)
         self.bank = self.unet.support_bank
-        if self.residual_from_support:
+        if config.residual_from_support:
             # Zero output is "no edit": the first prediction is the support's mask latent, the copy baseline.
             nn.init.zeros_(self.unet.conv_out.weight)
             if self.unet.conv_out.bias is not None:
                 nn.init.zeros_(self.unet.conv_out.bias)
-
-        self.qe = QueryEnhancement(qe_threshold, qe_fallback_k, qe_mode) if use_qe else None
+        self.qe = QueryEnhancement(config.qe_threshold, config.qe_fallback_k, config.qe_mode) if config.use_qe else None
         self.vtct = (
-            VisualToTextualConditionTranslator(image_encoder, cross_dim, vtct_tokens, vtct_mode)
-            if use_vtct else None
+            VisualToTextualConditionTranslator(
+                image_encoder, int(unet.config.cross_attention_dim), config.vtct_tokens, config.vtct_mode
+            )
+            if config.use_vtct else None
         )
         self.scheduler = one_step_scheduler()
         self.register_buffer(
             "empty_prompt_embedding",
             None if empty_prompt_embedding is None else empty_prompt_embedding.detach().clone().float(),
         )
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """:attr:`config` by name, and whether VTCT has an image encoder (``model_config.json``'s ``settings``)."""
+        return {**self.config.as_dict(), "image_encoder": self.has_image_encoder}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -322,7 +210,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
         settings
             The constructor's keyword arguments (``use_sii``, ``sii_mode``, ``timestep``, ...).
         """
-        encoder = image_encoder if settings.get("use_vtct", True) else None
+        encoder = image_encoder if SDFSMISSettings(**settings).use_vtct else None
         parts = load_pretrained_components(
             sd, encoder, local_files_only=local_files_only, torch_dtype=torch_dtype, cache_dir=cache_dir
         )
@@ -358,15 +246,6 @@ class SDFSMIS(FrozenAutoencoderMixin):
             return self.empty_prompt_embedding.expand(batch, -1, -1)
         return self.vtct(support_image, support_label, self.empty_prompt_embedding)
 
-    def _unet(
-        self,
-        sample: torch.Tensor,
-        condition: torch.Tensor,
-        branch: str,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-    ) -> torch.Tensor:
-        return self.unet.run_branch(sample, self.timestep, condition, branch, cross_attention_kwargs)
-
     def _support_context(
         self,
         support_image: torch.Tensor,
@@ -386,14 +265,15 @@ class SDFSMIS(FrozenAutoencoderMixin):
         condition = self.condition(support_image, support_label)
         prototype = self.qe.support_prototype(image_latent, support_label) if self.qe is not None else None
         features = None
-        if self.use_sii:
+        if self.config.use_sii:
             support_cond = condition
-            if self.support_condition == "empty":
+            if self.config.support_condition == "empty":
                 support_cond = self.empty_prompt_embedding.expand(support_image.shape[0], -1, -1)
             # Passed explicitly (not through self.bank), so checkpointed and compiled UNets see it as an input.
             features = {}
-            self._unet(
-                torch.cat([image_latent, mask_latent], dim=1), support_cond, "support", {SUPPORT_STORE_KEY: features}
+            self.unet.run_branch(
+                torch.cat([image_latent, mask_latent], dim=1), self.config.timestep, support_cond, "support",
+                {SUPPORT_STORE_KEY: features},
             )
         return SupportContext(image_latent, mask_latent, condition, prototype, features)
 
@@ -405,14 +285,14 @@ class SDFSMIS(FrozenAutoencoderMixin):
         batch = query_latent.shape[0]
         sample = self.qe.enhance(query_latent, context.prototype) if self.qe is not None else query_latent
         condition = match_support_batch(context.condition, batch, "support condition")
-        if self.use_sii:
+        features = None
+        if self.config.use_sii:
             if context.features is None:
                 raise ValueError("this SupportContext has no support features but the network uses SII.")
-            output = self._unet(sample, condition, "query", {SUPPORT_FEATURES_KEY: context.features})
-        else:
-            output = self._unet(sample, condition, "query")
-        x0 = predict_original_sample(self.scheduler, output, query_latent, self.timestep)
-        if self.residual_from_support:
+            features = {SUPPORT_FEATURES_KEY: context.features}
+        output = self.unet.run_branch(sample, self.config.timestep, condition, "query", features)
+        x0 = predict_original_sample(self.scheduler, output, query_latent, self.config.timestep)
+        if self.config.residual_from_support:
             x0 = x0 + match_support_batch(context.mask_latent, batch, "support mask latent").to(x0.dtype)
         return x0
 
@@ -450,28 +330,17 @@ class SDFSMIS(FrozenAutoencoderMixin):
         torch.Tensor or (torch.Tensor, dict)
             Scalar float32 loss (and its parts).
         """
-        self.check_slice_pair(support_image, support_label, "support")
-        self.check_slice_pair(query_image, query_label, "query")
-        if support_image.shape != query_image.shape:
-            raise ValueError(
-                f"support_image {tuple(support_image.shape)} and query_image {tuple(query_image.shape)} must match."
-            )
-        if posteriors is None:
-            # One VAE call for the four images of every episode.
-            posterior = self.encode_posterior(
-                torch.cat([support_image, self.mask_to_image(support_label), query_image, self.mask_to_image(query_label)])
-            )
-        else:
-            if len(posteriors) != 4:
-                raise ValueError(f"posteriors must hold the 4 episode posteriors, got {len(posteriors)}.")
-            posterior = torch.cat(list(posteriors))
+        posterior = self.encode_slice_pairs(
+            {"support": (support_image, support_label), "query": (query_image, query_label)}, posteriors
+        )
         z_si, z_sm, z_qi, z_qm = self.latents_from_posterior(posterior).chunk(4)
         x0 = self.predict_mask_latent(z_qi, self._support_context(support_image, support_label, z_si, z_sm))
         mean_target = None
-        if return_parts and self.training and self.vae_sample_in_training:
+        if return_parts and self.training and self.config.vae_sample_in_training:
             mean_target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
         loss, parts = mask_latent_loss(
-            x0, z_qm, query_label, self.foreground_weight, self.decoded_dice_weight, self.decode_mask, mean_target
+            x0, z_qm, query_label, self.config.foreground_weight, self.config.decoded_dice_weight, self.decode_mask,
+            mean_target,
         )
         return (loss, parts) if return_parts else loss
 

@@ -24,9 +24,10 @@ The inference interface is the few-shot one with the organ's condition in place 
 
 from __future__ import annotations
 
-__all__ = ["SupervisedLatentSegmenter", "build_supervised_segmenter"]
+__all__ = ["SupervisedLatentSegmenter", "SupervisedSettings", "build_supervised_segmenter"]
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from os import PathLike
 from typing import Any
 
@@ -34,10 +35,35 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
-from monai_sdfsmis.networks.latent_codec import FrozenAutoencoderMixin
+from monai_sdfsmis.networks.latent_codec import FrozenAutoencoderMixin, LatentSegmenterSettings
 from monai_sdfsmis.networks.latent_loss import mask_latent_loss
 from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
 from monai_sdfsmis.networks.support_query_unet import DualConvIn
+
+
+@dataclass
+class SupervisedSettings(LatentSegmenterSettings):
+    """The supervised segmenter's settings, on top of :class:`~monai_sdfsmis.networks.latent_codec.LatentSegmenterSettings`
+    (``timestep``, ``foreground_weight``, ``vae_sample_in_training`` (``False``: posterior means, as
+    :func:`~monai_sdfsmis.networks.no_prior.build_no_prior_sdfsmis`), ``binarize_mode``, ``relative_threshold``).
+
+    Attributes
+    ----------
+    organ_ids
+        Label ids of the organs, one learned condition each (CHAOS ``1, 2, 3, 4``).
+    condition_tokens
+        Tokens per organ condition.
+    """
+
+    organ_ids: list[int] = field(default_factory=list)
+    condition_tokens: int = 77
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ids = [int(v) for v in self.organ_ids]
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError(f"organ_ids must be one or more distinct label ids, got {list(self.organ_ids)}.")
+        self.organ_ids = ids
 
 
 class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
@@ -52,64 +78,31 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
         to twice that (image latent, mask-latent input).
     organ_ids
         Label ids of the organs, one learned condition each (CHAOS ``1, 2, 3, 4``).
-    condition_tokens
-        Tokens per organ condition.
-    timestep
-        UNet timestep (999, as SD-FSMIS).
-    foreground_weight
-        Training only: weight of the latent cells the organ touches in the loss (1: plain MSE).
-    binarize_mode, relative_threshold
-        As :class:`~monai_sdfsmis.networks.sdfsmis.SDFSMIS`.
+    settings
+        The other fields of :class:`SupervisedSettings` by name (``condition_tokens``, ``timestep``, ...), kept with
+        ``organ_ids`` as :attr:`config`.
     """
 
     #: The inferer segments with :meth:`organ_context` instead of a support (no support volume is read).
     uses_support = False
 
-    def __init__(
-        self,
-        vae: AutoencoderKL,
-        unet: UNet2DConditionModel,
-        organ_ids: Sequence[int],
-        *,
-        condition_tokens: int = 77,
-        timestep: int = 999,
-        foreground_weight: float = 1.0,
-        binarize_mode: str = "zero",
-        relative_threshold: float = 0.25,
-    ) -> None:
+    def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, organ_ids: Sequence[int], **settings: Any) -> None:
         super().__init__()
-        self.organ_ids = [int(v) for v in organ_ids]
-        if not self.organ_ids or len(set(self.organ_ids)) != len(self.organ_ids):
-            raise ValueError(f"organ_ids must be one or more distinct label ids, got {list(organ_ids)}.")
-        if not 0 <= int(timestep) < 1000:
-            raise ValueError(f"timestep must be in [0, 1000), got {timestep}.")
-        if not float(foreground_weight) > 0:
-            raise ValueError(f"foreground_weight must be positive, got {foreground_weight}.")
+        self.config = SupervisedSettings(organ_ids=list(organ_ids), **settings)
+        self.organ_ids = self.config.organ_ids
         latent_channels = int(vae.config.latent_channels)
         conv_in = unet.conv_in
         if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != latent_channels:
             raise ValueError(
                 f"unet.conv_in must be a {latent_channels}-channel Conv2d (the autoencoder's latent), got {conv_in!r}."
             )
-        self.settings = {
-            "organ_ids": list(self.organ_ids), "condition_tokens": int(condition_tokens), "timestep": int(timestep),
-            "foreground_weight": float(foreground_weight), "binarize_mode": binarize_mode,
-            "relative_threshold": float(relative_threshold),
-        }
-        self.timestep = int(timestep)
-        self.foreground_weight = float(foreground_weight)
-        self.binarize_mode = binarize_mode
-        self.relative_threshold = float(relative_threshold)
-        self.vae_sample_in_training = False  # posterior means: see build_no_prior_sdfsmis
-
-        self.check_binarize_settings(binarize_mode, relative_threshold)
         self.adopt_frozen_autoencoder(vae)
         # A plain widened convolution, so that diffusers' own save_pretrained / from_pretrained keep it.
         unet.conv_in = DualConvIn.marigold(conv_in)
         unet.register_to_config(in_channels=2 * latent_channels)
         self.unet = unet
         width = int(unet.config.cross_attention_dim)
-        self.organ_conditions = nn.Parameter(torch.empty(len(self.organ_ids), int(condition_tokens), width))
+        self.organ_conditions = nn.Parameter(torch.empty(len(self.organ_ids), self.config.condition_tokens, width))
         nn.init.trunc_normal_(self.organ_conditions, std=0.02)
         self.scheduler = one_step_scheduler()
 
@@ -135,13 +128,13 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
         if condition.shape[0] not in (1, batch):
             raise ValueError(f"condition batch {condition.shape[0]} must be 1 or the image batch {batch}.")
         sample = torch.cat([image_latent, torch.zeros_like(image_latent)], dim=1)
-        timesteps = torch.full((batch,), self.timestep, dtype=torch.long, device=image_latent.device)
+        timesteps = torch.full((batch,), self.config.timestep, dtype=torch.long, device=image_latent.device)
         dtype = self.unet.dtype
         output = self.unet(
             sample.to(dtype), timesteps, encoder_hidden_states=condition.expand(batch, -1, -1).to(dtype),
             return_dict=False,
         )[0]
-        return predict_original_sample(self.scheduler, output, image_latent, self.timestep)
+        return predict_original_sample(self.scheduler, output, image_latent, self.config.timestep)
 
     def compute_loss(
         self,
@@ -164,16 +157,15 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
             Also return ``{"loss_mean_target": loss}`` (posterior means are used, so they are the same), as the
             few-shot network logs it.
         """
-        self.check_slice_pair(image, label, "slice")
+        posterior = self.encode_slice_pairs({"slice": (image, label)})
         index = torch.as_tensor(organ_index, device=image.device).long().flatten()
         if index.numel() != image.shape[0] or bool((index < 0).any()) or bool((index >= len(self.organ_ids)).any()):
             raise ValueError(
                 f"organ_index must hold {image.shape[0]} positions in 0..{len(self.organ_ids) - 1}, got {index.tolist()}."
             )
-        posterior = self.encode_posterior(torch.cat([image, self.mask_to_image(label)]))
         image_latent, mask_latent = self.latents_from_posterior(posterior).chunk(2)
         x0 = self.predict_mask_latent(image_latent, self.organ_conditions[index])
-        loss, parts = mask_latent_loss(x0, mask_latent, label, self.foreground_weight)
+        loss, parts = mask_latent_loss(x0, mask_latent, label, self.config.foreground_weight)
         return (loss, parts) if return_parts else loss
 
     @torch.no_grad()
