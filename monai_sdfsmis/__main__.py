@@ -265,9 +265,10 @@ def _add_postprocess_argument(parser: argparse.ArgumentParser) -> None:
         "before the network sees it (body_box), or not (none, the paper); default: the model folder's, else none",
     )
     parser.add_argument(
-        "--support_fusion", choices=("average", "network"), default="average",
-        help="with several supports: average their soft masks, or fuse them inside the network (SII attends to the "
-        "tokens of all supports; one query pass)",
+        "--support_fusion", choices=("average", "network", "nearest"), default="average",
+        help="with several supports: average their soft masks, fuse them inside the network (SII attends to the "
+        "tokens of all supports; one query pass), or give each query slice the mask of the support whose slice "
+        "correlates best with it (nearest)",
     )
     parser.add_argument(
         "--flip_axes", type=int, nargs="+", choices=(0, 1), default=[],

@@ -11,6 +11,7 @@ from torch import nn
 from monai_sdfsmis.data.layouts import VolumeRecord, find_alpnet_volumes
 from monai_sdfsmis.data.volumes import VolumeStore
 from monai_sdfsmis.inferers import SlidingSupportInferer, largest_run
+from monai_sdfsmis.inferers.chunks import nearest_support
 from monai_sdfsmis.networks.support_copy import SupportMaskCopy
 from tests.utils import chaos_dir, requires_chaos, requires_totalseg, totalseg_dir
 
@@ -506,6 +507,47 @@ def test_k_shot_averages_the_soft_masks_of_every_support_for_each_chunk():
     agrees = ((expected > 0) == mask)[..., 1:6]  # the query's organ slices
     torch.testing.assert_close(out[0, 1][..., 1:6][agrees], ((expected[..., 1:6][agrees] + 1) / 2).clamp(0, 1),
                                rtol=0, atol=1e-5)
+
+
+def test_nearest_support_is_the_highest_correlation_whatever_the_intensity_scale():
+    x = torch.linspace(-1, 1, 8)
+    ramp_down, ramp_across = x.view(1, 8, 1).expand(3, 8, 8), x.view(1, 1, 8).expand(3, 8, 8)
+    ring = (x.view(8, 1) ** 2 + x.view(1, 8) ** 2).expand(3, 8, 8)
+    supports = torch.stack([ramp_down, ramp_across, ring])
+    # each query is one support under another linear intensity change (NCC 1), plus a little noise
+    g = torch.Generator().manual_seed(0)
+    queries = torch.stack([0.3 * ring - 0.5, 2.0 * ramp_down + 0.1, -0.2 + 0.5 * ramp_across])
+    queries = queries + 0.01 * torch.randn(queries.shape, generator=g)
+    assert nearest_support(queries, supports).tolist() == [2, 0, 1]
+    assert nearest_support(-queries, supports).tolist() != [2, 0, 1]  # anti-correlated is not near
+
+
+def test_nearest_fusion_gives_each_query_slice_the_mask_of_its_most_alike_support():
+    """Two supports with unlike images and masks in opposite halves; query slices 0-1 look like the first support
+    (brighter), 2-3 like the second: with the copy baseline, "nearest" returns each half exactly where "average"
+    (the supports disagree everywhere) returns nothing."""
+    x = torch.linspace(-1, 1, 16)
+    down, across = x.view(16, 1).expand(16, 16), x.view(1, 16).expand(16, 16)
+    stack = lambda *slices: torch.stack(slices, dim=-1)[None, None]  # noqa: E731
+    first, second = stack(*[down] * 4), stack(*[across] * 4)
+    left, right = torch.zeros(16, 16), torch.zeros(16, 16)
+    left[:, :8], right[:, 8:] = 1, 1
+    query = stack(0.8 * down, 0.5 * down + 0.1, 0.7 * across - 0.2, 0.9 * across)
+    query_label = torch.ones_like(query)
+    copy = SupportMaskCopy()
+    rows: list[int] = []
+    segment = copy.segment
+    copy.segment = lambda queries, context: rows.append(queries.shape[0]) or segment(queries, context)
+    call = lambda fusion: SlidingSupportInferer(  # noqa: E731
+        n_chunks=1, spatial_size=16, support_fusion=fusion
+    )(query, copy, support_image=[first, second], support_label=[stack(*[left] * 4), stack(*[right] * 4)],
+      query_label=query_label)
+    expected = stack(left, left, right, right).bool()
+    assert torch.equal(call("nearest").bool(), expected)
+    assert sum(rows) == 4  # each query slice is segmented with its nearest support only
+    rows.clear()
+    assert not call("average").any()
+    assert sum(rows) == 8
 
 
 @pytest.mark.parametrize(

@@ -431,7 +431,8 @@ def evaluate_protocol(
     inferer
         Default ``SlidingSupportInferer()`` (protocol mode, 3 chunks). Its ``postprocess``, ``flip_axes`` and
         ``support_fusion`` apply to ``network`` only: the baseline is always the raw support-mask copy (k-shot: the
-        average of the supports' copies, a majority vote).
+        average of the supports' copies, a majority vote). With ``support_alignment`` or the ``"nearest"`` fusion a
+        second copy row uses them as the network does.
     output_dir
         Where ``protocol_cases.csv`` (one row per method and case), ``protocol_results.json`` (rows + summaries),
         ``protocol_table.md`` and ``overlays/<method>/*.png`` are written (atomically); ``None`` writes nothing.
@@ -506,11 +507,12 @@ def _methods(
         raw.postprocess, raw.flip_axes, raw.support_fusion = OrganMaskPostprocess(None), (), "average"
         raw.support_alignment = "none"
         runs.append((baseline_name, SupportMaskCopy().to(anchor), raw))
-        if inferer.support_alignment != "none":
-            # The copy of the supports the network sees: what the alignment alone is worth.
-            aligned = copy.copy(raw)
-            aligned.support_alignment = inferer.support_alignment
-            runs.append((f"{baseline_name} ({inferer.support_alignment})", SupportMaskCopy().to(anchor), aligned))
+        if inferer.support_alignment != "none" or inferer.support_fusion == "nearest":
+            # The copy of the supports the network sees, chosen as it chooses them: what alignment and choice are worth.
+            like_network = copy.copy(raw)
+            like_network.support_alignment, like_network.support_fusion = inferer.support_alignment, inferer.support_fusion
+            how = [v for v in (inferer.support_alignment, inferer.support_fusion) if v not in ("none", "average", "network")]
+            runs.append((f"{baseline_name} ({', '.join(how)})", SupportMaskCopy().to(anchor), like_network))
     if network is not None:
         runs.append((method, network, inferer))
     return runs

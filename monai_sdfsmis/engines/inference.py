@@ -624,7 +624,8 @@ def segment_volumes(
     flip_axes
         Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
     support_fusion
-        k-shot: ``"average"`` (the supports' soft masks) or ``"network"`` (their contexts, inside the network).
+        k-shot: ``"average"`` (the supports' soft masks), ``"network"`` (their contexts, inside the network) or
+        ``"nearest"`` (each query slice with the support whose slice correlates best with it).
     support_alignment
         ``"none"`` or ``"body_box"`` (:mod:`monai_sdfsmis.inferers.alignment`); default: the model folder's
         (:func:`resolve_support_alignment`).

@@ -10,7 +10,7 @@ each query slice.
 
 from __future__ import annotations
 
-__all__ = ["ChunkSegmenter", "SliceContexts", "SlicePredictions", "segment_longest_run"]
+__all__ = ["ChunkSegmenter", "SliceContexts", "SlicePredictions", "nearest_support", "segment_longest_run"]
 
 import itertools
 from collections.abc import Sequence
@@ -39,7 +39,7 @@ class ChunkSegmenter:
     Parameters
     ----------
     network
-        ``encode_support``, ``segment``, ``binarize`` (and ``fuse_supports`` for ``fuse=True``).
+        ``encode_support``, ``segment``, ``binarize`` (and ``fuse_supports`` for ``fusion="network"``).
     query
         The query volume ``[1, C, H, W, D]`` (plain tensor), ``C`` 1 or 3, in ``[-1, 1]``.
     device
@@ -50,9 +50,11 @@ class ChunkSegmenter:
         Query slices per network call.
     passes
         Flip passes (:func:`~monai_sdfsmis.inferers.slices.flip_passes`): ``None`` and slice dims to mirror.
-    fuse
-        With several supports, fuse their contexts with ``network.fuse_supports`` (one query pass per chunk) instead
-        of averaging one soft mask per support.
+    fusion
+        With several supports (:data:`~monai_sdfsmis.inferers.sliding_support.SUPPORT_FUSIONS`): ``"average"`` the
+        soft masks of every support; ``"network"``: fuse their contexts with ``network.fuse_supports`` (one query
+        pass per chunk); ``"nearest"``: each query slice takes the soft mask of the support whose chunk slice is
+        most like it (:func:`nearest_support`).
     amp
         bf16 autocast on CUDA (CPU runs fp32).
     support_alignment
@@ -68,7 +70,7 @@ class ChunkSegmenter:
         spatial_size: int,
         sw_batch_size: int,
         passes: Sequence[int | None],
-        fuse: bool = False,
+        fusion: str = "average",
         amp: bool = True,
         support_alignment: str = "none",
     ) -> None:
@@ -79,7 +81,7 @@ class ChunkSegmenter:
         self.spatial_size = int(spatial_size)
         self.sw_batch_size = int(sw_batch_size)
         self.passes = list(passes)
-        self.fuse = bool(fuse)
+        self.fusion = fusion
         self.align = support_alignment == "body_box"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
         splits = all(callable(getattr(network, name, None)) for name in _SPLIT_SEGMENT)
@@ -118,9 +120,15 @@ class ChunkSegmenter:
                     continue
                 key = self._chunk_key(j, index, supports)
                 runs = self._contexts_of_chunk(j, key, index, supports, contexts)
+                candidates = None
+                if self.fusion == "nearest" and len(supports) > 1:
+                    target = self._body_box(index)
+                    candidates = torch.cat([self._support_slice(supports, k, j, target)[0] for k in range(len(supports))])
                 for start in range(0, index.numel(), self.sw_batch_size):
                     batch_index = index[start : start + self.sw_batch_size]
-                    out.update(self._segment_batch(batch_index, [(contexts[(k, key, d)], d) for k, d in runs]))
+                    out.update(
+                        self._segment_batch(batch_index, [(k, contexts[(k, key, d)], d) for k, d in runs], candidates)
+                    )
                     if bar is not None:
                         bar.update(int(batch_index.numel()))
         return out
@@ -142,17 +150,12 @@ class ChunkSegmenter:
         """Encode (once) the supports' slice ``j`` for every flip pass; the ``(support, flip)`` runs of chunk ``j``."""
         runs = list(itertools.product(range(len(supports)), self.passes))
         todo = [k for k in range(len(supports)) if not all((k, key, dim) in contexts for dim in self.passes)]
-        target = None
-        if self.align and todo:  # the chunk's body box, once for all its supports
-            target = body_box(resize_slices(self.query, index, "image", self.spatial_size, self.device))
+        target = self._body_box(index) if todo else None  # once for all the chunk's supports
         for k in todo:
-            images, labels = supports[k]  # type: ignore[misc]
-            image, label = images[j : j + 1], labels[j : j + 1]
-            if self.align:
-                image, label = align_support(image, label, target)
+            image, label = self._support_slice(supports, k, j, target)
             for dim in self.passes:
                 contexts[(k, key, dim)] = self.network.encode_support(mirror(image, dim), mirror(label, dim))
-        if not (self.fuse and len(supports) > 1):
+        if not (self.fusion == "network" and len(supports) > 1):
             return runs
         for dim in self.passes:
             if (-1, key, dim) not in contexts:
@@ -161,10 +164,45 @@ class ChunkSegmenter:
                 )
         return [(-1, dim) for dim in self.passes]  # -1: the fused context
 
-    def _segment_batch(self, slice_numbers: torch.Tensor, runs: list[tuple[Any, int | None]]) -> SlicePredictions:
+    def _body_box(self, index: torch.Tensor) -> Any:
+        """The body box of the query slices ``index`` when the supports are aligned to it, else ``None``."""
+        if not self.align:
+            return None
+        return body_box(resize_slices(self.query, index, "image", self.spatial_size, self.device))
+
+    def _support_slice(
+        self, supports: Sequence[Any], k: int, j: int, target: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Support ``k``'s slice ``j``, image ``[1, 3, S, S]`` and mask ``[1, 1, S, S]``, aligned to ``target``."""
+        images, labels = supports[k]
+        image, label = images[j : j + 1], labels[j : j + 1]
+        return align_support(image, label, target) if self.align else (image, label)
+
+    def _segment_batch(
+        self,
+        slice_numbers: torch.Tensor,
+        runs: list[tuple[int, Any, int | None]],
+        candidates: torch.Tensor | None = None,
+    ) -> SlicePredictions:
+        """The slices' soft masks of every ``(support k, context, flip)`` run, averaged, then binarized.
+
+        With ``candidates`` (the chunk's support slices ``[K, 3, S, S]``), each slice is run with (and averages) only
+        the runs of its nearest support (:func:`nearest_support`).
+        """
         queries = resize_slices(self.query, slice_numbers, "image", self.spatial_size, self.device)
-        soft = sum(mirror(self._soft_masks(mirror(queries, d), slice_numbers, d, context), d) for context, d in runs)
-        soft = soft / len(runs)  # x / 1 is x exactly
+        if candidates is None:
+            soft = sum(mirror(self._soft_masks(mirror(queries, d), slice_numbers, d, context), d) for _, context, d in runs)
+            soft = soft / len(runs)  # x / 1 is x exactly
+        else:
+            # Only each slice's nearest support is run on it: k supports cost one support's query passes.
+            nearest = nearest_support(queries, candidates)  # [B]
+            soft = torch.zeros(queries.shape[0], 1, *queries.shape[-2:], device=queries.device)
+            for k, context, d in runs:
+                picked = (nearest == k).nonzero().flatten()
+                if picked.numel():
+                    own = mirror(self._soft_masks(mirror(queries[picked], d), slice_numbers[picked], d, context), d)
+                    soft[picked] += own.float()
+            soft = soft / len(self.passes)
         masks = self.network.binarize(soft)
         if tuple(masks.shape) != (queries.shape[0], 1, *queries.shape[-2:]):
             raise ValueError(
@@ -187,6 +225,34 @@ class ChunkSegmenter:
                 self.latents[keys[i]] = latent
         stacked = torch.stack([self.latents[key] for key in keys])
         return self.network.decode_mask(self.network.predict_mask_latent(stacked, context))
+
+
+def nearest_support(queries: torch.Tensor, supports: torch.Tensor) -> torch.Tensor:
+    """For each query slice, the support slice most like it: the highest normalised cross-correlation of the images.
+
+    NCC (the Pearson correlation of the pixel values) ignores a linear change of intensity, which is all that the
+    per-volume intensity scaling of two scans leaves between them, and is high when the body and its organs lie at the
+    same places in the field of view.
+
+    Parameters
+    ----------
+    queries
+        ``[B, C, S, S]`` query slices (channel 0 is used; the channels are copies of one image).
+    supports
+        ``[K, C, S, S]`` support slices of the same size.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B]`` long, the index in ``0..K-1`` of each query's nearest support (the first one on ties).
+    """
+
+    def standardised(images: torch.Tensor) -> torch.Tensor:
+        flat = images[:, 0].flatten(1).float()
+        flat = flat - flat.mean(dim=1, keepdim=True)
+        return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    return (standardised(queries) @ standardised(supports).T).argmax(dim=1)
 
 
 def segment_longest_run(

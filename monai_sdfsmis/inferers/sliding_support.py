@@ -54,8 +54,9 @@ from monai_sdfsmis.progress import progress_bar
 from monai_sdfsmis.transforms.postprocess import OrganMaskPostprocess
 
 QUERY_RANGES = ("protocol", "all")
-#: k-shot fusion: average the supports' soft masks, or fuse their contexts inside the network (``fuse_supports``).
-SUPPORT_FUSIONS = ("average", "network")
+#: k-shot fusion: average the supports' soft masks, fuse their contexts inside the network (``fuse_supports``), or take
+#: for each query slice the soft mask of the support whose slice is most like it.
+SUPPORT_FUSIONS = ("average", "network", "nearest")
 
 
 def network_device(network: Any) -> torch.device:
@@ -124,7 +125,9 @@ class SlidingSupportInferer(Inferer):
     support_fusion
         k-shot (several support volumes): ``"average"`` segments each chunk with every support and averages the soft
         masks; ``"network"`` fuses the supports' contexts with the network's ``fuse_supports`` (SDFSMIS: SII attends
-        to the tokens of all supports) and runs one query pass per chunk.
+        to the tokens of all supports) and runs one query pass per chunk; ``"nearest"`` segments each chunk with every
+        support and keeps, for each query slice, the soft mask of the support whose chunk slice correlates best with
+        it (:func:`~monai_sdfsmis.inferers.chunks.nearest_support`; any network, the copy baseline too).
     organ_ids
         The organ(s) a support-free network segments when a call gives no ``organ_id`` (see :meth:`__call__`).
     support_alignment
@@ -279,7 +282,7 @@ class SlidingSupportInferer(Inferer):
         device = self.device if self.device is not None else network_device(network)
         segmenter = ChunkSegmenter(
             network, query, device, self.spatial_size, self.sw_batch_size, flip_passes(self.flip_axes),
-            fuse=self.support_fusion == "network", amp=self.amp, support_alignment=self.support_alignment,
+            fusion=self.support_fusion, amp=self.amp, support_alignment=self.support_alignment,
         )
         with torch.no_grad():
             masks, probabilities = [], []
