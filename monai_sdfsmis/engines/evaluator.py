@@ -511,7 +511,8 @@ def _methods(
             # The copy of the supports the network sees, chosen as it chooses them: what alignment and choice are worth.
             like_network = copy.copy(raw)
             like_network.support_alignment, like_network.support_fusion = inferer.support_alignment, inferer.support_fusion
-            how = [v for v in (inferer.support_alignment, inferer.support_fusion) if v not in ("none", "average", "network")]
+            how = [inferer.support_alignment] if inferer.support_alignment != "none" else []
+            how += ["nearest"] if inferer.support_fusion == "nearest" else []
             runs.append((f"{baseline_name} ({', '.join(how)})", SupportMaskCopy().to(anchor), like_network))
     if network is not None:
         runs.append((method, network, inferer))

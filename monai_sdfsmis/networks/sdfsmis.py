@@ -161,7 +161,6 @@ class SDFSMIS(FrozenAutoencoderMixin):
         super().__init__()
         config = self.config = SDFSMISSettings(**settings)
         config.check_components(vae, unet, image_encoder, empty_prompt_embedding)
-        self.has_image_encoder = image_encoder is not None and config.use_vtct
         self.adopt_frozen_autoencoder(vae)
         self.unet = SupportQueryUNet.from_unet(unet, config.support_query)
         self.bank = self.unet.support_bank
@@ -186,7 +185,8 @@ class SDFSMIS(FrozenAutoencoderMixin):
     @property
     def settings(self) -> dict[str, Any]:
         """:attr:`config` by name, and whether VTCT has an image encoder (``model_config.json``'s ``settings``)."""
-        return {**self.config.as_dict(), "image_encoder": self.has_image_encoder}
+        has_image_encoder = self.vtct is not None and self.vtct.image_encoder is not None
+        return {**self.config.as_dict(), "image_encoder": has_image_encoder}
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -89,7 +89,6 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
     def __init__(self, vae: AutoencoderKL, unet: UNet2DConditionModel, organ_ids: Sequence[int], **settings: Any) -> None:
         super().__init__()
         self.config = SupervisedSettings(organ_ids=list(organ_ids), **settings)
-        self.organ_ids = self.config.organ_ids
         latent_channels = int(vae.config.latent_channels)
         conv_in = unet.conv_in
         if not isinstance(conv_in, nn.Conv2d) or conv_in.in_channels != latent_channels:
@@ -105,6 +104,11 @@ class SupervisedLatentSegmenter(FrozenAutoencoderMixin):
         self.organ_conditions = nn.Parameter(torch.empty(len(self.organ_ids), self.config.condition_tokens, width))
         nn.init.trunc_normal_(self.organ_conditions, std=0.02)
         self.scheduler = one_step_scheduler()
+
+    @property
+    def organ_ids(self) -> list[int]:
+        """Label ids of the organs, in the order of :attr:`organ_conditions`."""
+        return self.config.organ_ids
 
     def parameter_groups(
         self, lr_unet: float = 2e-4, lr_new: float = 2e-4, weight_decay: float = 1e-2
