@@ -241,16 +241,7 @@ def package_bundle(
     """
     say = log or (lambda _: None)
     bundle = Path(bundle_dir)
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"bundle folder not found: {bundle}")
-    name = name or bundle.resolve().name
-    if not _NAME.match(name):
-        raise ValueError(f"bundle name {name!r} must be letters, digits, '_' or '-' (monai.bundle download uses it).")
-    version = bundle_version(bundle)
-    if not (bundle / "LICENSE").is_file():
-        raise FileNotFoundError(f"bundle {bundle} has no LICENSE (the model zoo requires one)")
-    if not (bundle / "configs" / "inference.json").is_file():
-        raise FileNotFoundError(f"bundle {bundle} has no configs/inference.json")
+    name, version = _checked_bundle(bundle, name)
     if (weights_dir is None) != (base_url is None):
         raise ValueError("give both weights_dir and base_url (the hosted weights and where they are), or neither.")
     target = Path(output_dir) / f"{name}_v{version}.zip"
@@ -262,22 +253,64 @@ def package_bundle(
         _verify_metadata(bundle / "configs" / "metadata.json", Path(schema))
 
     files, left_out = _bundle_files(bundle)
+    entries, large_files = _large_files_listing(bundle, weights_dir, base_url, hash_type, name, version)
+    _check_file_sizes(bundle, files)
+    _write_zip(target, bundle, files, name, large_files)
+    say(f"package: {target} ({len(files) + (Path(_LARGE_FILES) not in files)} files, {name} v{version}, "
+        f"sha256 {hash_file(target)})")
+    if left_out:
+        say(f"package: not packaged from {bundle}: {', '.join(left_out)}")
+    for entry in entries:
+        say(f"package: large file {entry['path']} -> {entry['url']}")
+    return target
+
+
+def _checked_bundle(bundle: Path, name: str | None) -> tuple[str, str]:
+    """The zip's bundle name (default: the folder's) and the bundle's version, once the folder holds what the model
+    zoo requires."""
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"bundle folder not found: {bundle}")
+    name = name or bundle.resolve().name
+    if not _NAME.match(name):
+        raise ValueError(f"bundle name {name!r} must be letters, digits, '_' or '-' (monai.bundle download uses it).")
+    version = bundle_version(bundle)
+    if not (bundle / "LICENSE").is_file():
+        raise FileNotFoundError(f"bundle {bundle} has no LICENSE (the model zoo requires one)")
+    if not (bundle / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"bundle {bundle} has no configs/inference.json")
+    return name, version
+
+
+def _large_files_listing(
+    bundle: Path,
+    weights_dir: str | PathLike | None,
+    base_url: str | None,
+    hash_type: str,
+    name: str,
+    version: str,
+) -> tuple[list[dict[str, Any]], bytes]:
+    """The zip's ``large_files.yml`` entries and bytes: written from ``weights_dir`` when given, else the bundle's own
+    (a warning names the files it lists without a hash)."""
     if weights_dir is not None:
-        entries = large_file_entries(weights_dir, str(base_url), hash_type=hash_type)
-        large_files = _large_files_yaml(entries, name, version).encode("utf-8")
-    elif (bundle / _LARGE_FILES).is_file():
-        entries = read_large_files(bundle / _LARGE_FILES)
-        large_files = (bundle / _LARGE_FILES).read_bytes()
-        unverified = [str(e["path"]) for e in entries if not e.get("hash_val")]
-        if unverified:
-            warnings.warn(
-                f"{bundle / _LARGE_FILES}: no hash_val for {', '.join(unverified)}; their download cannot be verified.",
-                stacklevel=2,
-            )
-    else:
+        written = large_file_entries(weights_dir, str(base_url), hash_type=hash_type)
+        return written, _large_files_yaml(written, name, version).encode("utf-8")
+    listing = bundle / _LARGE_FILES
+    if not listing.is_file():
         raise FileNotFoundError(
             f"bundle {bundle} has no {_LARGE_FILES}; give weights_dir and base_url to list the weights."
         )
+    entries = read_large_files(listing)
+    large_files = listing.read_bytes()
+    unverified = [str(e["path"]) for e in entries if not e.get("hash_val")]
+    if unverified:
+        warnings.warn(  # stacklevel 3: blame the code that called package_bundle, not package_bundle
+            f"{listing}: no hash_val for {', '.join(unverified)}; their download cannot be verified.", stacklevel=3
+        )
+    return entries, large_files
+
+
+def _check_file_sizes(bundle: Path, files: Sequence[Path]) -> None:
+    """Refuse a file over the model zoo's limit: it belongs in ``large_files.yml``."""
     for rel in files:
         size = (bundle / rel).stat().st_size
         if size > MAX_FILE_BYTES:
@@ -286,6 +319,9 @@ def package_bundle(
                 f"{_LARGE_FILES} instead."
             )
 
+
+def _write_zip(target: Path, bundle: Path, files: Sequence[Path], name: str, large_files: bytes) -> None:
+    """Write the zip atomically: ``files`` under ``{name}/``, with ``large_files`` as its ``large_files.yml``."""
     with atomic_path(target) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
             for rel in files:
@@ -293,13 +329,6 @@ def package_bundle(
                 _add_to_zip(archive, f"{name}/{rel.as_posix()}", data)
             if Path(_LARGE_FILES) not in files:
                 _add_to_zip(archive, f"{name}/{_LARGE_FILES}", large_files)
-    say(f"package: {target} ({len(files) + (Path(_LARGE_FILES) not in files)} files, {name} v{version}, "
-        f"sha256 {hash_file(target)})")
-    if left_out:
-        say(f"package: not packaged from {bundle}: {', '.join(left_out)}")
-    for entry in entries:
-        say(f"package: large file {entry['path']} -> {entry['url']}")
-    return target
 
 
 def _add_to_zip(archive: zipfile.ZipFile, arcname: str, data: bytes) -> None:

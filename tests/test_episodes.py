@@ -150,6 +150,32 @@ def test_slice_gap_pairs_span_the_supervoxel(store, setting1):
 
 
 @requires_chaos
+def test_same_slice_episodes_are_one_slice_on_both_sides(store, setting1):
+    _, adjacent = setting1
+    everything = EpisodeDataset(store, length=N_EPISODES, seed=2024, same_slice_fraction=1.0)
+    for i in range(N_EPISODES):
+        ep = everything[i]
+        vid, sv_id, z = ep["volume_id"], ep["supervoxel_id"], ep["support_slice"]
+        assert ep["query_slice"] == z
+        # both sides are the stored slice and that slice's supervoxel mask, read here from the files' arrays
+        expected = store.supervoxels(vid)[:, :, z] == sv_id
+        assert expected.sum() >= 200  # RPT's min_size holds for the one slice
+        np.testing.assert_array_equal(ep["support_label"][0].numpy(), expected)
+        np.testing.assert_array_equal(ep["query_label"][0].numpy(), expected)
+        np.testing.assert_array_equal(ep["query_image"][0].numpy(), store.image(vid)[:, :, z])
+    half = EpisodeDataset(store, length=N_EPISODES, seed=2024, same_slice_fraction=0.5)
+    same = sum(half[i]["support_slice"] == half[i]["query_slice"] for i in range(N_EPISODES))
+    assert 10 <= same <= 40, f"{same} of {N_EPISODES} same-slice episodes at a fraction of 0.5"
+    # the default (0) draws the episodes of a dataset built before the setting existed
+    none = EpisodeDataset(store, length=N_EPISODES, seed=2024, same_slice_fraction=0.0)
+    assert [(none[i]["volume_id"], none[i]["support_slice"], none[i]["query_slice"]) for i in range(10)] == [
+        (e["volume_id"], e["support_slice"], e["query_slice"]) for e in adjacent[:10]]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="same_slice_fraction"):
+            EpisodeDataset(store, length=4, same_slice_fraction=bad)
+
+
+@requires_chaos
 def test_dataloader_workers_reproduce_indexing(store, setting1):
     ds, episodes = setting1
     loader = DataLoader(ds, batch_size=2, num_workers=2, shuffle=False)

@@ -75,6 +75,33 @@ def test_cosine_path_matches_hand_computation():
     np.testing.assert_allclose(p_q.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_spatial_enhancement_places_p_q_by_each_positions_cosine():
+    rng = np.random.default_rng(7)
+    support = rng.normal(size=(4, 8, 8))
+    mask = np.zeros((64, 64))
+    mask[8:40, 16:48] = 1
+    p_s = _hand_prototype(support, mask)
+    query = rng.normal(size=(4, 8, 8))
+    for i, j in [(1, 2), (5, 5)]:
+        query[:, i, j] = 3.0 * p_s + 0.05 * rng.normal(size=4)
+    cos = np.array([[_cos(query[:, i, j], p_s) for j in range(8)] for i in range(8)])
+    chosen = cos > 0.7
+    p_q = query[:, chosen].mean(axis=1)
+    # by hand: p_q at every position, scaled by that position's cosine, negative cosines as 0
+    expected = p_q[:, None, None] * np.maximum(cos, 0.0)[None]
+
+    t = lambda a: torch.tensor(a, dtype=torch.float32)[None]  # noqa: E731
+    spatial = QueryEnhancement(spatial=True)
+    out = spatial(t(support), t(mask)[None], t(query))[0]
+    assert out.shape == (8, 8, 8)
+    np.testing.assert_allclose(out[:4].numpy(), query, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out[4:].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert (np.maximum(cos, 0.0) == 0).any() and not np.allclose(expected, p_q[:, None, None])
+    # the paper's QE (the default) broadcasts the same p_q everywhere
+    broadcast = QueryEnhancement()(t(support), t(mask)[None], t(query))[0]
+    np.testing.assert_allclose(broadcast[4:].numpy(), np.broadcast_to(p_q[:, None, None], (4, 8, 8)), rtol=1e-5, atol=1e-5)
+
+
 def test_fallback_to_top_k_when_nothing_passes():
     rng = np.random.default_rng(2)
     support = rng.normal(size=(4, 4, 4)) + np.array([3.0, 0, 0, 0])[:, None, None]

@@ -673,3 +673,9 @@ def test_residual_from_support_starts_from_the_support_copy_and_adds_the_paper_p
         many = residual.predict_mask_latent(qz, one)
         assert torch.allclose(many - paper.predict_mask_latent(qz, paper.encode_support(si[:1], sl[:1])),
                               z_sm[:1].expand(2, -1, -1, -1), atol=1e-5)
+
+
+def test_qe_spatial_reaches_the_query_enhancement_and_the_stored_settings():
+    net = SDFSMIS.tiny(seed=0, qe_spatial=True)
+    assert net.qe.spatial and net.settings["qe_spatial"] is True
+    assert not SDFSMIS.tiny(seed=0).qe.spatial and SDFSMIS.tiny(seed=0).settings["qe_spatial"] is False

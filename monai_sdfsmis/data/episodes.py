@@ -197,7 +197,7 @@ def _check_volume_files(store: VolumeStore, ids: Sequence[str], setting: int) ->
 
 
 class EpisodeDataset(SeededDataset):
-    """Map-style dataset of self-supervised 1-way 1-shot episodes (adjacent slices, one supervoxel).
+    """Map-style dataset of self-supervised 1-way 1-shot episodes (adjacent slices or one slice, one supervoxel).
 
     For item ``i``: pick a training volume uniformly, a supervoxel id uniformly, the slices that
     contain it (minus the Setting-2 excluded slices), a random maximal run of >= 2 consecutive such
@@ -265,6 +265,7 @@ class EpisodeDataset(SeededDataset):
         augment: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         seed: int | None = None,
         max_slice_gap: int = 1,
+        same_slice_fraction: float = 0.0,
     ) -> None:
         if int(length) < 1:
             raise ValueError(f"length (episodes per epoch) must be at least 1, got {length}.")
@@ -277,6 +278,10 @@ class EpisodeDataset(SeededDataset):
         super().__init__(seed)
         if int(max_slice_gap) != max_slice_gap or int(max_slice_gap) < 1:
             raise ValueError(f"max_slice_gap must be a positive integer, got {max_slice_gap!r} (bundle key 'max_slice_gap').")
+        if not 0.0 <= float(same_slice_fraction) <= 1.0:
+            raise ValueError(
+                f"same_slice_fraction must be in [0, 1], got {same_slice_fraction!r} (bundle key 'same_slice_fraction')."
+            )
         self.store = store
         self.ids = [str(i) for i in (store.ids if ids is None else ids)]
         if not self.ids:
@@ -289,6 +294,7 @@ class EpisodeDataset(SeededDataset):
         self.min_size = int(min_size)
         self.augment = augment
         self.max_slice_gap = int(max_slice_gap)
+        self.same_slice_fraction = float(same_slice_fraction)
         self.excluded_labels, mode = _excluded_labels(setting, exclusion, exclude_labels, label_groups, group)
         _check_volume_files(store, self.ids, setting)
 
@@ -354,7 +360,7 @@ class EpisodeDataset(SeededDataset):
         return self.length
 
     def _draw(self, rng: np.random.Generator) -> tuple[_VolumeTable, int, int, int]:
-        """(volume table, supervoxel row k, first slice z, gap g) of the pair ``(z, z + g)``."""
+        """(volume table, supervoxel row k, first slice z, gap g) of the pair ``(z, z + g)`` (``g = 0``: one slice)."""
         table = self._tables[int(rng.integers(len(self._tables)))]
         n_sv = len(table.sv_ids)
         for _ in range(_MAX_TRIES):
@@ -364,8 +370,10 @@ class EpisodeDataset(SeededDataset):
             if not runs:
                 continue
             start, end = runs[int(rng.integers(len(runs)))]
-            # Drawn only when asked for, so that max_slice_gap=1 keeps the seeded episodes of earlier runs.
+            # Drawn only when asked for, so that the defaults keep the seeded episodes of earlier runs.
             gap = int(rng.integers(1, min(self.max_slice_gap, end - start) + 1)) if self.max_slice_gap > 1 else 1
+            if self.same_slice_fraction > 0 and rng.random() < self.same_slice_fraction:
+                gap = 0
             z = int(rng.integers(start, end - gap + 1))  # z and z + gap both inside the run
             if max(table.counts[k, z], table.counts[k, z + gap]) >= self.min_size:
                 return table, k, z, gap

@@ -84,6 +84,34 @@ def _supervoxel_files(sv_dir: Path) -> dict[int, Path]:
     return found
 
 
+def _image_files(root: Path) -> dict[int, Path]:
+    """Map volume number -> image file for every ``image_N.nii[.gz]`` in ``root``; raise if there is none.
+
+    A non-numeric ``N`` is refused rather than skipped: the folds index volumes by their number, so a
+    silently dropped image would shift every fold.
+    """
+    numbers: dict[int, Path] = {}
+    for path in sorted(root.iterdir()):
+        if not path.name.startswith("image_") or not path.is_file():
+            continue
+        stem = _strip_nifti_suffix(path.name)
+        if stem is None:
+            continue
+        tail = stem[len("image_") :]
+        if not tail.isdigit():
+            raise ValueError(
+                f"Image file '{path}' does not follow the ALPNet naming image_N.nii.gz with an integer N; "
+                "rename it or list the volumes in a datalist JSON (load_datalist)."
+            )
+        number = int(tail)
+        if number in numbers:
+            raise ValueError(f"Two image files for volume {number} in '{root}': '{numbers[number].name}' and '{path.name}'.")
+        numbers[number] = path
+    if not numbers:
+        raise ValueError(f"No image_N.nii.gz files found in dataset folder '{root}'.")
+    return numbers
+
+
 def find_alpnet_volumes(
     dataset_dir: str | PathLike,
     supervoxel_dir: str | PathLike | None = "supervoxels_5000",
@@ -129,25 +157,7 @@ def find_alpnet_volumes(
     if not root.is_dir():
         raise FileNotFoundError(f"Dataset folder '{root}' does not exist (expected image_N.nii.gz files there).")
 
-    numbers: dict[int, Path] = {}
-    for path in sorted(root.iterdir()):
-        if not path.name.startswith("image_") or not path.is_file():
-            continue
-        stem = _strip_nifti_suffix(path.name)
-        if stem is None:
-            continue
-        tail = stem[len("image_") :]
-        if not tail.isdigit():
-            raise ValueError(
-                f"Image file '{path}' does not follow the ALPNet naming image_N.nii.gz with an integer N; "
-                "rename it or list the volumes in a datalist JSON (load_datalist)."
-            )
-        number = int(tail)
-        if number in numbers:
-            raise ValueError(f"Two image files for volume {number} in '{root}': '{numbers[number].name}' and '{path.name}'.")
-        numbers[number] = path
-    if not numbers:
-        raise ValueError(f"No image_N.nii.gz files found in dataset folder '{root}'.")
+    numbers = _image_files(root)
 
     sv_files: dict[int, Path] | None = None
     sv_root: Path | None = None

@@ -124,6 +124,31 @@ def _write_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
         nib.save(img, str(tmp))
 
 
+def _must_rewrite(out: Path, params_file: Path, params: dict[str, object]) -> bool:
+    """Whether the phantom files in ``out`` must all be (re)written for ``params``.
+
+    ``True`` when ``params_file`` is missing or records other (or unreadable) parameters; a folder holding
+    ``image_N`` files but no ``params_file`` is someone else's dataset and is refused rather than overwritten.
+    """
+    if params_file.exists():
+        try:
+            previous = json.loads(params_file.read_text())
+        except json.JSONDecodeError:
+            previous = None
+        return previous != params
+    if any(out.glob("image_*.nii*")):
+        raise ValueError(f"Folder '{out}' already holds image_N files that make_phantom_dataset did not write.")
+    return True
+
+
+def _remove_numbered_beyond(out: Path, sv_dir: Path, n_volumes: int) -> None:
+    """Delete the phantom image, label and supervoxel files of ``out`` whose volume number exceeds ``n_volumes``."""
+    for path in [*out.glob("image_*.nii.gz"), *out.glob("label_*.nii.gz"), *sv_dir.glob("superpix-MIDDLE_*.nii.gz")]:
+        tail = path.name[: -len(".nii.gz")].rsplit("_", 1)[-1]
+        if tail.isdigit() and int(tail) > n_volumes:
+            path.unlink()
+
+
 def make_phantom_dataset(
     out_dir: str | PathLike,
     n_volumes: int = 6,
@@ -179,16 +204,7 @@ def make_phantom_dataset(
         "min_size": int(min_size),
     }
     params_file = out / _PARAMS_FILE
-    if params_file.exists():
-        try:
-            previous = json.loads(params_file.read_text())
-        except json.JSONDecodeError:
-            previous = None
-        rewrite = previous != params
-    else:
-        if any(out.glob("image_*.nii*")):
-            raise ValueError(f"Folder '{out}' already holds image_N files that make_phantom_dataset did not write.")
-        rewrite = True
+    rewrite = _must_rewrite(out, params_file, params)
 
     affine = np.diag([*params["spacing"], 1.0])
     for number in progress_bar(range(1, params["n_volumes"] + 1), desc="phantoms", unit="vol", disable=not progress):
@@ -206,9 +222,6 @@ def make_phantom_dataset(
 
     if rewrite:
         # Phantom files of an earlier, larger run would otherwise join the dataset.
-        for path in [*out.glob("image_*.nii.gz"), *out.glob("label_*.nii.gz"), *sv_dir.glob("superpix-MIDDLE_*.nii.gz")]:
-            tail = path.name[: -len(".nii.gz")].rsplit("_", 1)[-1]
-            if tail.isdigit() and int(tail) > params["n_volumes"]:
-                path.unlink()
+        _remove_numbered_beyond(out, sv_dir, params["n_volumes"])
         atomic_write(params_file, json.dumps(params, indent=2))
     return find_alpnet_volumes(out, supervoxel_dir=_SV_DIR, require_labels=True, require_supervoxels=True)

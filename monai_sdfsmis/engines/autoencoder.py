@@ -113,6 +113,25 @@ class AutoencoderTrainingStep:
         return {"loss": loss.detach(), "l1": parts["l1"], "kl": parts["kl"]}
 
 
+def _epoch_plan(train_loader: Iterable, max_iterations: int | None) -> tuple[int | None, int]:
+    """``(epoch_length, max_epochs)`` of the stage-1 trainer; an empty loader is refused.
+
+    ``epoch_length`` is ``None`` for a loader without a length; without both an iteration budget and a length, the
+    epoch count is left unbounded so that the time budget ends training.
+    """
+    try:
+        epoch_length = len(train_loader)  # type: ignore[arg-type]
+    except TypeError:
+        epoch_length = None
+    if epoch_length == 0:
+        raise ValueError("The autoencoder training loader is empty.")
+    if max_iterations is not None and epoch_length:
+        max_epochs = math.ceil(max_iterations / epoch_length)
+    else:
+        max_epochs = 10**6  # the time budget stops training
+    return epoch_length, max_epochs
+
+
 def build_autoencoder_trainer(
     vae: AutoencoderKL,
     train_loader: Iterable,
@@ -163,16 +182,7 @@ def build_autoencoder_trainer(
     vae.to(device)
     vae.requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=weight_decay)
-    try:
-        epoch_length = len(train_loader)  # type: ignore[arg-type]
-    except TypeError:
-        epoch_length = None
-    if epoch_length == 0:
-        raise ValueError("The autoencoder training loader is empty.")
-    if max_iterations is not None and epoch_length:
-        max_epochs = math.ceil(max_iterations / epoch_length)
-    else:
-        max_epochs = 10**6  # the time budget stops training
+    epoch_length, max_epochs = _epoch_plan(train_loader, max_iterations)
     trainer = SupervisedTrainer(
         device=torch.device(device),
         max_epochs=max_epochs,

@@ -148,31 +148,55 @@ def attach_budget(
     horizon = budget.max_iterations if not timed_horizon else 2 * max(warmup, horizon_every)
     scheduler = _lr_scheduler(optimizer, schedule, warmup, horizon)
     LrScheduleHandler(scheduler, print_lr=False, epoch_level=False).attach(engine)
+    _BudgetHandlers(budget, scheduler, schedule, warmup, horizon_every, timed_horizon).attach(engine)
+    return budget
 
-    def reestimate_horizon() -> None:
+
+@dataclass
+class _BudgetHandlers:
+    """The ignite handlers of one :func:`attach_budget` call: they fill in ``budget``, stop the engine when it is
+    spent and, for a time-only budget with a decaying schedule, fit the schedule's length to the measured speed."""
+
+    budget: TrainingBudget
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    schedule: str
+    warmup: int
+    horizon_every: int
+    timed_horizon: bool
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.completed_iteration)
+        engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self.stopped)
+
+    def _reestimate_horizon(self) -> None:
+        budget = self.budget
         seconds = budget.seconds()
         if seconds <= 0:
             return
-        left = max(float(max_seconds) - seconds, 0.0)
+        left = max(float(budget.max_seconds) - seconds, 0.0)
         done = budget.start_iteration + budget.iterations
-        _set_horizon(scheduler, schedule, warmup, done + int(left * budget.iterations / seconds) + 1)
+        _set_horizon(self.scheduler, self.schedule, self.warmup, done + int(left * budget.iterations / seconds) + 1)
 
-    def started(engine: Engine) -> None:
+    def started(self, engine: Engine) -> None:
+        budget = self.budget
         budget._start = time.perf_counter()
         budget._paused_seconds = 0.0
         budget.iterations = 0
         budget.stopped_by = None
-        if max_seconds is not None:
-            budget._time_limit = TimeLimit(max(1, int(-(-max_seconds // 1))))  # ceil: TimeLimit takes whole seconds
+        if budget.max_seconds is not None:
+            # ceil: TimeLimit takes whole seconds
+            budget._time_limit = TimeLimit(max(1, int(-(-budget.max_seconds // 1))))
         # A resume (a handler attached before this one restored the engine) goes on from the checkpoint's iteration.
         budget.start_iteration = int(engine.state.iteration)
         if budget.start_iteration:
-            _continue_resumed_run(engine, budget, scheduler)
+            _continue_resumed_run(engine, budget, self.scheduler)
 
-    def completed_iteration(engine: Engine) -> None:
+    def completed_iteration(self, engine: Engine) -> None:
+        budget = self.budget
         budget.iterations += 1
-        if timed_horizon and budget.iterations % horizon_every == 0:
-            reestimate_horizon()
+        if self.timed_horizon and budget.iterations % self.horizon_every == 0:
+            self._reestimate_horizon()
         if budget.max_iterations is not None and budget.start_iteration + budget.iterations >= budget.max_iterations:
             budget.stopped_by = "iterations"
             engine.terminate()
@@ -181,14 +205,9 @@ def attach_budget(
             if engine.should_terminate:
                 budget.stopped_by = "time"
 
-    def stopped(engine: Engine) -> None:
-        if budget._start is not None:
-            budget.elapsed = budget.seconds()
-
-    engine.add_event_handler(Events.STARTED, started)
-    engine.add_event_handler(Events.ITERATION_COMPLETED, completed_iteration)
-    engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, stopped)
-    return budget
+    def stopped(self, engine: Engine) -> None:
+        if self.budget._start is not None:
+            self.budget.elapsed = self.budget.seconds()
 
 
 def _check_budget(

@@ -416,9 +416,8 @@ def evaluate_protocol(
     """Run the protocol for a network (and the support-mask copy baseline) and write the results.
 
     The ``protocol`` command, the training recipe's evaluations, the quick start and the benchmarks call it; the
-    bundle's ``configs/evaluate.json`` builds the same evaluators with :func:`protocol_evaluators` and runs them with
-    :func:`run_protocol_evaluators` (it keeps its own ``dataset`` and ``evaluator`` ids, which MONAI's ``eval``
-    workflow requires).
+    bundle's ``configs/evaluate.json`` runs the same evaluators (:func:`protocol_evaluators`,
+    :func:`run_protocol_evaluators`) under its own ``dataset`` and ``evaluator`` ids, which MONAI's ``eval`` requires.
 
     Parameters
     ----------
@@ -453,9 +452,8 @@ def evaluate_protocol(
     extra_handlers
         More ignite handlers attached to each evaluator run (e.g. ``StatsHandler``).
     shots
-        Support volumes per query (k-shot, :func:`~monai_sdfsmis.data.protocol.k_shot_supports`); each query chunk
-        is segmented with every support and the soft masks averaged, the copy baseline's too (a majority vote of the
-        support masks).
+        Support volumes per query (k-shot, :func:`~monai_sdfsmis.data.protocol.k_shot_supports`): each query chunk is
+        segmented with every support and the soft masks averaged (the copy baseline: a majority vote).
 
     Returns
     -------
@@ -465,6 +463,29 @@ def evaluate_protocol(
     """
     if network is None and not baseline:
         raise ValueError("Nothing to evaluate: network is None and baseline is False.")
+    loader = _protocol_loader(records, fold_ids, organ_ids, support_position, folds, organ_names, intensity, shots)
+    inferer = SlidingSupportInferer() if inferer is None else inferer
+    evaluators = protocol_evaluators(
+        network, loader, inferer, baseline=baseline, method=method, baseline_name=baseline_name, n_overlays=overlays,
+        overlays_dir=None if output_dir is None else Path(output_dir) / "overlays", surface_metrics=surface_metrics,
+        device=device, shots=shots, handlers=extra_handlers, progress_cases=len(loader.dataset) if progress else None,
+    )
+    results = run_protocol_evaluators(evaluators, surface_metrics)
+    return {**results, "files": _protocol_files(output_dir, results, evaluators, fold_ids, organ_ids, inferer, shots)}
+
+
+def _protocol_loader(
+    records: str | PathLike | Sequence[VolumeRecord] | VolumeStore,
+    fold_ids: Sequence[int] | None,
+    organ_ids: Sequence[int],
+    support_position: int,
+    folds: Sequence[Sequence[int]] | None,
+    organ_names: Mapping[int, str],
+    intensity: str,
+    shots: int,
+) -> DataLoader:
+    """A loader over the :class:`ProtocolDataset` of the selected cases, one case at a time and in order; an empty
+    selection is an error."""
     dataset = ProtocolDataset(
         records,
         fold_ids=fold_ids,
@@ -477,22 +498,26 @@ def evaluate_protocol(
     )
     if len(dataset) == 0:
         raise ValueError("The protocol selection (fold_ids, organ_ids) has no case.")
-    loader = DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
-    inferer = SlidingSupportInferer() if inferer is None else inferer
-    out_dir = None if output_dir is None else Path(output_dir)
-    evaluators = protocol_evaluators(
-        network, loader, inferer, baseline=baseline, method=method, baseline_name=baseline_name,
-        overlays_dir=None if out_dir is None else out_dir / "overlays", n_overlays=overlays,
-        surface_metrics=surface_metrics, device=device, shots=shots, handlers=extra_handlers,
-        progress_cases=len(dataset) if progress else None,
-    )
-    results = run_protocol_evaluators(evaluators, surface_metrics)
-    results["files"] = {}
-    if out_dir is not None:
-        provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference_settings(inferer, shots)}
-        overlay_files = [str(p) for e in evaluators if e.overlays is not None for p in e.overlays.written]
-        results["files"] = {**write_protocol_results(out_dir, results, provenance), "overlays": overlay_files}
-    return results
+    return DataLoader(dataset, batch_size=1, shuffle=False, num_workers=0)
+
+
+def _protocol_files(
+    output_dir: str | PathLike | None,
+    results: Mapping[str, Any],
+    evaluators: Sequence[MethodEvaluator],
+    fold_ids: Sequence[int] | None,
+    organ_ids: Sequence[int],
+    inferer: SlidingSupportInferer,
+    shots: int,
+) -> dict[str, Any]:
+    """Write a run's results into ``output_dir`` (:func:`write_protocol_results`, with the selection and the inferer's
+    settings as provenance); the written files by kind, the evaluators' overlays included (none when ``output_dir``
+    is ``None``)."""
+    if output_dir is None:
+        return {}
+    provenance = {"fold_ids": fold_ids, "organ_ids": list(organ_ids), "inference": inference_settings(inferer, shots)}
+    overlay_files = [str(p) for e in evaluators if e.overlays is not None for p in e.overlays.written]
+    return {**write_protocol_results(Path(output_dir), results, provenance), "overlays": overlay_files}
 
 
 def _methods(

@@ -34,6 +34,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from monai_sdfsmis.engines.model_folder import (
     resolve_support_alignment,
 )
 from monai_sdfsmis.engines.support_batch import PrepareSupportBatch, support_keys
+from monai_sdfsmis.utils import resolve_device
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 _OUTPUT_POSTFIX = "seg"
@@ -578,25 +580,12 @@ def segment_volumes(
     organ_id: int | Sequence[int] | None,
     model_dir: str | PathLike,
     *,
-    output_dir: str | PathLike = "segmentations",
-    network_type: str | None = None,
-    ckpt_path: str | PathLike | None = None,
-    spatial_size: int | None = None,
-    intensity: str | None = None,
-    postprocess: Sequence[str] | str | None = None,
-    flip_axes: Sequence[int] = (),
-    support_fusion: str = "average",
-    support_alignment: str | None = None,
-    output_format: str = "nifti",
-    save_probabilities: bool = False,
-    overwrite: bool = False,
-    device: torch.device | str | None = None,
-    n_chunks: int = 3,
-    sw_batch_size: int = 16,
-    amp: bool = True,
-    progress: bool = True,
-    empty_masks: list[Path] | None = None,
-    **network_kwargs: Any,
+    output_dir: str | PathLike = "segmentations", network_type: str | None = None,
+    ckpt_path: str | PathLike | None = None, spatial_size: int | None = None, intensity: str | None = None,
+    postprocess: Sequence[str] | str | None = None, flip_axes: Sequence[int] = (), support_fusion: str = "average",
+    support_alignment: str | None = None, output_format: str = "nifti", save_probabilities: bool = False,
+    overwrite: bool = False, device: torch.device | str | None = None, n_chunks: int = 3, sw_batch_size: int = 16,
+    amp: bool = True, progress: bool = True, empty_masks: list[Path] | None = None, **network_kwargs: Any,
 ) -> list[Path]:
     """Segment query volumes from one annotated support with a trained model folder; returns the written masks.
 
@@ -612,31 +601,26 @@ def segment_volumes(
         model takes no support (``None``) and, without ``organ_id``, segments every organ it was trained on. k-shot: lists
         of ``k`` support volumes and their label maps; each query chunk is then segmented with every support
         (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`, ``support_fusion``).
-    model_dir
-        Model folder: ``model.pt``, ``model_config.json`` and, for ``no_prior``, ``autoencoder/``.
-    output_dir
-        Where ``<query>_seg.nii.gz`` (uint8, on the query's grid and orientation) are written.
-    network_type, spatial_size, intensity
-        Default: the model folder's (:func:`resolve_network_type`, :func:`resolve_spatial_size`).
-    postprocess
-        3D clean-up steps (:data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS`, ``"none"`` for none);
-        default: the model folder's (:func:`resolve_postprocess`).
+    model_dir, ckpt_path
+        Model folder (``model.pt``, ``model_config.json`` and, for ``no_prior``, ``autoencoder/``); the weights, default
+        ``<model_dir>/model.pt``.
+    output_dir, output_format
+        Where the masks are written, and as what: ``"nifti"``, ``<query>_seg.nii.gz`` (uint8, on the query's grid and
+        orientation), or ``"dicom_seg"`` (every query a DICOM series folder; needs the ``dicom_seg`` extra).
+    network_type, spatial_size, intensity, postprocess, support_alignment
+        Default: the model folder's (:func:`resolve_network_type`, :func:`resolve_spatial_size`,
+        :func:`resolve_postprocess`, :func:`resolve_support_alignment`). ``postprocess``: 3D clean-up steps
+        (:data:`~monai_sdfsmis.transforms.postprocess.POSTPROCESS_STEPS`, ``"none"`` for none); ``support_alignment``:
+        ``"none"`` or ``"body_box"`` (:mod:`monai_sdfsmis.inferers.alignment`).
     flip_axes
         Flip test-time augmentation (:class:`~monai_sdfsmis.inferers.SlidingSupportInferer`); ``()`` for none.
     support_fusion
         k-shot: ``"average"`` (the supports' soft masks), ``"network"`` (their contexts, inside the network) or
         ``"nearest"`` (each query slice with the support whose slice correlates best with it).
-    support_alignment
-        ``"none"`` or ``"body_box"`` (:mod:`monai_sdfsmis.inferers.alignment`); default: the model folder's
-        (:func:`resolve_support_alignment`).
-    output_format
-        ``"nifti"`` or ``"dicom_seg"`` (every query a DICOM series folder; needs the ``dicom_seg`` extra).
     save_probabilities
         Also write ``<query>_prob.nii.gz``: the organ's foreground probability, float32 in ``[0, 1]`` on the mask's
         grid; ``probability > 0.5`` is exactly the mask (:func:`~monai_sdfsmis.inferers.sliding_support.
         foreground_probability`). NIfTI output only.
-    ckpt_path
-        Weights; default ``<model_dir>/model.pt``.
     overwrite
         Replace existing outputs (inputs are never written over).
     device
@@ -651,52 +635,119 @@ def segment_volumes(
     network_kwargs
         Passed to :func:`build_network` (``sd``, ``image_encoder``, ``local_files_only``, SDFSMIS settings).
     """
-    from monai_sdfsmis.inferers import SlidingSupportInferer
-    from monai_sdfsmis.transforms.io import check_output_folder
-    from monai_sdfsmis.utils import resolve_device
-
     device = resolve_device(device)
     ckpt, config, kind = _checkpoint_of(model_dir, ckpt_path, network_type)
     n_supports = count_supports(support_image)
     organ_id = _checked_organs_and_supports(ckpt, config, kind, n_supports, organ_id)
     datalist = query_datalist(query, support_image, support_label)
-    check_output_folder(output_dir)
-    check_outputs(datalist, output_dir, overwrite, output_format, save_probabilities, organ_id)
+    outputs = _Outputs(output_dir, output_format, overwrite, save_probabilities, organ_id)
+    outputs.check(datalist)
+    network = _trained_network(ckpt, config, kind, device, network_kwargs)
+    inferer = _sliding_inferer(
+        config, kind, organ_id, spatial_size=spatial_size, postprocess=postprocess, support_alignment=support_alignment,
+        n_chunks=n_chunks, sw_batch_size=sw_batch_size, flip_axes=flip_axes, amp=amp, probabilities=save_probabilities,
+        support_fusion=support_fusion,
+    )
+    preprocessing = inference_preprocessing(organ_id, resolve_intensity(intensity, config), n_supports=n_supports)
+    empty = _run_inference(network, inferer, datalist, preprocessing, outputs, device, n_supports, progress)
+    if empty_masks is not None:
+        empty_masks.extend(empty)
+    return outputs.paths(datalist)
 
+
+@dataclass(frozen=True)
+class _Outputs:
+    """Where and as what :func:`segment_volumes` writes each query's mask (and probability maps): the settings its
+    checks, its postprocessing and its handlers share."""
+
+    output_dir: str | PathLike
+    output_format: str
+    overwrite: bool
+    save_probabilities: bool
+    organ_id: int | Sequence[int] | None
+
+    def check(self, datalist: Sequence[Mapping[str, Any]]) -> None:
+        """Refuse, before any inference, an unwritable output folder and the outputs :func:`check_outputs` refuses."""
+        from monai_sdfsmis.transforms.io import check_output_folder
+
+        check_output_folder(self.output_dir)
+        check_outputs(
+            datalist, self.output_dir, self.overwrite, self.output_format, self.save_probabilities, self.organ_id
+        )
+
+    def postprocessing(self, datalist: Sequence[Mapping[str, Any]]) -> Compose:
+        """:func:`inference_postprocessing` of these outputs, never writing over an input of ``datalist``."""
+        return inference_postprocessing(
+            self.output_dir,
+            self.overwrite,
+            protected_inputs(datalist),
+            self.output_format,
+            segment_label=segment_name(self.organ_id),
+            save_probabilities=self.save_probabilities,
+            organ_id=self.organ_id,
+        )
+
+    def paths(self, datalist: Sequence[Mapping[str, Any]]) -> list[Path]:
+        """The mask of each query of ``datalist``, in order (:func:`output_path`)."""
+        return [output_path(item["image"], self.output_dir, self.output_format) for item in datalist]
+
+
+def _trained_network(
+    ckpt: Path, config: Mapping[str, Any], kind: str, device: torch.device, network_kwargs: Mapping[str, Any]
+) -> torch.nn.Module:
+    """The model folder's network with the weights of ``ckpt``, on ``device`` and in eval mode; the folder's warnings
+    are printed before the (possibly slow) build."""
     print_model_warnings(config)
     network = build_network(kind, ckpt.parent, **network_kwargs)
     load_network_weights(network, ckpt, kind, config)
-    network = network.to(device).eval()
-    inferer = SlidingSupportInferer(
-        n_chunks=n_chunks,
-        sw_batch_size=sw_batch_size,
+    return network.to(device).eval()
+
+
+def _sliding_inferer(
+    config: Mapping[str, Any],
+    kind: str,
+    organ_id: int | Sequence[int] | None,
+    *,
+    spatial_size: int | None,
+    postprocess: Sequence[str] | str | None,
+    support_alignment: str | None,
+    **settings: Any,
+) -> Any:
+    """The :class:`~monai_sdfsmis.inferers.SlidingSupportInferer` of a model folder over whole query volumes: the
+    resolution, clean-up and support alignment it was trained with unless the call names its own; ``settings`` are
+    the inferer's other keyword arguments."""
+    from monai_sdfsmis.inferers import SlidingSupportInferer
+
+    return SlidingSupportInferer(
         spatial_size=resolve_spatial_size(spatial_size, config),
         postprocess=resolve_postprocess(postprocess, config),
-        flip_axes=flip_axes,
         query_range="all",
-        amp=amp,
-        probabilities=save_probabilities,
-        support_fusion=support_fusion,
         support_alignment=resolve_support_alignment(support_alignment, config),
+        # a few-shot network is shown its organs by the support masks (inference_preprocessing); a supervised one isn't
         organ_ids=organ_ids_of(organ_id) if kind == "supervised" else None,
+        **settings,
     )
-    empty = EmptyMaskWarning(output_dir, datalist, organ_id, output_format=output_format)
-    handlers = [empty, *([InferenceProgress(output_dir, datalist, output_format=output_format)] if progress else [])]
+
+
+def _run_inference(
+    network: torch.nn.Module,
+    inferer: Any,
+    datalist: Sequence[Mapping[str, Any]],
+    preprocessing: Compose,
+    outputs: _Outputs,
+    device: torch.device,
+    n_supports: int,
+    progress: bool,
+) -> list[Path]:
+    """Segment and save every query of ``datalist`` (a line on stderr for each with ``progress``); returns the masks
+    without any voxel of the organ."""
+    empty = EmptyMaskWarning(outputs.output_dir, datalist, outputs.organ_id, output_format=outputs.output_format)
+    handlers: list[Any] = [empty]
+    if progress:
+        handlers.append(InferenceProgress(outputs.output_dir, datalist, output_format=outputs.output_format))
+    dataloader = inference_dataloader(datalist, preprocessing)
     evaluator = build_inference_evaluator(
-        network,
-        inference_dataloader(
-            datalist,
-            inference_preprocessing(organ_id, resolve_intensity(intensity, config), n_supports=n_supports),
-        ),
-        inferer,
-        inference_postprocessing(output_dir, overwrite, protected_inputs(datalist), output_format,
-                                 segment_label=segment_name(organ_id), save_probabilities=save_probabilities,
-                                 organ_id=organ_id),
-        device,
-        handlers,
-        n_supports=n_supports,
+        network, dataloader, inferer, outputs.postprocessing(datalist), device, handlers, n_supports=n_supports
     )
     evaluator.run()
-    if empty_masks is not None:
-        empty_masks.extend(empty.empty)
-    return [output_path(item["image"], output_dir, output_format) for item in datalist]
+    return empty.empty

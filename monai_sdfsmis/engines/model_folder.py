@@ -466,19 +466,32 @@ def build_network(
     config = read_model_config(model_dir) if saved_settings else {}
     kind = resolve_network_type(network_type, config)
     merged = {**config.get("settings", {}), **settings}
-    if kind == "pretrained":
+    if kind in ("pretrained", "tiny"):
         from monai_sdfsmis.networks.sdfsmis import SDFSMIS
 
-        return SDFSMIS.from_pretrained(sd, image_encoder, local_files_only=local_files_only, **merged)
-    if kind == "tiny":
-        from monai_sdfsmis.networks.sdfsmis import SDFSMIS
-
+        if kind == "pretrained":
+            return SDFSMIS.from_pretrained(sd, image_encoder, local_files_only=local_files_only, **merged)
         warn_demo_network("the network is the tiny demo model (SDFSMIS.tiny, toy width, trained on phantoms at most)")
         return SDFSMIS.tiny(seed=0 if seed is None else int(seed), **merged)
 
     from monai_sdfsmis.networks.no_prior import build_no_prior_sdfsmis
     from monai_sdfsmis.networks.supervised import build_supervised_segmenter
 
+    autoencoder_dir = _autoencoder_dir(kind, model_dir, autoencoder_dir)
+    unet, channels = _unet_settings(config, unet_width)
+    if kind == "supervised" and "organ_ids" not in merged:
+        raise ValueError(
+            f"{config.get('_path', MODEL_CONFIG_NAME)}: a supervised model needs its organ_ids in settings"
+        )
+    build = build_supervised_segmenter if kind == "supervised" else build_no_prior_sdfsmis
+    return build(autoencoder_dir, unet_channels=channels, seed=seed, **unet, **merged)
+
+
+def _autoencoder_dir(
+    kind: str, model_dir: str | PathLike | None, autoencoder_dir: str | PathLike | None
+) -> str | PathLike:
+    """The frozen autoencoder folder of a no-prior or supervised network (default ``<model_dir>/autoencoder``), checked
+    to exist."""
     if autoencoder_dir is None:
         if model_dir is None:
             raise ValueError(f"network_type {kind!r} needs model_dir (the folder holding autoencoder/ and model.pt)")
@@ -488,28 +501,21 @@ def build_network(
             f"no-prior autoencoder folder not found: {autoencoder_dir} (stage 1, configs/train_autoencoder.json, "
             "writes it into the model folder)"
         )
+    return autoencoder_dir
+
+
+def _unet_settings(
+    config: Mapping[str, Any], unet_width: str | Sequence[int] | None
+) -> tuple[dict[str, Any], str | tuple[int, ...]]:
+    """The UNet keyword arguments of a no-prior network besides its width, and that width (``unet_channels``): the
+    model folder's (``unet_width``, when given, must agree with it), else ``unet_width``, else ``"default"``."""
     unet = dict(config.get("unet", {}))
     if unet_width is not None:
         check_unet_width(unet_width, config)
         unet = {**unet, "block_out_channels": unet_width} if not unet else unet
     channels = unet.pop("block_out_channels", "default")
-    if kind == "supervised":
-        if "organ_ids" not in merged:
-            raise ValueError(f"{config.get('_path', MODEL_CONFIG_NAME)}: a supervised model needs its organ_ids in settings")
-        return build_supervised_segmenter(
-            autoencoder_dir,
-            unet_channels=tuple(channels) if isinstance(channels, list) else channels,
-            seed=seed,
-            **unet,
-            **merged,
-        )
-    return build_no_prior_sdfsmis(
-        autoencoder_dir,
-        unet_channels=tuple(channels) if isinstance(channels, list) else channels,
-        seed=seed,
-        **unet,
-        **merged,
-    )
+    # model_config.json stores the widths as a JSON list
+    return unet, tuple(channels) if isinstance(channels, list) else channels
 
 
 def _read_state(path: Path, device: torch.device | str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -62,6 +62,39 @@ def downsampling_factor(vae: AutoencoderKL) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def _resolve_widths(
+    block_out_channels: Sequence[int] | str, layers_per_block: int | None, norm_num_groups: int | None, downsampling: int
+) -> tuple[tuple[int, ...], int, int]:
+    """``(block_out_channels, layers_per_block, norm_num_groups)`` for :func:`build_autoencoder`.
+
+    A width name is looked up in :data:`AUTOENCODER_WIDTHS` and cut to the levels of ``downsampling``; values left
+    ``None`` come from that preset, else from SD (2 blocks, 32 groups). The channels are checked for one entry per
+    level and for positive counts; ``downsampling`` must already be one of :data:`DOWNSAMPLING_FACTORS`.
+    """
+    levels = int(math.log2(downsampling)) + 1
+    if isinstance(block_out_channels, str):
+        if block_out_channels not in AUTOENCODER_WIDTHS:
+            raise ValueError(
+                f"Unknown autoencoder width '{block_out_channels}'; choose one of {sorted(AUTOENCODER_WIDTHS)} "
+                "or give four channel counts."
+            )
+        preset = AUTOENCODER_WIDTHS[block_out_channels]
+        block_out_channels = preset["block_out_channels"][:levels]  # type: ignore[index]
+        layers_per_block = preset["layers_per_block"] if layers_per_block is None else layers_per_block  # type: ignore
+        norm_num_groups = preset["norm_num_groups"] if norm_num_groups is None else norm_num_groups  # type: ignore
+    layers_per_block = 2 if layers_per_block is None else layers_per_block
+    norm_num_groups = 32 if norm_num_groups is None else norm_num_groups
+    channels = tuple(int(c) for c in block_out_channels)  # type: ignore[union-attr]
+    if len(channels) != levels:
+        raise ValueError(
+            f"block_out_channels must have {levels} entries for {downsampling}x downsampling (one halving per level but "
+            f"the last), got {channels}."
+        )
+    if any(c <= 0 for c in channels):
+        raise ValueError(f"block_out_channels must be positive, got {channels}.")
+    return channels, layers_per_block, norm_num_groups
+
+
 def build_autoencoder(
     block_out_channels: Sequence[int] | str = (64, 128, 256, 256),
     latent_channels: int = 4,
@@ -110,27 +143,10 @@ def build_autoencoder(
     """
     if downsampling not in DOWNSAMPLING_FACTORS:
         raise ValueError(f"downsampling must be one of {DOWNSAMPLING_FACTORS}, got {downsampling!r}.")
-    levels = int(math.log2(downsampling)) + 1
-    if isinstance(block_out_channels, str):
-        if block_out_channels not in AUTOENCODER_WIDTHS:
-            raise ValueError(
-                f"Unknown autoencoder width '{block_out_channels}'; choose one of {sorted(AUTOENCODER_WIDTHS)} "
-                "or give four channel counts."
-            )
-        preset = AUTOENCODER_WIDTHS[block_out_channels]
-        block_out_channels = preset["block_out_channels"][:levels]  # type: ignore[index]
-        layers_per_block = preset["layers_per_block"] if layers_per_block is None else layers_per_block  # type: ignore
-        norm_num_groups = preset["norm_num_groups"] if norm_num_groups is None else norm_num_groups  # type: ignore
-    layers_per_block = 2 if layers_per_block is None else layers_per_block
-    norm_num_groups = 32 if norm_num_groups is None else norm_num_groups
-    channels = tuple(int(c) for c in block_out_channels)  # type: ignore[union-attr]
-    if len(channels) != levels:
-        raise ValueError(
-            f"block_out_channels must have {levels} entries for {downsampling}x downsampling (one halving per level but "
-            f"the last), got {channels}."
-        )
-    if any(c <= 0 for c in channels):
-        raise ValueError(f"block_out_channels must be positive, got {channels}.")
+    channels, layers_per_block, norm_num_groups = _resolve_widths(
+        block_out_channels, layers_per_block, norm_num_groups, downsampling
+    )
+    levels = len(channels)
     for name, value in (("latent_channels", latent_channels), ("layers_per_block", layers_per_block),
                         ("norm_num_groups", norm_num_groups), ("in_channels", in_channels)):
         if int(value) != value or value <= 0:

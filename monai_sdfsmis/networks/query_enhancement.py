@@ -77,6 +77,11 @@ class QueryEnhancement(nn.Module):
         background prototype from the complement of the mask.
     mask_downsample
         How the support mask reaches the latent grid: ``"area"`` (soft, default), ``"bilinear"``, ``"nearest"``.
+    spatial
+        ``False`` (the paper): ``p_q`` is broadcast over the whole latent grid, the same vector everywhere.
+        ``True``: ``p_q`` is placed at each position weighted by that position's score (negative cosines count
+        as 0), so the second half of the UNet input is also a map of where the query looks like the support's
+        foreground: a localisation a from-scratch UNet need not first learn through SII.
 
     Notes
     -----
@@ -84,7 +89,12 @@ class QueryEnhancement(nn.Module):
     """
 
     def __init__(
-        self, threshold: float = 0.7, fallback_k: int = 12, mode: str = "cosine", mask_downsample: str = "area"
+        self,
+        threshold: float = 0.7,
+        fallback_k: int = 12,
+        mode: str = "cosine",
+        mask_downsample: str = "area",
+        spatial: bool = False,
     ) -> None:
         super().__init__()
         if mode not in QE_MODES:
@@ -99,6 +109,7 @@ class QueryEnhancement(nn.Module):
         self.fallback_k = int(fallback_k)
         self.mode = mode
         self.mask_downsample = mask_downsample
+        self.spatial = bool(spatial)
 
     def support_prototype(self, support_latent: torch.Tensor, support_mask: torch.Tensor) -> torch.Tensor:
         """Support prototypes, cacheable per support.
@@ -159,7 +170,7 @@ class QueryEnhancement(nn.Module):
         return (q * selected[:, None]).sum(dim=2) / selected.sum(dim=1, keepdim=True)
 
     def enhance(self, query_latent: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
-        """``z_q = [z_qi, broadcast(p_q)]``.
+        """``z_q = [z_qi, broadcast(p_q)]`` (``spatial``: ``[z_qi, max(score, 0) * p_q]`` position by position).
 
         Parameters
         ----------
@@ -180,7 +191,11 @@ class QueryEnhancement(nn.Module):
                 f"prototype must be [B, K, {query_latent.shape[1]}] (from support_prototype), got {tuple(prototype.shape)}."
             )
         p_q = self.query_prototype(query_latent, prototype).to(query_latent.dtype)
-        return torch.cat([query_latent, p_q[:, :, None, None].expand_as(query_latent)], dim=1)
+        enhancement = p_q[:, :, None, None].expand_as(query_latent)
+        if self.spatial:
+            weight = self.scores(query_latent, prototype).clamp(min=0).to(query_latent.dtype)
+            enhancement = enhancement * weight.view(query_latent.shape[0], 1, *query_latent.shape[-2:])
+        return torch.cat([query_latent, enhancement], dim=1)
 
     def forward(
         self, support_latent: torch.Tensor, support_mask: torch.Tensor, query_latent: torch.Tensor

@@ -3,7 +3,8 @@
 Composition of a frozen SD VAE, SD's UNet (fine-tuned) with two input convolutions (:class:`~monai_sdfsmis.networks.support_query_unet.DualConvIn`)
 and support-query interaction (:mod:`.sqi`), query enhancement (:mod:`.query_enhancement`), the
 visual-to-textual condition translator (:mod:`.vtct`, frozen DINOv2 + trained MLP) and the one-step
-scheduler (:mod:`.one_step`). The network interface used by inferers and engines (ARCHITECTURE.md)::
+scheduler (:mod:`.one_step`). The support and query passes, and the :class:`SupportContext` that carries one to the
+other, are in :mod:`.sdfsmis_passes`. The network interface used by inferers and engines (ARCHITECTURE.md)::
 
     loss = net.compute_loss(support_image, support_label, query_image, query_label)
     loss = net(support_image, support_label, query_image, query_label, mode="loss")       # the same, via forward (DDP)
@@ -26,7 +27,6 @@ __all__ = [
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -36,83 +36,27 @@ from torch import nn
 from monai_sdfsmis.networks.autoencoder import downsampling_factor
 from monai_sdfsmis.networks.latent_codec import BINARIZE_MODES, FrozenAutoencoderMixin
 from monai_sdfsmis.networks.latent_loss import mask_latent_loss
-from monai_sdfsmis.networks.one_step import one_step_scheduler, predict_original_sample
+from monai_sdfsmis.networks.one_step import one_step_scheduler
 from monai_sdfsmis.networks.pretrained import TINY_CONFIG_DIR, build_tiny_components, load_pretrained_components
 from monai_sdfsmis.networks.query_enhancement import QueryEnhancement
+from monai_sdfsmis.networks.sdfsmis_passes import SupportContext, query_pass, support_pass
 from monai_sdfsmis.networks.sdfsmis_settings import SUPPORT_CONDITIONS, SDFSMISSettings
-from monai_sdfsmis.networks.sqi import SUPPORT_FEATURES_KEY, SUPPORT_STORE_KEY, match_support_batch
 from monai_sdfsmis.networks.support_query_unet import SupportQueryUNet
 from monai_sdfsmis.networks.vtct import VisualToTextualConditionTranslator
 
 FORWARD_MODES = ("segment", "loss")
 
 
-@dataclass
-class SupportContext:
-    """Everything the query pass needs from a support slice, computed once by :meth:`SDFSMIS.encode_support`.
-
-    Attributes
-    ----------
-    image_latent
-        ``[Bs, 4, h, w]`` scaled VAE latent of the support image.
-    mask_latent
-        ``[Bs, 4, h, w]`` scaled VAE latent of the support mask (3 channels in ``{-1, 1}``).
-    condition
-        ``[Bs, T, D]`` text-like condition of the query pass (VTCT output, or the empty-prompt embedding).
-    prototype
-        ``[Bs, K, 4]`` QE support prototype(s), ``None`` without QE.
-    features
-        Per transformer block (module name -> ``[Bs, L, C]``) normed support hidden states from the
-        support UNet pass, ``None`` without SII.
-    """
-
-    image_latent: torch.Tensor
-    mask_latent: torch.Tensor
-    condition: torch.Tensor
-    prototype: torch.Tensor | None = None
-    features: dict[str, torch.Tensor] | None = None
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.image_latent.shape[0])
-
-    def to(self, *args: Any, **kwargs: Any) -> SupportContext:
-        """``Tensor.to`` applied to every tensor (e.g. ``ctx.to("cuda")``)."""
-        changes: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                changes[f.name] = value.to(*args, **kwargs)
-            elif isinstance(value, dict):
-                changes[f.name] = {k: v.to(*args, **kwargs) for k, v in value.items()}
-        return replace(self, **changes)
-
-    @classmethod
-    def fuse(cls, contexts: Sequence[SupportContext]) -> SupportContext:
-        """One context from the contexts of ``k`` support slices (k-shot fusion inside the network, as DiffewS).
-
-        Each SII block attends to the tokens of all ``k`` supports (their features concatenated along the token
-        axis, so the attention's softmax runs over every support's tokens); the QE prototypes, the VTCT conditions
-        and the latents are averaged over the supports. One query pass then uses all supports.
-
-        Parameters
-        ----------
-        contexts
-            ``k`` contexts of one support slice each (``batch_size`` 1), from :meth:`SDFSMIS.encode_support`.
-        """
-        if not contexts or any(c.batch_size != 1 for c in contexts):
-            raise ValueError("fusing supports takes one or more contexts of one support slice each (batch size 1).")
-        if len(contexts) == 1:
-            return contexts[0]
-
-        def mean(name: str) -> torch.Tensor | None:
-            values = [getattr(c, name) for c in contexts]
-            return None if values[0] is None else torch.stack(values).mean(dim=0)
-
-        features = None
-        if contexts[0].features is not None:
-            features = {key: torch.cat([c.features[key] for c in contexts], dim=1) for key in contexts[0].features}
-        return cls(mean("image_latent"), mean("mask_latent"), mean("condition"), mean("prototype"), features)
+def _check_forward_arguments(
+    mode: str, query_label: torch.Tensor | None, posteriors: Sequence[torch.Tensor] | None, return_parts: bool
+) -> None:
+    """Refuse a :meth:`SDFSMIS.forward` call whose arguments do not fit its ``mode`` (one ``ValueError`` line)."""
+    if mode not in FORWARD_MODES:
+        raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}.")
+    if mode == "loss" and query_label is None:
+        raise ValueError("mode='loss' needs query_label ([B, 1, H, W] in {0, 1}).")
+    if mode == "segment" and (query_label is not None or posteriors is not None or return_parts):
+        raise ValueError("query_label, posteriors and return_parts are training arguments: pass mode='loss'.")
 
 
 class SDFSMIS(FrozenAutoencoderMixin):
@@ -144,8 +88,6 @@ class SDFSMIS(FrozenAutoencoderMixin):
       :mod:`.sqi`), routed to their input convolution by ``DualConvIn``; this is what makes one
       support reusable for any number of queries. No pass state lives in the UNet, so
       ``unet.enable_gradient_checkpointing()`` and ``unet.compile(fullgraph=True)`` work.
-    * Training goes through ``forward(..., mode="loss")`` (the same as :meth:`compute_loss`) so that a
-      ``DistributedDataParallel`` wrapper synchronises gradients in buckets.
     * ``state_dict()`` holds only what training changes plus the empty-prompt buffer
       (:class:`~monai_sdfsmis.networks.latent_codec.FrozenAutoencoderMixin`; DINOv2 is kept out like the VAE).
     """
@@ -169,18 +111,15 @@ class SDFSMIS(FrozenAutoencoderMixin):
             nn.init.zeros_(self.unet.conv_out.weight)
             if self.unet.conv_out.bias is not None:
                 nn.init.zeros_(self.unet.conv_out.bias)
-        self.qe = QueryEnhancement(config.qe_threshold, config.qe_fallback_k, config.qe_mode) if config.use_qe else None
-        self.vtct = (
-            VisualToTextualConditionTranslator(
-                image_encoder, int(unet.config.cross_attention_dim), config.vtct_tokens, config.vtct_mode
-            )
-            if config.use_vtct else None
-        )
+        qe = QueryEnhancement(config.qe_threshold, config.qe_fallback_k, config.qe_mode, spatial=config.qe_spatial)
+        self.qe = qe if config.use_qe else None
+        self.vtct = None
+        if config.use_vtct:
+            width = int(unet.config.cross_attention_dim)
+            self.vtct = VisualToTextualConditionTranslator(image_encoder, width, config.vtct_tokens, config.vtct_mode)
         self.scheduler = one_step_scheduler()
-        self.register_buffer(
-            "empty_prompt_embedding",
-            None if empty_prompt_embedding is None else empty_prompt_embedding.detach().clone().float(),
-        )
+        prompt = None if empty_prompt_embedding is None else empty_prompt_embedding.detach().clone().float()
+        self.register_buffer("empty_prompt_embedding", prompt)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -246,55 +185,13 @@ class SDFSMIS(FrozenAutoencoderMixin):
             return self.empty_prompt_embedding.expand(batch, -1, -1)
         return self.vtct(support_image, support_label, self.empty_prompt_embedding)
 
-    def _support_context(
-        self,
-        support_image: torch.Tensor,
-        support_label: torch.Tensor,
-        image_latent: torch.Tensor | None = None,
-        mask_latent: torch.Tensor | None = None,
-    ) -> SupportContext:
-        """Support side with autograd (training); :meth:`encode_support` is its no-grad wrapper."""
-        empty = (support_label.flatten(1).amax(dim=1) <= 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(
-                f"support mask is empty (batch items {empty}): a support needs at least one foreground pixel."
-            )
-        if image_latent is None or mask_latent is None:
-            latents = self.encode_latents(torch.cat([support_image, self.mask_to_image(support_label)]))
-            image_latent, mask_latent = latents.chunk(2)
-        condition = self.condition(support_image, support_label)
-        prototype = self.qe.support_prototype(image_latent, support_label) if self.qe is not None else None
-        features = None
-        if self.config.use_sii:
-            support_cond = condition
-            if self.config.support_condition == "empty":
-                support_cond = self.empty_prompt_embedding.expand(support_image.shape[0], -1, -1)
-            # Passed explicitly (not through self.bank), so checkpointed and compiled UNets see it as an input.
-            features = {}
-            self.unet.run_branch(
-                torch.cat([image_latent, mask_latent], dim=1), self.config.timestep, support_cond, "support",
-                {SUPPORT_STORE_KEY: features},
-            )
-        return SupportContext(image_latent, mask_latent, condition, prototype, features)
-
     def predict_mask_latent(self, query_latent: torch.Tensor, context: SupportContext) -> torch.Tensor:
         """Query pass + one step: query image latent ``[Bq, 4, h, w]`` -> predicted mask latent ``[Bq, 4, h, w]``.
 
-        ``Bq`` equals ``context.batch_size`` (pairs) or is a multiple of it (one support, many queries).
+        ``Bq`` equals ``context.batch_size`` (pairs) or is a multiple of it (one support, many queries);
+        :func:`~monai_sdfsmis.networks.sdfsmis_passes.query_pass`.
         """
-        batch = query_latent.shape[0]
-        sample = self.qe.enhance(query_latent, context.prototype) if self.qe is not None else query_latent
-        condition = match_support_batch(context.condition, batch, "support condition")
-        features = None
-        if self.config.use_sii:
-            if context.features is None:
-                raise ValueError("this SupportContext has no support features but the network uses SII.")
-            features = {SUPPORT_FEATURES_KEY: context.features}
-        output = self.unet.run_branch(sample, self.config.timestep, condition, "query", features)
-        x0 = predict_original_sample(self.scheduler, output, query_latent, self.config.timestep)
-        if self.config.residual_from_support:
-            x0 = x0 + match_support_batch(context.mask_latent, batch, "support mask latent").to(x0.dtype)
-        return x0
+        return query_pass(self, query_latent, context)
 
     # ------------------------------------------------------------------ public interface
     def compute_loss(
@@ -334,7 +231,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
             {"support": (support_image, support_label), "query": (query_image, query_label)}, posteriors
         )
         z_si, z_sm, z_qi, z_qm = self.latents_from_posterior(posterior).chunk(4)
-        x0 = self.predict_mask_latent(z_qi, self._support_context(support_image, support_label, z_si, z_sm))
+        x0 = self.predict_mask_latent(z_qi, support_pass(self, support_image, support_label, z_si, z_sm))
         mean_target = None
         if return_parts and self.training and self.config.vae_sample_in_training:
             mean_target = self.latents_from_posterior(posterior.chunk(4)[3], sample=False)
@@ -356,7 +253,7 @@ class SDFSMIS(FrozenAutoencoderMixin):
             ``[1, 1, H, W]`` in ``{0, 1}`` with at least one foreground pixel.
         """
         self.check_slice_pair(support_image, support_label, "support")
-        return self._support_context(support_image, support_label)
+        return support_pass(self, support_image, support_label)
 
     @staticmethod
     def fuse_supports(contexts: Sequence[SupportContext]) -> SupportContext:
@@ -406,14 +303,9 @@ class SDFSMIS(FrozenAutoencoderMixin):
         ``query_label``, ``posteriors``, ``return_parts``). Training goes through ``forward`` so that a
         ``DistributedDataParallel`` wrapper sees the call and all-reduces the gradients in buckets during backward.
         """
+        _check_forward_arguments(mode, query_label, posteriors, return_parts)
         if mode == "loss":
-            if query_label is None:
-                raise ValueError("mode='loss' needs query_label ([B, 1, H, W] in {0, 1}).")
             return self.compute_loss(
                 support_image, support_label, query_image, query_label, posteriors=posteriors, return_parts=return_parts
             )
-        if mode != "segment":
-            raise ValueError(f"mode must be one of {FORWARD_MODES}, got {mode!r}.")
-        if query_label is not None or posteriors is not None or return_parts:
-            raise ValueError("query_label, posteriors and return_parts are training arguments: pass mode='loss'.")
         return self.segment(query_image, self.encode_support(support_image, support_label))

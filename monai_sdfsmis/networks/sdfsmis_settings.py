@@ -38,8 +38,9 @@ class SDFSMISSettings(LatentSegmenterSettings):
         ``"sii"`` (new cross-attention per block) or ``"kv_concat"`` (DiffewS).
     shared_conv_in
         One 8-channel input convolution for both branches instead of one each (needs ``use_qe``).
-    qe_threshold, qe_fallback_k, qe_mode
-        :class:`~monai_sdfsmis.networks.query_enhancement.QueryEnhancement` settings.
+    qe_threshold, qe_fallback_k, qe_mode, qe_spatial
+        :class:`~monai_sdfsmis.networks.query_enhancement.QueryEnhancement` settings (``qe_spatial``: its
+        ``spatial``, off in the paper).
     vtct_mode, vtct_tokens
         :class:`~monai_sdfsmis.networks.vtct.VisualToTextualConditionTranslator` settings.
     vae_sample_in_training
@@ -66,6 +67,7 @@ class SDFSMISSettings(LatentSegmenterSettings):
     qe_threshold: float = 0.7
     qe_fallback_k: int = 12
     qe_mode: str = "cosine"
+    qe_spatial: bool = False
     vtct_mode: str = "add"
     vtct_tokens: int = 77
     vae_sample_in_training: bool = True

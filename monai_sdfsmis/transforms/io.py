@@ -302,6 +302,40 @@ def _check_range(values: torch.Tensor, name: str) -> None:
         )
 
 
+def _check_shape(img: MetaTensor, path: Path, require_3d: bool) -> tuple[int, ...]:
+    """The spatial shape of a channel-first ``img``; refuse several channels and (``require_3d``) 2D data."""
+    n_channels, spatial = int(img.shape[0]), tuple(int(s) for s in img.shape[1:])
+    if n_channels != 1:
+        raise ValueError(
+            f"{path} holds {n_channels} channels or time points (shape {tuple(img.shape)} channel-first); "
+            "a single-channel volume is required"
+        )
+    if require_3d and (len(spatial) != 3 or min(spatial) < 2):
+        kind = "2D data" if len(spatial) < 3 or min(spatial) < 2 else f"{len(spatial)}D data"
+        raise ValueError(
+            f"{path} holds {kind} (spatial shape {spatial}); a 3D volume with at least 2 voxels along each axis "
+            "is required"
+        )
+    return spatial
+
+
+def _cast_volume(img: MetaTensor, torch_dtype: torch.dtype, path: Path) -> MetaTensor:
+    """``img`` as ``torch_dtype``. A float-to-integer cast rounds, refusing values more than 1e-3 from an integer
+    (label maps hold integer ids); a cast to any integer dtype refuses values outside its range."""
+    if torch.is_floating_point(img) and not torch_dtype.is_floating_point and torch_dtype != torch.bool:
+        rounded = torch.round(img)
+        off = (img - rounded).abs()
+        if float(off.max()) > 1e-3:
+            bad = img.flatten()[int(torch.argmax(off.flatten()))]
+            raise ValueError(
+                f"{path} contains non-integer values (e.g. {float(bad):g}) but {torch_dtype} was requested; "
+                "label maps must hold integer ids"
+            )
+        img = rounded
+    _check_integer_range(img.as_tensor(), torch_dtype, path)
+    return img.to(torch_dtype)
+
+
 def load_volume(
     path: str | os.PathLike,
     *,
@@ -345,26 +379,14 @@ def load_volume(
         ``path`` does not exist.
     ValueError
         The file cannot be read, a folder holds no DICOM series or several (without ``series_uid``), the data
-        are not a single-channel 3D volume,
-        contain NaN or infinite values, or (integer ``dtype``) hold non-integer values.
+        are not a single-channel 3D volume, contain NaN or infinite values, or (integer ``dtype``) hold
+        non-integer values.
     """
     path = Path(path).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"volume {path} does not exist")
     img = _read(path, select_reader(path, reader), series_uid)
-
-    n_channels, spatial = int(img.shape[0]), tuple(int(s) for s in img.shape[1:])
-    if n_channels != 1:
-        raise ValueError(
-            f"{path} holds {n_channels} channels or time points (shape {tuple(img.shape)} channel-first); "
-            "a single-channel volume is required"
-        )
-    if require_3d and (len(spatial) != 3 or min(spatial) < 2):
-        kind = "2D data" if len(spatial) < 3 or min(spatial) < 2 else f"{len(spatial)}D data"
-        raise ValueError(
-            f"{path} holds {kind} (spatial shape {spatial}); a 3D volume with at least 2 voxels along each axis "
-            "is required"
-        )
+    spatial = _check_shape(img, path, require_3d)
 
     _check_grid(img, path)
     if torch.is_complex(img):
@@ -374,19 +396,7 @@ def load_volume(
         _check_range(img.as_tensor(), str(path))
 
     if dtype is not None:
-        torch_dtype = get_equivalent_dtype(dtype, torch.Tensor)
-        if torch.is_floating_point(img) and not torch_dtype.is_floating_point and torch_dtype != torch.bool:
-            rounded = torch.round(img)
-            off = (img - rounded).abs()
-            if float(off.max()) > 1e-3:
-                bad = img.flatten()[int(torch.argmax(off.flatten()))]
-                raise ValueError(
-                    f"{path} contains non-integer values (e.g. {float(bad):g}) but {torch_dtype} was requested; "
-                    "label maps must hold integer ids"
-                )
-            img = rounded
-        _check_integer_range(img.as_tensor(), torch_dtype, path)
-        img = img.to(torch_dtype)
+        img = _cast_volume(img, get_equivalent_dtype(dtype, torch.Tensor), path)
 
     if orientation is not None:
         axcodes = str(orientation)[: len(spatial)]
