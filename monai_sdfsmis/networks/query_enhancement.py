@@ -161,7 +161,10 @@ class QueryEnhancement(nn.Module):
 
     def query_prototype(self, query_latent: torch.Tensor, prototype: torch.Tensor) -> torch.Tensor:
         """``p_q`` ``[Bq, C]`` float32: mean of the query latents scoring above the threshold (or the top-k)."""
-        score = self.scores(query_latent, prototype)
+        return self._selected_mean(query_latent, self.scores(query_latent, prototype))
+
+    def _selected_mean(self, query_latent: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """:meth:`query_prototype` from the ``[Bq, h*w]`` scores already computed."""
         selected = score > self.threshold
         k = min(self.fallback_k, score.shape[1])
         top = torch.zeros_like(selected).scatter_(1, score.topk(k, dim=1).indices, True)
@@ -190,10 +193,11 @@ class QueryEnhancement(nn.Module):
             raise ValueError(
                 f"prototype must be [B, K, {query_latent.shape[1]}] (from support_prototype), got {tuple(prototype.shape)}."
             )
-        p_q = self.query_prototype(query_latent, prototype).to(query_latent.dtype)
+        score = self.scores(query_latent, prototype)
+        p_q = self._selected_mean(query_latent, score).to(query_latent.dtype)
         enhancement = p_q[:, :, None, None].expand_as(query_latent)
         if self.spatial:
-            weight = self.scores(query_latent, prototype).clamp(min=0).to(query_latent.dtype)
+            weight = score.clamp(min=0).to(query_latent.dtype)
             enhancement = enhancement * weight.view(query_latent.shape[0], 1, *query_latent.shape[-2:])
         return torch.cat([query_latent, enhancement], dim=1)
 

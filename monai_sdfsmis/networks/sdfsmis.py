@@ -111,8 +111,8 @@ class SDFSMIS(FrozenAutoencoderMixin):
             nn.init.zeros_(self.unet.conv_out.weight)
             if self.unet.conv_out.bias is not None:
                 nn.init.zeros_(self.unet.conv_out.bias)
-        qe = QueryEnhancement(config.qe_threshold, config.qe_fallback_k, config.qe_mode, spatial=config.qe_spatial)
-        self.qe = qe if config.use_qe else None
+        self.qe = QueryEnhancement(config.qe_threshold, config.qe_fallback_k, config.qe_mode,
+                                   spatial=config.qe_spatial) if config.use_qe else None
         self.vtct = None
         if config.use_vtct:
             width = int(unet.config.cross_attention_dim)
